@@ -1,0 +1,127 @@
+"""The one place where megatron-core is adapted to run on CPU (gloo) when no GPU is present.
+
+megatron-core assumes CUDA: it allocates on `torch.cuda.current_device()` or `device='cuda'`,
+keeps its model-parallel RNG in CUDA generators, uses CUDA streams/events, and checks
+`param.type() == 'torch.cuda.FloatTensor'` in grad clipping and the optimizers. On a CPU-only
+machine we redirect exactly those calls (measured on megatron-core 0.16.x, see
+shared/ENVIRONMENT.md):
+
+* a `TorchFunctionMode` rewrites `device='cuda'`-style arguments to CPU, makes `Tensor.cuda()`
+  a no-op and answers `Tensor.type()` with the CUDA type name megatron-core checks for;
+* `torch.cuda.current_device()` answers 'cpu'; streams, events and synchronize become no-ops;
+* the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones.
+
+With a GPU nothing here is active: `activate()` returns 'cuda' and changes nothing. No other
+module of the project touches `torch.cuda` internals on megatron-core's behalf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+
+import torch
+from packaging.version import Version
+from torch.overrides import TorchFunctionMode
+
+# megatron-core versions whose CUDA-only call sites this module was tested against.
+SUPPORTED_MEGATRON_CORE = (Version("0.16.1"), Version("0.17"))  # [min, max)
+
+_active_mode: TorchFunctionMode | None = None
+
+
+class UnsupportedMegatronCore(RuntimeError):
+    pass
+
+
+def check_megatron_core_version(version: str | None = None) -> str:
+    """Fail with a clear message outside the tested megatron-core range."""
+    version = version or metadata.version("megatron-core")
+    low, high = SUPPORTED_MEGATRON_CORE
+    if not (low <= Version(version) < high):
+        raise UnsupportedMegatronCore(
+            f"megatron-core {version} is not supported: megatron-pn is tested with "
+            f">={low},<{high}. Install the pinned version: pip install 'megatron-core>={low},<{high}'"
+        )
+    return version
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an int means cuda:<int>
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core branches on 'torch.cuda.FloatTensor' & co; report the CUDA twin.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # pinning needs CUDA
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event: everything is synchronous on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.default_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.empty_cache = lambda: None
+    # On CPU the default CPU generator plays the role of the CUDA generator.
+    cuda.manual_seed = torch.manual_seed
+    cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+
+
+def activate() -> str:
+    """Prepare megatron-core for this machine; returns the device type ('cuda' or 'cpu').
+
+    Idempotent. On CPU the function mode stays pushed for the life of the process.
+    """
+    global _active_mode
+    check_megatron_core_version()
+    if torch.cuda.is_available():
+        return "cuda"
+    if _active_mode is None:
+        _patch_torch_cuda()
+        _patch_megatron_rng()
+        _active_mode = _CudaToCpu()
+        _active_mode.__enter__()
+    return "cpu"

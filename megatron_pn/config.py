@@ -1,0 +1,232 @@
+"""Run configuration: typed dataclasses filled from YAML files and `dotted.key=value` overrides.
+
+    cfg = load_config(["configs/tiny/slm.yaml"], ["train.lr=3e-4", "parallel.tensor=2"])
+
+Later files and overrides win. Unknown keys are errors that name the file and suggest the
+closest valid keys; values are converted to the field's type. `describe()` prints every key with
+its default and help — the reference for what a config may contain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    kwargs = {"metadata": {"help": text}}
+    if factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = factory
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    type: str = _help("dense (a GPT SLM/LLM); pn and mix come with projected networks", "dense")
+    num_layers: int = _help("transformer layers", 2)
+    hidden_size: int = _help("model width d_model", 64)
+    num_attention_heads: int = _help("attention heads", 4)
+    num_query_groups: int | None = _help("grouped-query attention groups (None: = heads)", None)
+    ffn_hidden_size: int = _help("MLP width (for swiglu, ~2/3 of a GELU MLP's width)", 176)
+    activation: str = _help("swiglu (Llama-style, gated) or gelu (GPT-2-style)", "swiglu")
+    normalization: str = _help("RMSNorm or LayerNorm", "RMSNorm")
+    norm_epsilon: float = _help("normalization epsilon", 1e-5)
+    add_bias_linear: bool = _help("biases in linear layers", False)
+    position_embedding_type: str = _help("rope or learned_absolute", "rope")
+    rotary_base: int = _help("RoPE base", 10000)
+    tie_embeddings: bool = _help("share input embedding and output layer weights", True)
+    vocab_size: int = _help("tokenizer vocabulary size (padded up for TP)", 32000)
+    make_vocab_size_divisible_by: int = _help("pad the vocabulary to a multiple of this", 128)
+    seq_length: int = _help("training context length in tokens", 1024)
+    init_method_std: float = _help("std of the normal weight initialization", 0.02)
+    hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
+    attention_dropout: float = _help("dropout on attention probabilities", 0.0)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = _help("tensor-parallel size (TP)", 1)
+    pipeline: int = _help("pipeline-parallel size (PP)", 1)
+    virtual_pipeline: int | None = _help("model chunks per pipeline rank (interleaved 1F1B)", None)
+    sequence_parallel: bool = _help("sequence parallelism (needs TP > 1)", False)
+    distributed_optimizer: bool = _help("shard optimizer state across data-parallel ranks", False)
+    overlap_grad_reduce: bool = _help("overlap DP gradient reduce with backward (GPU)", False)
+
+
+@dataclass
+class DataConfig:
+    blend: list = _help(
+        "dataset prefixes (PREFIX for PREFIX.bin/.idx), or [weight, PREFIX] pairs", factory=list
+    )
+    blend_file: str | None = _help("JSON file with {'blend': [[weight, prefix], ...]}", None)
+    split: str = _help("train,valid,test proportions of the documents", "969,30,1")
+    tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
+    eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
+    num_workers: int = _help("data loader worker processes", 0)
+    cache_dir: str | None = _help("where megatron-core caches sample indices (default: run dir)", None)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("optimizer steps to train", 20)
+    micro_batch_size: int = _help("sequences per micro-batch per data-parallel rank", 4)
+    global_batch_size: int = _help("sequences per step = micro x accumulation x DP", 8)
+    lr: float = _help("peak learning rate", 1e-3)
+    min_lr: float = _help("final learning rate after decay", 1e-4)
+    warmup_steps: int = _help("linear warm-up steps", 2)
+    decay_style: str = _help("cosine, linear or constant", "cosine")
+    decay_steps: int | None = _help("steps over which to decay (default: all steps)", None)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    adam_beta1: float = _help("Adam beta1", 0.9)
+    adam_beta2: float = _help("Adam beta2", 0.95)
+    adam_eps: float = _help("Adam epsilon", 1e-8)
+    clip_grad: float = _help("gradient clipping norm (0: off)", 1.0)
+    precision: str = _help("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
+    seed: int = _help("seed for initialization and data order", 1234)
+    eval_interval: int = _help("steps between validation runs (0: off)", 0)
+    eval_steps: int = _help("validation micro-batches per data-parallel rank", 2)
+    log_interval: int = _help("steps between log lines", 1)
+    exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = _help("checkpoint directory (resumes automatically from its latest)", None)
+    save_interval: int = _help("steps between checkpoints (0: only at the end/on signal)", 0)
+    save_at_end: bool = _help("save when training finishes", True)
+    load: str | None = _help("initialize the model from this checkpoint (no optimizer)", None)
+    keep_last: int | None = _help("keep only the newest N checkpoints (None: keep all)", None)
+    optimizer_format: str = _help(
+        "distributed optimizer layout on disk: fully_reshardable (any TP/PP/DP) or "
+        "dp_reshardable (faster, same TP/PP)",
+        "fully_reshardable",
+    )
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = _help("where logs, TensorBoard events and caches go", "runs/default")
+    tensorboard: bool = _help("write TensorBoard events under run_dir/tensorboard", True)
+    wandb_mode: str = _help("wandb: offline, online or disabled", "offline")
+    wandb_project: str = _help("wandb project name", "megatron-pn")
+    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (default: known GPUs)", None)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value, typ, where: str):
+    """Convert a YAML value to the field type (ints accepted for floats, None for Optional)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(typ) if t is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, options[0], where)
+    if dataclasses.is_dataclass(typ):
+        raise ConfigError(f"{where}: is a section; set its keys, e.g. {where}.<key>=...")
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is list and isinstance(value, list):
+        return value
+    if typ in (int, str, bool) and type(value) is typ:
+        return value
+    if typ is str and isinstance(value, (int, float)):
+        return str(value)
+    raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
+
+
+def _apply(obj, updates: dict, source: str, path: str = "") -> None:
+    types_ = _field_types(type(obj))
+    for key, value in updates.items():
+        where = f"{source}: {path}{key}"
+        if key not in types_:
+            raise _unknown_key(f"{source}: {path.rstrip('.') or 'top level'}", key, list(types_))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: is a section; expected a mapping of its keys")
+            _apply(current, value, source, f"{path}{key}.")
+        else:
+            setattr(obj, key, _convert(value, types_[key], where))
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(files: list[str], overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _apply(cfg, data, str(path))
+    for text in overrides:
+        _apply(cfg, parse_override(text), f"override '{text}'")
+    return cfg
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per key: 'section.key (default): help'."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+            typing.get_type_hints(cls)[f.name]
+        ):
+            lines += describe(typing.get_type_hints(cls)[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

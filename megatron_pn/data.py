@@ -1,0 +1,202 @@
+"""Training data: Megatron indexed datasets through megatron-core's GPTDataset and
+BlendedMegatronDatasetBuilder, served as this rank's micro-batches.
+
+Sample order is global and depends only on the seed: step s uses samples
+[s*G, (s+1)*G) of the shuffled dataset (G = global batch) and data-parallel rank r takes the r-th
+contiguous slice of them. Changing DP (or the micro-batch size) regroups the same samples, so the
+loss curve does not change. Every rank (all TP and PP ranks) reads its own micro-batches, so
+whatever a batch carries (tokens, labels, later cluster ids) reaches every pipeline stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_pn.config import Config, ConfigError, DataConfig
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class TokenIds:
+    """The few tokenizer facts GPTDataset needs (it never tokenizes)."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def pad(self) -> int:
+        return self.eod
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of the sample-index cache key
+        return {"class": "TokenIds", "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def token_ids(data: DataConfig, vocab_size: int) -> TokenIds:
+    if data.tokenizer_model:
+        import sentencepiece
+
+        path = Path(data.tokenizer_model)
+        if not path.is_file():
+            raise DataError(f"data.tokenizer_model: {path} does not exist")
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        if sp.get_piece_size() > vocab_size:
+            raise DataError(
+                f"data.tokenizer_model: {path} has {sp.get_piece_size()} pieces but "
+                f"model.vocab_size is {vocab_size}; set model.vocab_size={sp.get_piece_size()}"
+            )
+        return TokenIds(eod=sp.eos_id(), vocab_size=vocab_size)
+    return TokenIds(eod=data.eod_id, vocab_size=vocab_size)
+
+
+def resolve_blend(data: DataConfig) -> tuple[list[str], list[float] | None]:
+    """Prefixes and weights from `data.blend` / `data.blend_file`, each prefix checked."""
+    entries = list(data.blend)
+    if data.blend_file:
+        path = Path(data.blend_file)
+        try:
+            entries += json.loads(path.read_text())["blend"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                f"data.blend_file: cannot read {path} ({err}); expected JSON "
+                "{'blend': [[weight, prefix], ...]}"
+            ) from None
+    if not entries:
+        raise ConfigError("data.blend: no dataset given; set data.blend=[PREFIX, ...]")
+    weighted = [isinstance(e, (list, tuple)) for e in entries]
+    if any(weighted) and not all(weighted):
+        raise ConfigError("data.blend: give either all prefixes or all [weight, prefix] pairs")
+    if all(weighted):
+        weights = [float(w) for w, _ in entries]
+        prefixes = [str(p) for _, p in entries]
+    else:
+        weights, prefixes = None, [str(p) for p in entries]
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    return prefixes, weights
+
+
+def used_split(data: DataConfig, with_validation: bool) -> str:
+    """`data.split` with the splits this run never reads set to 0, so none is built."""
+    try:
+        weights = [float(w) for w in data.split.split(",")]
+        assert len(weights) == 3 and min(weights) >= 0 and weights[0] > 0
+    except (ValueError, AssertionError):
+        raise ConfigError(
+            f"data.split: '{data.split}' must be three non-negative train,valid,test weights "
+            "with train > 0, e.g. 969,30,1"
+        ) from None
+    if not with_validation:
+        weights[1] = 0.0
+    weights[2] = 0.0
+    return ",".join(f"{w:g}" for w in weights)
+
+
+def check_split_nonempty(prefix: str, split: str) -> None:
+    """Each split that is read must get at least one document of every dataset (megatron-core
+    would otherwise loop forever looking for tokens)."""
+    n_docs = len(IndexedDataset(prefix, mmap=True))
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "valid"), matrix):
+        if bounds is None:
+            continue
+        begin, end = (int(round(b * n_docs)) for b in bounds)
+        if end <= begin:
+            raise DataError(
+                f"dataset prefix {prefix}: its {n_docs} documents leave none for the {name} "
+                f"split of data.split={split}; add documents or change data.split"
+            )
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """A clear error for a missing or unreadable .bin/.idx pair, before any rank builds."""
+    for suffix in (".bin", ".idx"):
+        if not os.path.isfile(prefix + suffix):
+            raise DataError(
+                f"dataset prefix {prefix}: {prefix + suffix} not found "
+                "(create it with `pn-data preprocess`)"
+            )
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+        n_tokens = int(dataset.sequence_lengths.sum())
+        expected = os.path.getsize(prefix + ".bin") // dataset.index.dtype_size
+    except Exception as err:  # megatron-core raises assertion/struct/numpy errors
+        raise DataError(f"dataset prefix {prefix}: corrupt index {prefix}.idx ({err})") from None
+    if n_tokens != expected or len(dataset) == 0:
+        raise DataError(
+            f"dataset prefix {prefix}: {prefix}.bin holds {expected} tokens but {prefix}.idx "
+            f"describes {n_tokens} in {len(dataset)} documents; re-run `pn-data preprocess`"
+        )
+
+
+def build_datasets(cfg: Config, dp_size: int, cache_dir: str):
+    """(train, valid) megatron-core datasets sized for the whole run."""
+    prefixes, weights = resolve_blend(cfg.data)
+    train_samples = cfg.train.steps * cfg.train.global_batch_size
+    valid_samples = cfg.train.eval_steps * cfg.train.micro_batch_size * dp_size
+    config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=(prefixes, weights),
+        split=used_split(cfg.data, with_validation=bool(cfg.train.eval_interval)),
+        path_to_cache=cache_dir,
+        tokenizer=token_ids(cfg.data, cfg.model.vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    for prefix in prefixes:
+        check_split_nonempty(prefix, config.split)
+    sizes = [train_samples, valid_samples if cfg.train.eval_interval else 0, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: True, config
+    ).build()
+    if train is None or len(train) == 0:
+        raise DataError(f"data.split '{cfg.data.split}' leaves no training documents")
+    return train, valid
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches (lists of sample indices) for steps [start_step, end_step)."""
+
+    def __init__(self, start_step, end_step, global_batch, micro_batch, dp_rank, dp_size):
+        self.steps = range(start_step, end_step)
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.per_rank = global_batch // dp_size
+        self.dp_rank = dp_rank
+
+    def __iter__(self):
+        for step in self.steps:
+            first = step * self.global_batch + self.dp_rank * self.per_rank
+            for start in range(first, first + self.per_rank, self.micro_batch):
+                yield list(range(start, start + self.micro_batch))
+
+    def __len__(self):
+        return len(self.steps) * (self.per_rank // self.micro_batch)
+
+
+def micro_batch_loader(dataset, sampler: StepSampler, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,84 @@
+"""Training metrics to stdout, `metrics.jsonl`, TensorBoard and wandb — from one rank.
+
+The logging rank is the last global rank: it sits on the last pipeline stage, where the loss is.
+wandb runs offline unless `logging.wandb_mode=online`; `disabled` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s per GPU, for MFU (override with logging.peak_tflops).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def device_peak_tflops(override: float | None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, config: dict, tensorboard: bool,
+                 wandb_mode: str, wandb_project: str):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=wandb_project, dir=str(self.run_dir), mode=wandb_mode, config=config
+            )
+
+    def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": prefix, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        shown = " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        print(f"[{prefix}] step {step:>6} | {shown}", flush=True)
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)

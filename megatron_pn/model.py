@@ -1,0 +1,134 @@
+"""The model: megatron-core `GPTModel` built from a layer spec.
+
+`layer_spec(cfg)` is the seam where model families plug in: the dense SLM/LLM use megatron-core's
+local spec (pure-torch modules, so CPU and GPU share one code path); projected networks replace
+the MLP's linears in the same spec. `build_model_chunks` returns one module per virtual pipeline
+stage of this rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_pn.config import Config, ModelConfig
+
+ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
+
+
+def padded_vocab_size(model: ModelConfig) -> int:
+    """Vocabulary padded to a multiple of `make_vocab_size_divisible_by`.
+
+    Unlike Megatron-LM we do not multiply the multiple by TP, so the embedding shape (and a
+    checkpoint) is the same at every TP size; TP must divide the padded size (validated).
+    """
+    multiple = model.make_vocab_size_divisible_by
+    return int(math.ceil(model.vocab_size / multiple) * multiple)
+
+
+def params_dtype(cfg: Config, device_type: str) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    activation, gated = ACTIVATIONS[m.activation]
+    dtype = params_dtype(cfg, device_type)
+    on_gpu = device_type == "cuda"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=m.add_bias_linear,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Loss is summed per token and normalized by the global token count, so the result is
+        # independent of micro-batching and DP size.
+        calculate_per_token_loss=True,
+        # Fused kernels are CUDA-only; the torch fallbacks are exact on both devices.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Initialize full weights on the host then split: the same weights at any TP size.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+    )
+
+
+def layer_spec(cfg: Config) -> ModuleSpec:
+    if cfg.model.type != "dense":
+        raise ValueError(f"model.type '{cfg.model.type}' is not available yet (dense only)")
+    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+
+
+def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
+    pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=padded_vocab_size(cfg.model),
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type=cfg.model.position_embedding_type,
+        rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(cfg: Config, tconfig: TransformerConfig) -> list[GPTModel]:
+    """This rank's model: one chunk, or one per virtual stage for interleaved pipelining."""
+    stages = cfg.parallel.virtual_pipeline
+    if stages is None:
+        return [build_gpt(cfg, tconfig)]
+    return [build_gpt(cfg, tconfig, vp_stage=i) for i in range(stages)]
+
+
+def count_parameters(chunks: list[torch.nn.Module]) -> int:
+    """Distinct parameters of these chunks (a tied embedding counts once)."""
+    seen = {id(p): p.numel() for chunk in chunks for p in chunk.parameters()}
+    return sum(seen.values())
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in Megatron-LM's MFU:
+    2 FLOPs per multiply-add in every matmul, plus attention scores and the output layer."""
+    m = cfg.model
+    d, s, layers = m.hidden_size, m.seq_length, m.num_layers
+    groups = m.num_query_groups or m.num_attention_heads
+    kv = d * groups / m.num_attention_heads
+    gated = ACTIVATIONS[m.activation][1]
+    attn = d * (d + 2 * kv) + d * d  # qkv + output projection
+    mlp = d * m.ffn_hidden_size * (3 if gated else 2)
+    scores = 2 * s * d  # QK^T and attention-weighted V
+    forward = 2 * layers * (attn + mlp + scores) + 2 * d * padded_vocab_size(m)
+    return 3 * forward

@@ -1,0 +1,290 @@
+"""The training loop on megatron-core: TP x PP x DP, DDP, (distributed) optimizer, pipeline
+schedules, dist-checkpointing, validation and logging. One code path for CPU and GPU.
+
+    trainer = Trainer(cfg)   # process groups, model, optimizer, data, resume
+    trainer.train()          # until train.steps, a stop signal, or exit_after_steps
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_pn import checkpoint, compat
+from megatron_pn.config import Config
+from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader
+from megatron_pn.distributed import init_distributed
+from megatron_pn.metrics import MetricsLogger, device_peak_tflops
+from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
+from megatron_pn.validation import validate_config
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device_type = compat.activate()
+        self.env = init_distributed(self.device_type)
+        validate_config(cfg, self.env.world_size, self.device_type)
+        p = cfg.parallel
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor,
+            pipeline_model_parallel_size=p.pipeline,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        )
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.num_microbatches = cfg.train.global_batch_size // (
+            cfg.train.micro_batch_size * self.dp_size
+        )
+        self._seed(cfg.train.seed)
+
+        self.tconfig = transformer_config(cfg, self.device_type)
+        self.chunks = self._build_model()
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.step = 0
+        self._resume_or_init()
+
+        run_dir = Path(cfg.logging.run_dir)
+        self.train_data, self.valid_data = build_datasets(
+            cfg, self.dp_size, cfg.data.cache_dir or str(run_dir / "index_cache")
+        )
+        self.is_logging_rank = self.env.rank == self.env.world_size - 1
+        self.metrics = MetricsLogger(
+            str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
+            cfg.logging.wandb_mode, cfg.logging.wandb_project,
+        )
+        self._stop_requested = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def _build_model(self) -> list[DDP]:
+        chunks = build_model_chunks(self.cfg, self.tconfig)
+        if self.device_type == "cuda":
+            chunks = [chunk.cuda() for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+        )
+        wrapped = [
+            DDP(self.tconfig, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        if self.cfg.parallel.overlap_grad_reduce:
+            no_sync = [c.no_sync for c in wrapped]
+            self.tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        return wrapped
+
+    def _build_optimizer(self):
+        t = self.cfg.train
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=self.tconfig.bf16,
+            params_dtype=self.tconfig.params_dtype,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(config, self.chunks)
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        return optimizer
+
+    def _build_scheduler(self) -> OptimizerParamScheduler:
+        t = self.cfg.train
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps,
+            lr_decay_steps=t.decay_steps or t.steps,
+            lr_decay_style=t.decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.steps,
+            wd_incr_style="constant",
+        )
+
+    def _resume_or_init(self) -> None:
+        ckpt = self.cfg.checkpoint
+        if ckpt.dir and checkpoint.latest_step(ckpt.dir) is not None:
+            path = checkpoint.iteration_dir(ckpt.dir, checkpoint.latest_step(ckpt.dir))
+            common = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
+            self.step = common["iteration"]
+            self._print(f"resumed from {path} at step {self.step}")
+        elif ckpt.load:
+            path = checkpoint.resolve(ckpt.load)
+            checkpoint.load(path, self.chunks)
+            self._print(f"initialized model weights from {path}")
+        # Main params of a mixed-precision optimizer are copies: refresh them from the model.
+        if ckpt.load or self.step:
+            self.optimizer.reload_model_params()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _forward_step(self, data_iterator, model):
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_token_loss, batch["loss_mask"])
+
+    def _run_microbatches(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        iterators = [iter(batches) for _ in self.chunks]
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks,
+            num_microbatches=len(batches),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, batches: list[dict]) -> tuple[float | None, float]:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_microbatches(batches, forward_only=False)
+        self.scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
+        _, grad_norm, _ = self.optimizer.step()
+        return _mean_loss(losses, self.env.device), float(grad_norm or 0.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_data is None:
+            return None
+        t = self.cfg.train
+        sampler = StepSampler(0, 1, t.micro_batch_size * t.eval_steps * self.dp_size,
+                              t.micro_batch_size, self.dp_rank, self.dp_size)
+        batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
+        for chunk in self.chunks:
+            chunk.eval()
+        losses = self._run_microbatches(batches, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return _mean_loss(losses, self.env.device)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """A signal may reach only some ranks: agree at the step boundary (any rank -> all)."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _batches_by_step(self):
+        t = self.cfg.train
+        sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
+                              self.dp_rank, self.dp_size)
+        loader = micro_batch_loader(self.train_data, sampler, self.cfg.data.num_workers,
+                                    self.device_type == "cuda")
+        micro = iter(loader)
+        while True:
+            yield [next(micro) for _ in range(self.num_microbatches)]
+
+    def train(self) -> int:
+        """Returns the step reached."""
+        t, ckpt = self.cfg.train, self.cfg.checkpoint
+        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
+        peak = device_peak_tflops(self.cfg.logging.peak_tflops)
+        stop_at = t.steps if t.exit_after_steps is None else min(t.steps, self.step + t.exit_after_steps)
+        batches = self._batches_by_step()
+        self._print(f"training steps {self.step} -> {stop_at} of {t.steps}")
+        while self.step < stop_at:
+            start = time.perf_counter()
+            loss, grad_norm = self.train_step(next(batches))
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            if self.step % t.log_interval == 0 or self.step == stop_at:
+                self._log_train(loss, grad_norm, tokens_per_step / elapsed, peak)
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                self._log_eval()
+            stop = self._stop_agreed()
+            if ckpt.dir and (stop or (ckpt.save_interval and self.step % ckpt.save_interval == 0)):
+                self.save()
+            if stop:
+                self._print(f"stop signal: saved step {self.step}, exiting for requeue")
+                break
+        else:
+            if ckpt.dir and ckpt.save_at_end and checkpoint.latest_step(ckpt.dir) != self.step:
+                self.save()
+        self.metrics.close()
+        return self.step
+
+    def save(self) -> Path:
+        ckpt = self.cfg.checkpoint
+        extra = {
+            "consumed_samples": self.step * self.cfg.train.global_batch_size,
+            "config": self.cfg.to_dict(),
+        }
+        path = checkpoint.save(ckpt.dir, self.step, self.chunks, self.optimizer, self.scheduler,
+                               extra, ckpt.optimizer_format, ckpt.keep_last)
+        self._print(f"saved checkpoint {path}")
+        return path
+
+    def _log_train(self, loss, grad_norm, tokens_per_s, peak) -> None:
+        values = {"loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        if peak:
+            achieved = flops_per_token(self.cfg) * tokens_per_s / self.env.world_size
+            values["mfu"] = achieved / (peak * 1e12)
+        self.metrics.log(self.step, values, "train")
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        if loss is not None:
+            self.metrics.log(self.step, {"loss": loss, "ppl": float(np.exp(min(loss, 50)))}, "valid")
+
+    def _print(self, message: str) -> None:
+        if self.env.rank == 0:
+            print(message, flush=True)
+
+
+def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of masked token losses and their count; megatron-core normalizes by the global count."""
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(per_token_loss.view(-1).float() * mask)
+    count = mask.sum().to(torch.int)
+    return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _mean_loss(losses: list[dict], device) -> float | None:
+    """Global mean token loss over micro-batches and DP ranks (None off the last stage)."""
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.stack([entry["lm loss"] for entry in losses]).sum(dim=0).to(device)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total[0] / total[1]).item()

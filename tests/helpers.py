@@ -1,0 +1,100 @@
+"""Test data and process helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+EOD = 256  # byte-level test tokenizer: ids 0-255 are bytes, 256 ends a document
+
+
+def real_text_documents(limit_chars: int = 400_000) -> list[str]:
+    """Real documents: the embedded corpus when present, else this repository's own text."""
+    corpus = REPO / "data" / "corpus" / "generic" / "train.jsonl.gz"
+    docs: list[str] = []
+    if corpus.is_file():
+        import gzip
+
+        with gzip.open(corpus, "rt", encoding="utf-8") as f:
+            for line in f:
+                docs.append(json.loads(line)["text"])
+                if sum(map(len, docs)) > limit_chars:
+                    break
+        return docs
+    for path in sorted(REPO.glob("**/*.py")) + sorted(REPO.glob("**/*.md")):
+        if ".venv" not in path.parts:
+            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def write_byte_dataset(prefix: Path, docs: list[str]) -> Path:
+    """Megatron .bin/.idx of UTF-8 bytes + EOD, written with megatron-core's builder."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for doc in docs:
+        ids = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        builder.add_document(torch.from_numpy(np.append(ids, EOD)), [len(ids) + 1])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def tiny_overrides(prefix: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides that point configs/tiny/slm.yaml at a byte-level dataset, deterministic."""
+    values = {
+        "data.blend": f"[{prefix}]",
+        "data.eod_id": EOD,
+        "model.vocab_size": 257,
+        "logging.run_dir": str(run_dir),
+        "logging.tensorboard": "false",
+        "train.eval_interval": 0,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env=None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """pn-train in fresh processes (torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_pn.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                             f"\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == split:
+            records[record["step"]] = record
+    return records
+
+
+def losses(run_dir: Path) -> list[float]:
+    metrics = read_metrics(run_dir)
+    return [metrics[s]["loss"] for s in sorted(metrics)]
