@@ -128,11 +128,12 @@ class Trainer:
             max_lr=t.lr,
             min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_steps,
-            lr_decay_steps=t.decay_steps or t.steps,
+            # (a run of 0 steps only writes its initial checkpoint; keep the schedule valid)
+            lr_decay_steps=t.decay_steps or max(t.steps, t.warmup_steps + 1),
             lr_decay_style=t.decay_style,
             start_wd=t.weight_decay,
             end_wd=t.weight_decay,
-            wd_incr_steps=t.steps,
+            wd_incr_steps=max(t.steps, 1),
             wd_incr_style="constant",
         )
 

@@ -36,6 +36,10 @@ def validate_model(cfg: Config) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                 "vocab_size", "seq_length"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    t = cfg.train
+    _require(t.steps >= 0 and t.warmup_steps >= 0, "train.steps and train.warmup_steps must be >= 0")
+    _require(t.decay_steps is None or t.warmup_steps < t.decay_steps,
+             f"train.warmup_steps {t.warmup_steps} must be below train.decay_steps {t.decay_steps}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
