@@ -34,7 +34,8 @@ The script uses the standard library only, except the optional token count
 
 Output: data/corpus/<set>/{train,valid,test}.jsonl.gz (gzip with mtime 0, one
 {"id", "text", "source"} object per line), data/corpus/manifest.json, and
-data/corpus/licenses/ (the Debian copyright file of each text package). Given the same package versions, the .jsonl.gz files are byte-identical.
+data/corpus/licenses/ (the Debian copyright file of each text package).
+Given the same package versions, the .jsonl.gz files are byte-identical.
 """
 
 import argparse
