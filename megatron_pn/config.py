@@ -97,7 +97,7 @@ class TrainConfig:
     precision: str = _help("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
     seed: int = _help("seed for initialization and data order", 1234)
     eval_interval: int = _help("steps between validation runs (0: off)", 0)
-    eval_steps: int = _help("validation micro-batches per data-parallel rank", 2)
+    eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2)
     log_interval: int = _help("steps between log lines", 1)
     exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None)
 

@@ -144,11 +144,11 @@ def check_indexed_dataset(prefix: str) -> None:
         )
 
 
-def build_datasets(cfg: Config, dp_size: int, cache_dir: str):
+def build_datasets(cfg: Config, cache_dir: str):
     """(train, valid) megatron-core datasets sized for the whole run."""
     prefixes, weights = resolve_blend(cfg.data)
     train_samples = cfg.train.steps * cfg.train.global_batch_size
-    valid_samples = cfg.train.eval_steps * cfg.train.micro_batch_size * dp_size
+    valid_samples = cfg.train.eval_steps * cfg.train.global_batch_size
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,

@@ -63,7 +63,7 @@ class Trainer:
 
         run_dir = Path(cfg.logging.run_dir)
         self.train_data, self.valid_data = build_datasets(
-            cfg, self.dp_size, cfg.data.cache_dir or str(run_dir / "index_cache")
+            cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
@@ -185,8 +185,9 @@ class Trainer:
         if self.valid_data is None:
             return None
         t = self.cfg.train
-        sampler = StepSampler(0, 1, t.micro_batch_size * t.eval_steps * self.dp_size,
-                              t.micro_batch_size, self.dp_rank, self.dp_size)
+        # The same eval_steps global batches every time: comparable across steps and layouts.
+        sampler = StepSampler(0, t.eval_steps, t.global_batch_size, t.micro_batch_size,
+                              self.dp_rank, self.dp_size)
         batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
         for chunk in self.chunks:
             chunk.eval()
@@ -240,6 +241,8 @@ class Trainer:
                 self._print(f"stop signal: saved step {self.step}, exiting for requeue")
                 break
         else:
+            if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
+                self._log_eval()  # the final model is always evaluated
             if ckpt.dir and ckpt.save_at_end and checkpoint.latest_step(ckpt.dir) != self.step:
                 self.save()
         self.metrics.close()

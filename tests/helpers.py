@@ -61,16 +61,28 @@ def tiny_overrides(prefix: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env=None,
-              check: bool = True) -> subprocess.CompletedProcess:
+def train_command(args: list[str], nproc: int = 1) -> list[str]:
     """pn-train in fresh processes (torchrun when nproc > 1)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_pn.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+        return [sys.executable, "-m", "megatron_pn.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
+
+
+def train_env(extra=None) -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def start_train(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subprocess.Popen:
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(train_command(args, nproc), cwd=REPO, env=train_env(),
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env=None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = train_command(args, nproc)
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(env), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
@@ -87,9 +99,16 @@ def _free_port() -> int:
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
+    """The last record of each step (a resumed run re-logs the steps it redoes)."""
     records = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
         if record["split"] == split:
             records[record["step"]] = record
     return records

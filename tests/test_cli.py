@@ -1,0 +1,130 @@
+"""pn-train's command line: dry-run parameter counts, config errors, bad input, atomic saves.
+In-process (one process, gloo world of one)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import EOD, real_text_documents, tiny_overrides, write_byte_dataset
+from megatron_pn import checkpoint
+from megatron_pn.compat import UnsupportedMegatronCore, check_megatron_core_version
+from megatron_pn.config import load_config
+from megatron_pn.distributed import shutdown
+from megatron_pn.train import main
+
+CONFIG = "configs/tiny/slm.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    return write_byte_dataset(root / "text", real_text_documents())
+
+
+def dry_run_total(config: str, capsys) -> int:
+    assert main([config, "--dry-run"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "total" in l)
+    return int(re.search(r"total ([\d,]+)", line).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("config,paper_total", [
+    ("configs/paper/slm.yaml", 126e6), ("configs/paper/llm.yaml", 771e6)])
+def test_dry_run_matches_paper_parameter_counts(config, paper_total, capsys):
+    total = dry_run_total(config, capsys)
+    assert abs(total - paper_total) / paper_total < 0.05, total
+
+
+def test_untied_embeddings_add_an_output_layer(capsys):
+    tied = dry_run_total(CONFIG, capsys)
+    assert main([CONFIG, "model.tie_embeddings=false", "--dry-run"]) == 0
+    untied = int(re.search(r"total ([\d,]+)", capsys.readouterr().out).group(1).replace(",", ""))
+    assert untied - tied == 4096 * 64  # vocabulary x d_model
+
+
+def error_of(args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one clear line
+    return err[0]
+
+
+def test_unknown_key_names_the_valid_keys_near_it(capsys):
+    err = error_of([CONFIG, "train.lrr=1e-3"], capsys)
+    assert "unknown key 'lrr'" in err and "Did you mean lr" in err
+
+
+def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hiden_size: 64\n")
+    err = error_of([str(bad)], capsys)
+    assert str(bad) in err and "hidden_size" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.tensor=3", "model.hidden_size 64 is not divisible by parallel.tensor 3"),
+    ("parallel.pipeline=3", "model.num_layers 4 is not divisible by parallel.pipeline 3"),
+    ("parallel.tensor=2", "world size 1 is not divisible by parallel.tensor 2"),
+    ("model.num_attention_heads=5", "not divisible by model.num_attention_heads 5"),
+    ("train.global_batch_size=6", "train.global_batch_size 6 is not divisible"),
+])
+def test_layout_errors(dataset, tmp_path, capsys, override, message):
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run"), override], capsys)
+    assert message in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_missing_dataset_prefix(tmp_path, capsys):
+    err = error_of([CONFIG, *tiny_overrides(tmp_path / "nope", tmp_path / "run")], capsys)
+    assert f"{tmp_path / 'nope'}.bin not found" in err and "pn-data preprocess" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_dataset_prefix(tmp_path, capsys):
+    prefix = write_byte_dataset(tmp_path / "data" / "text", ["some real text", "more text"])
+    with open(f"{prefix}.bin", "ab") as f:
+        f.write(b"\0\0\0\0")  # a .bin that no longer matches its .idx
+    err = error_of([CONFIG, *tiny_overrides(prefix, tmp_path / "run")], capsys)
+    assert f"{prefix}.bin" in err and "re-run" in err
+    Path(f"{prefix}.idx").write_bytes(b"garbage")
+    err = error_of([CONFIG, *tiny_overrides(prefix, tmp_path / "run")], capsys)
+    assert f"corrupt index {prefix}.idx" in err
+
+
+def test_unsupported_megatron_core_version():
+    with pytest.raises(UnsupportedMegatronCore, match="0.15.0 is not supported.*pip install"):
+        check_megatron_core_version("0.15.0")
+    assert check_megatron_core_version("0.16.1") == "0.16.1"
+
+
+def test_crash_during_save_leaves_latest_loadable(dataset, tmp_path, monkeypatch):
+    from megatron_pn.trainer import Trainer
+
+    ckpt = tmp_path / "ckpt"
+    cfg = load_config([CONFIG], tiny_overrides(dataset, tmp_path / "run", **{
+        "train.steps": 2, "checkpoint.dir": ckpt}))
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert checkpoint.latest_step(ckpt) == 2
+
+    def crash(state, path, **kwargs):  # dies half-way through writing step 3
+        (Path(path) / "__0_0.distcp").write_bytes(b"\0" * 100)
+        raise OSError("simulated crash during save")
+
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", crash)
+    trainer.step = 3
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer.save()
+    monkeypatch.undo()
+    assert checkpoint.latest_step(ckpt) == 2
+    shutdown()
+
+    resumed = Trainer(load_config([CONFIG], tiny_overrides(dataset, tmp_path / "run", **{
+        "train.steps": 3, "checkpoint.dir": ckpt})))
+    assert resumed.step == 2
+    assert resumed.train() == 3
+    assert checkpoint.latest_step(ckpt) == 3
+    assert not list(ckpt.glob(".tmp_*"))  # the next save replaced the debris
+    shutdown()
