@@ -123,6 +123,7 @@ class LoggingConfig:
     wandb_mode: str = _help("wandb: offline, online or disabled", "offline")
     wandb_project: str = _help("wandb project name", "megatron-pn")
     peak_tflops: float | None = _help("device peak TFLOP/s for MFU (default: known GPUs)", None)
+    progress_bar: bool = _help("show a tqdm progress bar over steps", False)
 
 
 @dataclass

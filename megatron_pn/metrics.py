@@ -35,7 +35,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, config: dict, tensorboard: bool,
                  wandb_mode: str, wandb_project: str):
         self.enabled = enabled
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.bar = None
         if not enabled:
             return
         self.run_dir = Path(run_dir)
@@ -60,7 +60,11 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         shown = " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
-        print(f"[{prefix}] step {step:>6} | {shown}", flush=True)
+        line = f"[{prefix}] step {step:>6} | {shown}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 if self.tb is not None:
@@ -68,9 +72,29 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
 
+    def start_progress(self, done: int, total: int) -> None:
+        """A tqdm bar over training steps (log lines are printed above it)."""
+        if self.enabled:
+            import sys
+
+            from tqdm import tqdm
+
+            # Redraw rarely when the output is a log file rather than a terminal.
+            interval = 0.1 if sys.stderr.isatty() else 10.0
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True,
+                            mininterval=interval)
+
+    def advance(self, loss: float | None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+
     def close(self) -> None:
         if not self.enabled:
             return
+        if self.bar is not None:
+            self.bar.close()
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()

@@ -225,11 +225,14 @@ class Trainer:
         stop_at = t.steps if t.exit_after_steps is None else min(t.steps, self.step + t.exit_after_steps)
         batches = self._batches_by_step()
         self._print(f"training steps {self.step} -> {stop_at} of {t.steps}")
+        if self.cfg.logging.progress_bar:
+            self.metrics.start_progress(self.step, stop_at)
         while self.step < stop_at:
             start = time.perf_counter()
             loss, grad_norm = self.train_step(next(batches))
             self.step += 1
             elapsed = time.perf_counter() - start
+            self.metrics.advance(loss)
             if self.step % t.log_interval == 0 or self.step == stop_at:
                 self._log_train(loss, grad_norm, tokens_per_step / elapsed, peak)
             if t.eval_interval and self.step % t.eval_interval == 0:
