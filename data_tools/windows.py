@@ -1,0 +1,141 @@
+"""Context windows over a Megatron indexed dataset, shared by `embed`, `cluster` and `assign`.
+
+A "document" is one sequence of the indexed dataset (what `IndexedDataset[i]` returns and what
+megatron-core's GPTDataset treats as a document); `preprocess` writes one per input document,
+with the EOD token appended. Documents longer than the LM context are split into
+non-overlapping windows of at most `context` tokens, EOD excluded, so that every generic example
+the LM trains on has one cluster id. The window index is an int64 array of shape (n, 3) with
+columns (doc, start, end): token offsets [start, end) inside document `doc`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+WINDOW_COLUMNS = ["doc", "start", "end"]
+DEFAULT_CONTEXT = 1024
+
+
+class IndexedTokens:
+    """Read-only view of an indexed dataset: per-document lengths and a flat token memmap.
+
+    Uses megatron-core's index reader for the .idx file and maps the .bin file once, so that
+    gathering millions of windows needs no per-document Python call into IndexedDataset.
+    """
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        idx_path, bin_path = Path(self.prefix + ".idx"), Path(self.prefix + ".bin")
+        for path in (idx_path, bin_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: --data-prefix must name a Megatron indexed dataset "
+                    f"(PREFIX.bin + PREFIX.idx, as written by `pn-data preprocess`)"
+                )
+        index = indexed_dataset_module()._IndexReader(str(idx_path), multimodal=False)
+        self.dtype = np.dtype(index.dtype)
+        self.lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
+        self.offsets = np.asarray(index.sequence_pointers, dtype=np.int64) // self.dtype.itemsize
+        del index
+        self.tokens = _map_tokens(bin_path, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def window(self, doc: int, start: int, end: int) -> np.ndarray:
+        base = self.offsets[doc]
+        return self.tokens[base + start : base + end]
+
+    def content_lengths(self, eod_id: int) -> np.ndarray:
+        """Tokens per document without its trailing EOD (if the document ends with one)."""
+        lengths = self.lengths.copy()
+        nonempty = lengths > 0
+        last = self.tokens[self.offsets[nonempty] + lengths[nonempty] - 1]
+        lengths[np.flatnonzero(nonempty)[last == eod_id]] -= 1
+        return lengths
+
+
+def indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported without megatron-core's warnings about
+    missing GPU accelerators (Transformer Engine, apex), which data tools never use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def _map_tokens(bin_path: Path, dtype: np.dtype) -> np.ndarray:
+    if bin_path.stat().st_size == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(bin_path, dtype=dtype, mode="r")
+
+
+def split_windows(doc_lengths: np.ndarray, context: int) -> np.ndarray:
+    """Non-overlapping windows of at most `context` tokens covering each document exactly.
+
+    A document of n > 0 tokens gives ceil(n / context) windows; empty documents give none.
+    Returns int64 (num_windows, 3): doc, start, end — ordered by document, then start.
+    """
+    if context < 1:
+        raise ValueError(f"--context must be a positive number of tokens, got {context}")
+    doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+    counts = -(-doc_lengths // context)  # ceil division; 0 for empty documents
+    docs = np.repeat(np.arange(len(doc_lengths), dtype=np.int64), counts)
+    first_window = np.cumsum(counts) - counts
+    rank_in_doc = np.arange(len(docs), dtype=np.int64) - np.repeat(first_window, counts)
+    starts = rank_in_doc * context
+    ends = np.minimum(starts + context, doc_lengths[docs])
+    return np.stack([docs, starts, ends], axis=1)
+
+
+def window_token_counts(windows: np.ndarray) -> np.ndarray:
+    return windows[:, 2] - windows[:, 1]
+
+
+def check_windows_fit(windows: np.ndarray, data: IndexedTokens, windows_path: str | Path) -> None:
+    """The window index must describe this dataset (it is a sidecar: same docs, same lengths)."""
+    if len(windows) == 0:
+        return
+    if windows[:, 0].max() >= len(data) or np.any(windows[:, 2] > data.lengths[windows[:, 0]]):
+        raise ValueError(
+            f"{windows_path} does not match {data.prefix}.idx ({len(data)} documents): a window "
+            f"points past the end of a document. The dataset changed after embedding; rerun "
+            f"`pn-data embed` on it (with --overwrite)."
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar_tokenizer_sha256(prefix: str | Path) -> str | None:
+    """The tokenizer hash `pn-data preprocess` records in PREFIX.json ("tokenizer_sha256", also
+    "tokenizer": {"path", "sha256"}), if there is one."""
+    sidecar = Path(str(prefix) + ".json")
+    if not sidecar.is_file():
+        return None
+    meta = json.loads(sidecar.read_text())
+    tokenizer = meta.get("tokenizer")
+    nested = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+    return meta.get("tokenizer_sha256", nested)
+
+
+def check_tokenizer_matches(prefix: str | Path, expected_sha256: str, expected_from: str) -> None:
+    """Fail if PREFIX.json says the dataset was tokenized with another tokenizer."""
+    recorded = sidecar_tokenizer_sha256(prefix)
+    if recorded is not None and recorded != expected_sha256:
+        raise ValueError(
+            f"tokenizer mismatch: {prefix}.json records tokenizer sha256 {recorded[:12]}…, but "
+            f"{expected_from} has {expected_sha256[:12]}…. Preprocess the data with the same "
+            f"SentencePiece model that the clustering used (or pass that model)."
+        )
