@@ -83,6 +83,18 @@ def test_signal_on_one_rank_stops_all_ranks_with_one_checkpoint(dataset, tmp_pat
 
 
 @pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train([CONFIG, *tiny_overrides(dataset, run_dir, **{
+        "train.steps": 1000, "checkpoint.dir": run_dir / "ckpt"})])
+    wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    saved = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == max(read_metrics(run_dir)) >= 2
+
+
+@pytest.mark.slow
 def test_tp2_checkpoint_resumes_and_evaluates_at_tp1(dataset, tmp_path):
     tp2 = tmp_path / "tp2"
     common = {"train.steps": 6, "train.eval_interval": 3, "checkpoint.save_interval": 3}

@@ -68,10 +68,12 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path, capsys):
     ("parallel.pipeline=3", "model.num_layers 4 is not divisible by parallel.pipeline 3"),
     ("parallel.tensor=2", "world size 1 is not divisible by parallel.tensor 2"),
     ("model.num_attention_heads=5", "not divisible by model.num_attention_heads 5"),
+    ("model.num_attention_heads=2 parallel.tensor=4",
+     "model.num_attention_heads 2 is not divisible by parallel.tensor 4"),
     ("train.global_batch_size=6", "train.global_batch_size 6 is not divisible"),
 ])
 def test_layout_errors(dataset, tmp_path, capsys, override, message):
-    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run"), override], capsys)
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run"), *override.split()], capsys)
     assert message in err
     assert not (tmp_path / "run").exists()  # nothing written
 
@@ -128,3 +130,20 @@ def test_crash_during_save_leaves_latest_loadable(dataset, tmp_path, monkeypatch
     assert checkpoint.latest_step(ckpt) == 3
     assert not list(ckpt.glob(".tmp_*"))  # the next save replaced the debris
     shutdown()
+
+
+def test_precision_follows_the_device():
+    import torch
+
+    from megatron_pn.model import transformer_config
+
+    cfg = load_config([CONFIG])
+    gpu, cpu = transformer_config(cfg, "cuda"), transformer_config(cfg, "cpu")
+    assert gpu.bf16 and gpu.params_dtype == torch.bfloat16 and not gpu.use_cpu_initialization
+    assert not cpu.bf16 and cpu.params_dtype == torch.float32
+
+
+def test_bf16_on_cpu_is_refused(dataset, tmp_path, capsys):
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run"), "train.precision=bf16"],
+                   capsys)
+    assert "bf16 needs a GPU" in err
