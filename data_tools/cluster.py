@@ -252,6 +252,8 @@ def run_cluster(args) -> int:
     data = IndexedTokens(meta["data_prefix"])
     check_windows_fit(windows, data, Path(args.embeddings) / meta["windows_file"])
     num = len(windows)
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
     if args.k > num:
         raise ValueError(f"--k {args.k} exceeds the {num} windows in {args.embeddings}; use a "
                          f"smaller k or embed more data")

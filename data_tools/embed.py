@@ -171,27 +171,35 @@ def open_partial(partial: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
+def open_embedding_file(path: Path, shape: tuple[int, int], resume: bool, done_dir: Path):
+    """The float16 memmap to fill; a missing or wrong-sized file (a kill while creating it)
+    is created afresh and every chunk marker dropped."""
+    if resume and path.is_file() and path.stat().st_size == shape[0] * shape[1] * 2:
+        return np.memmap(path, dtype=np.float16, mode="r+", shape=shape)
+    for marker in done_dir.iterdir():
+        marker.unlink()
+    return np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
+
+
 def embed_to_dir(args, data, windows, sp, model, partial: Path, resume: bool) -> int:
     """Fill partial/embeddings.f16 chunk by chunk, skipping chunks already marked done."""
     from tqdm import tqdm
 
     dim = model.get_embedding_dimension()
-    emb_path = partial / EMBEDDINGS_FILE
-    mode = "r+" if resume and emb_path.is_file() else "w+"
-    out = np.memmap(emb_path, dtype=np.float16, mode=mode, shape=(len(windows), dim))
-    if mode == "w+":
-        np.save(partial / WINDOWS_FILE, windows)
+    done_dir = partial / "chunks_done"
+    out = open_embedding_file(partial / EMBEDDINGS_FILE, (len(windows), dim), resume, done_dir)
+    np.save(partial / WINDOWS_FILE, windows)  # deterministic: rewriting it on resume is harmless
 
     def write(rows, vectors):
         out[rows] = vectors
 
-    done_dir = partial / "chunks_done"
     chunks = chunks_longest_first(windows)
-    with tqdm(total=len(windows), unit="win", desc="embed", smoothing=0.1) as progress:
-        for chunk_id, rows in enumerate(chunks):
-            marker = done_dir / f"{chunk_id:06d}"
+    markers = [done_dir / f"{chunk_id:06d}" for chunk_id in range(len(chunks))]
+    done = sum(len(rows) for rows, marker in zip(chunks, markers) if marker.exists())
+    with tqdm(total=len(windows), initial=done, unit="win", desc="embed",
+              smoothing=0.1) as progress:
+        for rows, marker in zip(chunks, markers):
             if marker.exists():
-                progress.update(len(rows))
                 continue
             encode_rows(rows, windows, data, sp, model, args.batch_size, write, progress)
             out.flush()
