@@ -35,7 +35,8 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 
 @dataclass
 class ModelConfig:
-    type: str = _help("dense (a GPT SLM/LLM); pn and mix come with projected networks", "dense")
+    type: str = _help("dense (a GPT SLM/LLM) or pn (projected network, one expert per cluster)",
+                      "dense")
     num_layers: int = _help("transformer layers", 2)
     hidden_size: int = _help("model width d_model", 64)
     num_attention_heads: int = _help("attention heads", 4)
@@ -52,6 +53,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = _help("pad the vocabulary to a multiple of this", 128)
     seq_length: int = _help("training context length in tokens", 1024)
     init_method_std: float = _help("std of the normal weight initialization", 0.02)
+    num_experts: int = _help("pn: k, experts = clusters of the training data", 0)
+    bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0)
+    code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0)
     hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
     attention_dropout: float = _help("dropout on attention probabilities", 0.0)
 
@@ -71,7 +75,11 @@ class DataConfig:
     blend: list = _help(
         "dataset prefixes (PREFIX for PREFIX.bin/.idx), or [weight, PREFIX] pairs", factory=list
     )
-    blend_file: str | None = _help("JSON file with {'blend': [[weight, prefix], ...]}", None)
+    blend_file: str | None = _help(
+        "JSON file with {'blend': [[weight, prefix], ...], 'cluster_ids': [...]} "
+        "(pn-data cluster/importance write these)", None)
+    cluster_ids: list | None = _help(
+        "pn: the cluster id of each blend entry (default: from blend_file)", None)
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)

@@ -64,18 +64,29 @@ def token_ids(data: DataConfig, vocab_size: int) -> TokenIds:
     return TokenIds(eod=data.eod_id, vocab_size=vocab_size)
 
 
-def resolve_blend(data: DataConfig) -> tuple[list[str], list[float] | None]:
-    """Prefixes and weights from `data.blend` / `data.blend_file`, each prefix checked."""
+@dataclass
+class Blend:
+    prefixes: list[str]
+    weights: list[float] | None
+    cluster_ids: list[int] | None  # cluster of each prefix (PN, SLM-mix); None for dense data
+
+
+def resolve_blend(data: DataConfig) -> Blend:
+    """Prefixes, weights and cluster ids from `data.blend` / `data.blend_file`, each checked."""
     entries = list(data.blend)
+    cluster_ids = data.cluster_ids
     if data.blend_file:
         path = Path(data.blend_file)
         try:
-            entries += json.loads(path.read_text())["blend"]
+            content = json.loads(path.read_text())
+            entries += content["blend"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(
                 f"data.blend_file: cannot read {path} ({err}); expected JSON "
                 "{'blend': [[weight, prefix], ...]}"
             ) from None
+        if cluster_ids is None:
+            cluster_ids = content.get("cluster_ids")
     if not entries:
         raise ConfigError("data.blend: no dataset given; set data.blend=[PREFIX, ...]")
     weighted = [isinstance(e, (list, tuple)) for e in entries]
@@ -88,7 +99,12 @@ def resolve_blend(data: DataConfig) -> tuple[list[str], list[float] | None]:
         weights, prefixes = None, [str(p) for p in entries]
     for prefix in prefixes:
         check_indexed_dataset(prefix)
-    return prefixes, weights
+    if cluster_ids is not None and len(cluster_ids) != len(prefixes):
+        raise ConfigError(
+            f"data.cluster_ids: {len(cluster_ids)} ids for {len(prefixes)} blend entries; "
+            "give one cluster id per dataset prefix"
+        )
+    return Blend(prefixes, weights, None if cluster_ids is None else [int(c) for c in cluster_ids])
 
 
 def used_split(data: DataConfig, with_validation: bool) -> str:
@@ -146,13 +162,13 @@ def check_indexed_dataset(prefix: str) -> None:
 
 def build_datasets(cfg: Config, cache_dir: str):
     """(train, valid) megatron-core datasets sized for the whole run."""
-    prefixes, weights = resolve_blend(cfg.data)
+    blend = resolve_blend(cfg.data)
     train_samples = cfg.train.steps * cfg.train.global_batch_size
     valid_samples = cfg.train.eval_steps * cfg.train.global_batch_size
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, weights),
+        blend=(blend.prefixes, blend.weights),
         split=used_split(cfg.data, with_validation=bool(cfg.train.eval_interval)),
         path_to_cache=cache_dir,
         tokenizer=token_ids(cfg.data, cfg.model.vocab_size),
@@ -162,7 +178,7 @@ def build_datasets(cfg: Config, cache_dir: str):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    for prefix in prefixes:
+    for prefix in blend.prefixes:
         check_split_nonempty(prefix, config.split)
     sizes = [train_samples, valid_samples if cfg.train.eval_interval else 0, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(
@@ -200,3 +216,18 @@ def micro_batch_loader(dataset, sampler: StepSampler, num_workers: int, pin_memo
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+def group_by_cluster(batch: dict, cluster_table: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Reorder a micro-batch so each cluster's sequences are contiguous; returns it with the
+    cluster id of every row. The loss is a sum over rows, so the order does not change it.
+
+    A blend's `dataset_id` is the position of the sequence's dataset in the blend, and
+    `cluster_table[position]` its cluster (a single dataset has no `dataset_id`: position 0).
+    """
+    positions = batch.get("dataset_id")
+    if positions is None:
+        positions = torch.zeros(len(batch["tokens"]), dtype=torch.long)
+    cluster_ids = cluster_table[positions.long()]
+    order = torch.argsort(cluster_ids, stable=True)
+    return {key: value[order] for key, value in batch.items()}, cluster_ids[order]

@@ -19,6 +19,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_pn.config import Config, ModelConfig
+from megatron_pn.pn import PNConfig, PNGPTModel, pn_layer_spec
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
 
@@ -82,16 +83,25 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
     )
 
 
+def pn_config(cfg: Config) -> PNConfig:
+    m = cfg.model
+    return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
+                    seed=cfg.train.seed)
+
+
 def layer_spec(cfg: Config) -> ModuleSpec:
-    if cfg.model.type != "dense":
-        raise ValueError(f"model.type '{cfg.model.type}' is not available yet (dense only)")
+    if cfg.model.type == "pn":
+        return pn_layer_spec(cfg.model.normalization, pn_config(cfg))
     return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
 
 
 def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
     pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model_class, extra = GPTModel, {}
+    if cfg.model.type == "pn":
+        model_class, extra = PNGPTModel, {"pn": pn_config(cfg)}
+    return model_class(
         config=tconfig,
         transformer_layer_spec=layer_spec(cfg),
         vocab_size=padded_vocab_size(cfg.model),
@@ -102,6 +112,7 @@ def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = No
         position_embedding_type=cfg.model.position_embedding_type,
         rotary_base=cfg.model.rotary_base,
         vp_stage=vp_stage,
+        **extra,
     )
 
 
@@ -117,6 +128,20 @@ def count_parameters(chunks: list[torch.nn.Module]) -> int:
     """Distinct parameters of these chunks (a tied embedding counts once)."""
     seen = {id(p): p.numel() for chunk in chunks for p in chunk.parameters()}
     return sum(seen.values())
+
+
+def count_expert_parameters(chunks: list[torch.nn.Module]) -> int:
+    """Parameters of one projected expert: the shared ones plus one dense matrix per bank."""
+    from megatron_pn.pn.layers import ProjectedLinear
+
+    total = count_parameters(chunks)
+    for chunk in chunks:
+        total -= chunk.expert_codes.numel()
+        for module in chunk.modules():
+            if isinstance(module, ProjectedLinear):
+                total += math.prod(module.full_shape) - module.bank.numel()
+                total -= module.code_projection.numel()
+    return total
 
 
 def flops_per_token(cfg: Config) -> float:

@@ -47,7 +47,8 @@ def dry_run(cfg) -> None:
 
     from megatron_pn import compat
     from megatron_pn.distributed import init_distributed, shutdown
-    from megatron_pn.model import build_model_chunks, count_parameters, transformer_config
+    from megatron_pn.model import (build_model_chunks, count_expert_parameters,
+                                   count_parameters, transformer_config)
     from megatron_pn.validation import validate_model
 
     from megatron.core import parallel_state as ps
@@ -68,6 +69,10 @@ def dry_run(cfg) -> None:
     print(f"model: {cfg.model.type}, {cfg.model.num_layers} layers, d_model {cfg.model.hidden_size}")
     print(f"parameters: total {total:,} ({total / 1e6:.1f}M); "
           f"non-embedding {total - embedding:,} ({(total - embedding) / 1e6:.1f}M)")
+    if cfg.model.type == "pn":
+        expert = count_expert_parameters(chunks)
+        print(f"per expert (inference, the dense SLM it projects to): {expert:,} "
+              f"({expert / 1e6:.1f}M) x {cfg.model.num_experts} experts")
     shutdown()
 
 

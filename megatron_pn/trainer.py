@@ -26,10 +26,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
-from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader
+from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, micro_batch_loader,
+                              resolve_blend)
 from megatron_pn.distributed import init_distributed
 from megatron_pn.metrics import MetricsLogger, device_peak_tflops
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
+from megatron_pn.pn import finalize_pn_model_grads
 from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -55,6 +57,11 @@ class Trainer:
         self._seed(cfg.train.seed)
 
         self.tconfig = transformer_config(cfg, self.device_type)
+        self.is_pn = cfg.model.type == "pn"
+        # PN: the cluster of each blend entry (a sample's `dataset_id` indexes it).
+        self.cluster_table = (
+            torch.tensor(resolve_blend(cfg.data).cluster_ids) if self.is_pn else None
+        )
         self.chunks = self._build_model()
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
@@ -95,7 +102,9 @@ class Trainer:
             DDP(self.tconfig, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.finalize_model_grads_func = (
+            finalize_pn_model_grads if self.is_pn else finalize_model_grads
+        )
         if self.cfg.parallel.overlap_grad_reduce:
             no_sync = [c.no_sync for c in wrapped]
             self.tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -155,8 +164,13 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
 
     def _forward_step(self, data_iterator, model):
-        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        batch, routing = next(data_iterator), {}
+        if self.is_pn:
+            batch, cluster_ids = group_by_cluster(batch, self.cluster_table)
+            routing["cluster_ids"] = cluster_ids.to(self.env.device)
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       **routing)
         return output, partial(_token_loss, batch["loss_mask"])
 
     def _run_microbatches(self, batches: list[dict], forward_only: bool) -> list[dict]:

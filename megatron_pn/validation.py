@@ -7,7 +7,7 @@ from megatron_pn.data import resolve_blend
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
 
 CHOICES = {
-    "model.type": ("dense",),
+    "model.type": ("dense", "pn"),
     "model.activation": tuple(ACTIVATIONS),
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.position_embedding_type": ("rope", "learned_absolute"),
@@ -72,7 +72,33 @@ def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
              "train.precision bf16 needs a GPU; use fp32 (or auto) on CPU")
 
 
+def validate_pn(cfg: Config) -> None:
+    m = cfg.model
+    if m.type != "pn":
+        return
+    _require(m.num_experts >= 1, f"model.num_experts must be >= 1 for model.type pn, got {m.num_experts}")
+    _require(m.bank_size >= 1, f"model.bank_size (h) must be >= 1 for model.type pn, got {m.bank_size}")
+    _require(1 <= m.code_size <= m.bank_size,
+             f"model.code_size (m) {m.code_size} must be in [1, model.bank_size {m.bank_size}]: "
+             "codes are projected to h mixing weights, so m > h adds nothing")
+    _require(not m.add_bias_linear, "model.type pn needs model.add_bias_linear=false")
+    _require(not cfg.parallel.sequence_parallel, "model.type pn does not support sequence_parallel")
+
+
+def validate_pn_data(cfg: Config, blend) -> None:
+    if cfg.model.type != "pn":
+        return
+    _require(blend.cluster_ids is not None,
+             "model.type pn needs the cluster id of every training sequence: set data.blend_file "
+             "to the generic_blend.json of `pn-data cluster` (or list per-cluster prefixes in "
+             "data.blend with data.cluster_ids)")
+    bad = [c for c in blend.cluster_ids if not 0 <= c < cfg.model.num_experts]
+    _require(not bad, f"data.cluster_ids: {bad[:5]} outside [0, model.num_experts = "
+                      f"{cfg.model.num_experts})")
+
+
 def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_model(cfg)
+    validate_pn(cfg)
     validate_parallel(cfg, world_size, device_type)
-    resolve_blend(cfg.data)
+    validate_pn_data(cfg, resolve_blend(cfg.data))

@@ -117,3 +117,27 @@ def read_metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
 def losses(run_dir: Path) -> list[float]:
     metrics = read_metrics(run_dir)
     return [metrics[s]["loss"] for s in sorted(metrics)]
+
+
+def write_cluster_datasets(root: Path, num_clusters: int = 4) -> Path:
+    """Per-cluster byte-level datasets and a blend file as `pn-data cluster` writes them
+    (generic_blend.json: [[weight, prefix], ...] and the cluster id of each entry)."""
+    docs = real_text_documents()
+    blend, ids = [], []
+    for cluster in range(num_clusters):
+        members = docs[cluster::num_clusters]
+        if cluster % 2:  # make clusters tell apart: odd ones upper-case
+            members = [d.upper() for d in members]
+        prefix = write_byte_dataset(root / f"cluster_{cluster:04d}", members)
+        blend.append([float(sum(map(len, members))), str(prefix)])
+        ids.append(cluster)
+    path = root / "generic_blend.json"
+    path.write_text(json.dumps({"blend": blend, "cluster_ids": ids}))
+    return path
+
+
+def tiny_pn_overrides(blend_file: Path, run_dir: Path, **extra) -> list[str]:
+    values = {"data.blend_file": blend_file, "data.eod_id": EOD, "model.vocab_size": 257,
+              "logging.run_dir": run_dir, "logging.tensorboard": "false",
+              "train.eval_interval": 0, **extra}
+    return [f"{k}={v}" for k, v in values.items()]

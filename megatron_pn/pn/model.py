@@ -1,0 +1,76 @@
+"""PNGPTModel: megatron-core's GPTModel with the expert codes E shared by all projected layers.
+
+E (k x m) is a model-level parameter like a tied embedding: every pipeline stage (and virtual
+stage) holds a copy, the copies start equal (seeded), their gradients are summed across copies
+after the data-parallel reduction (`allreduce_expert_code_grads`), so they stay equal. As with
+megatron-core's tied embedding: the copies sit in their own DDP bucket (`shared_embedding`), so
+the distributed optimizer shards them identically on every stage; only the first copy counts in
+the gradient norm (`shared` on the others) and is the checkpoint's main replica.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+
+from megatron_pn.pn.layers import ExpertRouting, PNConfig, seeded_generator
+
+
+class PNGPTModel(GPTModel):
+    def __init__(self, *args, pn: PNConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pn = pn
+        config = self.config
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.expert_codes = torch.nn.Parameter(
+            torch.empty(pn.num_experts, pn.code_size, device=device, dtype=config.params_dtype)
+        )
+        self.expert_codes.shared_embedding = True
+        self.is_main_code_copy = ps.get_pipeline_model_parallel_rank() == 0 and not self.vp_stage
+        if not self.is_main_code_copy:
+            self.expert_codes.shared = True
+        if config.perform_initialization:
+            self._init_expert_codes()
+
+    @torch.no_grad()
+    def _init_expert_codes(self) -> None:
+        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std)."""
+        codes = torch.randn(self.pn.num_experts, self.pn.code_size,
+                            generator=seeded_generator(self.pn.seed, "expert_codes"))
+        self.expert_codes.copy_(codes / codes.norm(dim=1, keepdim=True))
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, cluster_ids, **kwargs):
+        """As GPTModel.forward, plus `cluster_ids` [b]: the expert of each sequence (rows of
+        the same cluster must be contiguous)."""
+        routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes)
+        return super().forward(input_ids, position_ids, attention_mask, *args,
+                               extra_block_kwargs={"context": routing}, **kwargs)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        codes = state[f"{prefix}expert_codes"]
+        if not self.is_main_code_copy:  # a replica of the first stage's copy
+            codes.replica_id = (1, *codes.replica_id[1:])
+        return state
+
+
+def allreduce_expert_code_grads(model_chunks) -> None:
+    """Sum the gradients of this rank's copies of E, then across pipeline stages."""
+    codes = [getattr(chunk, "module", chunk).expert_codes for chunk in model_chunks]
+    if len(codes) == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    total = torch.stack([p.main_grad for p in codes]).sum(dim=0)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    for p in codes:
+        p.main_grad.copy_(total)
+
+
+def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
+    """megatron-core's gradient finalization (DP reduction, tied embeddings, token scaling),
+    then the expert codes' cross-stage reduction."""
+    finalize_model_grads(model_chunks, num_tokens, **kwargs)
+    allreduce_expert_code_grads(model_chunks)
