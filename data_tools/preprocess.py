@@ -230,11 +230,14 @@ def _remove(path: Path) -> None:
 
 
 def lock_workdir(workdir: Path):
-    """Hold an exclusive lock for this run (released by the OS even on SIGKILL)."""
+    """Hold an exclusive lock for this run, released by the OS when this process dies (even by
+    SIGKILL). A POSIX lock (lockf), not flock: forked workers must not inherit it, or a killed
+    run's orphaned workers would hold it for a moment longer."""
     handle = open(workdir / "lock", "w")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EACCES or EAGAIN: held by another process
+        handle.close()
         raise ValueError(f"{workdir} is in use by another running preprocess") from None
     return handle
 

@@ -346,3 +346,23 @@ def test_bulk_append_writes_what_add_document_writes(tmp_path, small_dataset):
         builder.add_document(np.array(doc, dtype=np.uint16), [len(doc)])
     builder.finalize(str(tmp_path / "one.idx"))
     assert files_of(tmp_path / "bulk") == files_of(tmp_path / "one")
+
+
+def test_concurrent_run_on_same_prefix_is_refused(tmp_path, small_tokenizer):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "some text"}\n')
+    prefix = tmp_path / "out"
+    Path(f"{prefix}.parts").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)",
+                               f"{prefix}.parts/lock"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="in use by another running preprocess"):
+            run_preprocess([str(inputs)], str(small_tokenizer.model), str(prefix), workers=0,
+                           quiet=True)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    run_preprocess([str(inputs)], str(small_tokenizer.model), str(prefix), workers=0, quiet=True)
