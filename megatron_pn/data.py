@@ -184,7 +184,7 @@ def build_datasets(cfg: Config, cache_dir: str):
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, config
     ).build()
-    if train is None or len(train) == 0:
+    if train_samples and (train is None or len(train) == 0):
         raise DataError(f"data.split '{cfg.data.split}' leaves no training documents")
     return train, valid
 

@@ -69,8 +69,13 @@ def train_command(args: list[str], nproc: int = 1) -> list[str]:
             "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def train_env(extra=None) -> dict:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra or {})}
+    """This environment without launcher variables an in-process test may have set."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return {**env, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
 def start_train(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subprocess.Popen:

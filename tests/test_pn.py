@@ -1,0 +1,231 @@
+"""Projected networks: the projection equals a dense expert, mixed micro-batches equal separate
+per-cluster passes, gradients match autograd on the unsharded formula, init statistics, parallel
+layouts reproduce the 1-process curve, resume is bit-exact, bad input is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import (losses, read_metrics, run_train, tiny_pn_overrides, write_cluster_datasets)
+from megatron_pn.config import load_config
+from megatron_pn.train import main
+
+PN_CONFIG = "configs/tiny/pn.yaml"
+SPLIT = {"data.split": "80,20,0"}
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A megatron-core world of one process (gloo, CPU)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_pn import compat
+    from megatron_pn.distributed import init_distributed, shutdown
+
+    compat.activate()
+    init_distributed("cpu")
+    ps.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    yield
+    shutdown()
+
+
+def build(cfg):
+    from megatron_pn.model import build_gpt, transformer_config
+
+    return build_gpt(cfg, transformer_config(cfg, "cpu")).eval()
+
+
+def tiny_cfg(**overrides):
+    values = {"model.vocab_size": 257, "model.num_experts": 4, "model.bank_size": 3,
+              "model.code_size": 2, **overrides}
+    return load_config([PN_CONFIG], [f"{k}={v}" for k, v in values.items()])
+
+
+def inputs(batch=6, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 257, (batch, seq), generator=g)
+    positions = torch.arange(seq).expand(batch, seq)
+    return tokens, positions
+
+
+def test_projected_expert_is_a_dense_slm(world):
+    from megatron_pn.pn.projection import dense_state_dict
+
+    cfg = tiny_cfg()
+    pn_model = build(cfg)
+    dense_cfg = load_config(["configs/tiny/slm.yaml"], ["model.vocab_size=257"])
+    dense = build(dense_cfg)
+    tokens, positions = inputs()
+    for expert in range(cfg.model.num_experts):
+        dense.load_state_dict(dense_state_dict(pn_model, expert), strict=False)
+        missing = set(dense.state_dict()) - set(dense_state_dict(pn_model, expert))
+        assert all(k.endswith("_extra_state") for k in missing), missing
+        ids = torch.full((len(tokens),), expert)
+        with torch.no_grad():
+            expected = pn_model(tokens, positions, None, cluster_ids=ids)
+            got = dense(tokens, positions, None)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def per_token_loss_and_grads(model, tokens, positions, ids):
+    loss = model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum()
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_mixed_cluster_micro_batch_equals_separate_passes(world):
+    model = build(tiny_cfg()).train()
+    tokens, positions = inputs(batch=6)
+    ids = torch.tensor([0, 0, 2, 2, 2, 3])
+    loss, grads = per_token_loss_and_grads(model, tokens, positions, ids)
+    separate_loss, separate = 0.0, {}
+    for cluster in (0, 2, 3):
+        rows = ids == cluster
+        part_loss, part = per_token_loss_and_grads(model, tokens[rows], positions[rows], ids[rows])
+        separate_loss += part_loss
+        for name, grad in part.items():
+            separate[name] = separate.get(name, 0) + grad
+    assert torch.allclose(loss, separate_loss, rtol=1e-5)
+    for name, grad in grads.items():
+        scale = grad.abs().max()
+        assert torch.allclose(grad, separate[name], rtol=1e-4, atol=1e-5 * scale), name
+    assert grads["expert_codes"][1].abs().sum() == 0  # expert 1 saw no data
+
+
+def test_gradients_match_autograd_of_the_unsharded_formula(world):
+    from megatron_pn.pn.layers import ExpertRouting
+
+    model = build(tiny_cfg()).train()
+    mlp = model.decoder.layers[0].mlp
+    fc1 = mlp.linear_fc1
+    x = torch.randn(5, 4, 64, requires_grad=True)  # [s, b, d]
+    ids = torch.tensor([1, 1, 3, 3])
+    routing = ExpertRouting.from_cluster_ids(ids, model.expert_codes)
+    with fc1.routed(routing):
+        y, _ = fc1(x)
+    upstream = torch.randn_like(y)
+    params = [model.expert_codes, fc1.code_projection, fc1.bank]
+    got = torch.autograd.grad((y * upstream).sum(), [x, *params])
+
+    # The paper's equation, written directly: W[i][a,b] = sum_q sum_r E[i,q] M[q,r] T[a,b,r]
+    E, M, T = (p.detach().clone().requires_grad_() for p in params)
+    x_ref = x.detach().clone().requires_grad_()
+    W = torch.einsum("iq,qr,abr->iab", E, M, T)
+    y_ref = torch.stack([x_ref[:, b] @ W[int(ids[b])].T for b in range(4)], dim=1)
+    expected = torch.autograd.grad((y_ref * upstream).sum(), [x_ref, E, M, T])
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, e, name in zip(got, expected, ["x", "E", "M", "T"]):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-6), name
+
+
+def test_every_projected_expert_has_the_dense_init_std(world):
+    from megatron_pn.pn.projection import dense_state_dict
+
+    cfg = tiny_cfg(**{"model.num_experts": 8, "model.bank_size": 6, "model.code_size": 4,
+                      "model.hidden_size": 128, "model.ffn_hidden_size": 512})
+    model = build(cfg)
+    std = cfg.model.init_method_std
+    for expert in range(8):
+        state = dense_state_dict(model, expert)
+        for layer in range(cfg.model.num_layers):
+            fc1 = state[f"decoder.layers.{layer}.mlp.linear_fc1.weight"]
+            fc2 = state[f"decoder.layers.{layer}.mlp.linear_fc2.weight"]
+            assert fc1.std().item() == pytest.approx(std, rel=0.03)
+            assert fc2.std().item() == pytest.approx(std / math.sqrt(2 * 4), rel=0.03)
+
+
+# -- multi-process training ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pn_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pn")
+    blend = write_cluster_datasets(root / "data")
+    init = root / "init"
+    run_train([PN_CONFIG, *tiny_pn_overrides(blend, root / "init_run", **SPLIT, **{
+        "train.steps": 0, "checkpoint.dir": init})])
+
+    def run(name, nproc, **extra):
+        run_dir = root / name
+        run_train([PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
+            "train.steps": 6, "checkpoint.load": init, **extra})], nproc=nproc)
+        return losses(run_dir)
+    return run, run("single", 1), blend, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,nproc,extra", [
+    ("tp2", 2, {"parallel.tensor": 2}),
+    ("pp2_interleaved", 2, {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2}),
+    ("tp2_pp2_dp2_distopt", 8, {"parallel.tensor": 2, "parallel.pipeline": 2,
+                                "parallel.distributed_optimizer": "true"}),
+])
+def test_pn_layouts_reproduce_single_process_curve(pn_reference, name, nproc, extra):
+    run, single, _, _ = pn_reference
+    curve = run(name, nproc, **extra)
+    assert len(curve) == 6 and single[-1] < single[0]
+    assert curve == pytest.approx(single, rel=1e-5), f"{curve} != {single}"
+
+
+@pytest.mark.slow
+def test_pn_resume_is_bit_exact(pn_reference, tmp_path):
+    _, _, blend, _ = pn_reference
+    def run(name, **extra):
+        run_dir = tmp_path / name
+        args = [PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
+            "train.steps": 6, "checkpoint.dir": run_dir / "ckpt", **extra})]
+        run_train(args)
+        return run_dir, args
+    reference, _ = run("reference")
+    resumed, args = run("resumed", **{"train.exit_after_steps": 3})
+    assert max(read_metrics(resumed)) == 3
+    run_train(args)
+    assert losses(resumed) == losses(reference)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+def error_line(args, capsys) -> str:
+    assert main(args) == 2
+    return capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.code_size=5", "model.code_size (m) 5 must be in [1, model.bank_size 3]"),
+    ("model.bank_size=0", "model.bank_size (h) must be >= 1"),
+    ("model.num_experts=0", "model.num_experts must be >= 1"),
+    ("model.num_experts=2", "data.cluster_ids: [2, 3] outside [0, model.num_experts = 2)"),
+    ("model.add_bias_linear=true", "model.type pn needs model.add_bias_linear=false"),
+    ("model.ffn_hidden_size=90 parallel.tensor=4",
+     "model.ffn_hidden_size 90 is not divisible by parallel.tensor 4"),
+])
+def test_pn_config_errors(pn_reference, tmp_path, capsys, override, message):
+    _, _, blend, _ = pn_reference
+    err = error_line([PN_CONFIG, *tiny_pn_overrides(blend, tmp_path / "run"), *override.split()],
+                     capsys)
+    assert message in err
+
+
+def test_pn_without_cluster_ids_is_refused(pn_reference, tmp_path, capsys):
+    _, _, blend, root = pn_reference
+    prefix = root / "data" / "cluster_0000"
+    err = error_line([PN_CONFIG, *tiny_pn_overrides(blend, tmp_path / "run"),
+                      "data.blend_file=null", f"data.blend=[{prefix}]"], capsys)
+    assert "needs the cluster id of every training sequence" in err
+
+
+def test_routing_rejects_bad_cluster_ids():
+    from megatron_pn.pn.layers import ExpertRouting
+
+    codes = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="cluster id 4 is outside"):
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 4]), codes)
+    with pytest.raises(ValueError, match="cluster id -1 is outside"):
+        ExpertRouting.from_cluster_ids(torch.tensor([-1, 0]), codes)
+    with pytest.raises(ValueError, match="grouped by cluster"):
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 1, 0]), codes)
