@@ -35,8 +35,9 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 
 @dataclass
 class ModelConfig:
-    type: str = _help("dense (a GPT SLM/LLM) or pn (projected network, one expert per cluster)",
-                      "dense")
+    type: str = _help(
+        "dense (a GPT SLM/LLM), pn (projected network, one expert per cluster) or mix "
+        "(SLM-mix: a dense SLM trained on one cluster, data.expert)", "dense")
     num_layers: int = _help("transformer layers", 2)
     hidden_size: int = _help("model width d_model", 64)
     num_attention_heads: int = _help("attention heads", 4)
@@ -56,6 +57,8 @@ class ModelConfig:
     num_experts: int = _help("pn: k, experts = clusters of the training data", 0)
     bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0)
     code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0)
+    project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
+                                    False)
     hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
     attention_dropout: float = _help("dropout on attention probabilities", 0.0)
 
@@ -79,7 +82,12 @@ class DataConfig:
         "JSON file with {'blend': [[weight, prefix], ...], 'cluster_ids': [...]} "
         "(pn-data cluster/importance write these)", None)
     cluster_ids: list | None = _help(
-        "pn: the cluster id of each blend entry (default: from blend_file)", None)
+        "pn/mix: the cluster id of each blend entry (default: from blend_file)", None)
+    expert: int | None = _help(
+        "mix: train on this cluster's data only (run dirs get /expert_NNNN appended)", None)
+    group_by_cluster: bool = _help(
+        "pn: order each global batch by cluster so micro-batches hold one or two clusters "
+        "(same samples per step, fewer expert projections)", False)
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)

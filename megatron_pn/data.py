@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -190,19 +191,29 @@ def build_datasets(cfg: Config, cache_dir: str):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches (lists of sample indices) for steps [start_step, end_step)."""
+    """This rank's micro-batches (lists of sample indices) for steps [start_step, end_step).
 
-    def __init__(self, start_step, end_step, global_batch, micro_batch, dp_rank, dp_size):
+    With `group_keys` (the cluster of every sample index), each global batch is first ordered by
+    cluster, so micro-batches hold one cluster (two at a boundary): the step still uses the same
+    samples, only their grouping into micro-batches and DP ranks changes.
+    """
+
+    def __init__(self, start_step, end_step, global_batch, micro_batch, dp_rank, dp_size,
+                 group_keys=None):
         self.steps = range(start_step, end_step)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.per_rank = global_batch // dp_size
         self.dp_rank = dp_rank
+        self.group_keys = group_keys
 
     def __iter__(self):
         for step in self.steps:
-            first = step * self.global_batch + self.dp_rank * self.per_rank
-            for start in range(first, first + self.per_rank, self.micro_batch):
-                yield list(range(start, start + self.micro_batch))
+            batch = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
+            if self.group_keys is not None:
+                batch = batch[np.argsort(self.group_keys[batch], kind="stable")]
+            mine = batch[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
+            for start in range(0, self.per_rank, self.micro_batch):
+                yield mine[start:start + self.micro_batch].tolist()
 
     def __len__(self):
         return len(self.steps) * (self.per_rank // self.micro_batch)

@@ -91,7 +91,7 @@ def pn_config(cfg: Config) -> PNConfig:
 
 def layer_spec(cfg: Config) -> ModuleSpec:
     if cfg.model.type == "pn":
-        return pn_layer_spec(cfg.model.normalization, pn_config(cfg))
+        return pn_layer_spec(cfg.model.normalization, pn_config(cfg), cfg.model.project_attention)
     return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
 
 

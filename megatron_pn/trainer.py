@@ -30,6 +30,7 @@ from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, mic
                               resolve_blend)
 from megatron_pn.distributed import init_distributed
 from megatron_pn.metrics import MetricsLogger, device_peak_tflops
+from megatron_pn.mix import expert_job
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
 from megatron_pn.pn import finalize_pn_model_grads
 from megatron_pn.validation import validate_config
@@ -39,10 +40,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
         validate_config(cfg, self.env.world_size, self.device_type)
+        self.cfg = cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
         p = cfg.parallel
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor,
@@ -221,10 +222,17 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _cluster_of_each_sample(self):
+        """For data.group_by_cluster: the cluster of every training sample index."""
+        positions = getattr(self.train_data, "dataset_index", None)  # a BlendedDataset's
+        if not (self.is_pn and self.cfg.data.group_by_cluster and positions is not None):
+            return None
+        return self.cluster_table.numpy()[positions]
+
     def _batches_by_step(self):
         t = self.cfg.train
         sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
-                              self.dp_rank, self.dp_size)
+                              self.dp_rank, self.dp_size, self._cluster_of_each_sample())
         loader = micro_batch_loader(self.train_data, sampler, self.cfg.data.num_workers,
                                     self.device_type == "cuda")
         micro = iter(loader)

@@ -7,7 +7,7 @@ from megatron_pn.data import resolve_blend
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
 
 CHOICES = {
-    "model.type": ("dense", "pn"),
+    "model.type": ("dense", "pn", "mix"),
     "model.activation": tuple(ACTIVATIONS),
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.position_embedding_type": ("rope", "learned_absolute"),

@@ -53,10 +53,11 @@ def inputs(batch=6, seq=16, seed=0):
     return tokens, positions
 
 
-def test_projected_expert_is_a_dense_slm(world):
+@pytest.mark.parametrize("project_attention", [False, True])
+def test_projected_expert_is_a_dense_slm(world, project_attention):
     from megatron_pn.pn.projection import dense_state_dict
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(**{"model.project_attention": str(project_attention).lower()})
     pn_model = build(cfg)
     dense_cfg = load_config(["configs/tiny/slm.yaml"], ["model.vocab_size=257"])
     dense = build(dense_cfg)
@@ -170,6 +171,37 @@ def test_pn_layouts_reproduce_single_process_curve(pn_reference, name, nproc, ex
     curve = run(name, nproc, **extra)
     assert len(curve) == 6 and single[-1] < single[0]
     assert curve == pytest.approx(single, rel=1e-5), f"{curve} != {single}"
+
+
+@pytest.mark.slow
+def test_grouping_micro_batches_by_cluster_keeps_the_curve(pn_reference):
+    run, single, _, _ = pn_reference
+    grouped = run("grouped", 1, **{"data.group_by_cluster": "true"})
+    assert grouped == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_slm_mix_expert_trains_on_its_cluster_only(pn_reference, tmp_path):
+    _, _, blend, root = pn_reference
+    run_dir = tmp_path / "mix"
+    run_train(["configs/tiny/mix.yaml", *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
+        "train.steps": 3, "data.expert": 2, "checkpoint.dir": tmp_path / "ckpt"})])
+    assert len(losses(run_dir / "expert_0002")) == 3
+    assert (tmp_path / "ckpt" / "expert_0002" / "latest_checkpointed_iteration.txt").is_file()
+
+
+def test_slm_mix_job_config(pn_reference, tmp_path):
+    from megatron_pn.mix import expert_job
+
+    _, _, blend, root = pn_reference
+    cfg = load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path / "run", **{
+        "data.expert": 1, "checkpoint.dir": tmp_path / "ckpt"}))
+    job = expert_job(cfg)
+    assert [prefix for _, prefix in job.data.blend] == [str(root / "data" / "cluster_0001")]
+    assert job.logging.run_dir.endswith("/expert_0001")
+    assert job.checkpoint.dir.endswith("/expert_0001")
+    with pytest.raises(ValueError, match=r"data.expert in \[0, model.num_experts = 4\)"):
+        expert_job(load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path)))
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
 """The PN transformer layer as a megatron-core layer spec.
 
-Only the spec changes: megatron-core's local GPT layer with (1) the MLP's two linears replaced by
-projected ones and (2) the per-micro-batch `ExpertRouting` carried to the MLP as an argument.
-The routing travels as the block's `context` (which TransformerBlock hands to every layer and
-which cross-attention, an identity in a GPT layer, ignores); PNTransformerLayer passes it to the
-MLP through `padding_mask`, the one keyword TransformerLayer._forward_mlp forwards. Arguments
-(not module state) keep 1F1B pipelining and MLP recomputation correct.
+Only the spec changes: megatron-core's local GPT layer with (1) the MLP's two linears (and, as an
+option, the attention's) replaced by projected ones and (2) the per-micro-batch `ExpertRouting`
+carried to them as an argument. The routing travels as the block's `context`, which
+TransformerBlock hands to every layer and which cross-attention (an identity in a GPT layer)
+ignores. PNTransformerLayer passes it to the MLP through `padding_mask`, the one keyword
+TransformerLayer._forward_mlp forwards, so MLP recomputation re-enters PNMLP.forward with the right
+routing; projected attention linears get it bound around the attention call. Arguments, not
+module state carried between calls, keep 1F1B pipelining correct.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -19,8 +22,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_swiglu_shard
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_pn.pn.layers import PNColumnParallelLinear, PNConfig, PNRowParallelLinear
-
+from megatron_pn.pn.layers import (PNColumnParallelLinear, PNConfig, PNRowParallelLinear,
+                                   ProjectedLinear)
 
 # TransformerLayer passes its TP group only to an MLP that is exactly `MLP` and logs a warning for
 # any other class; PNMLP then takes megatron-core's default TP group, the one the layer uses.
@@ -29,11 +32,28 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
 )
 
 
+def _routed(linears, routing) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for linear in linears:
+        stack.enter_context(linear.routed(routing))
+    return stack
+
+
 class PNTransformerLayer(TransformerLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Banks are seeded by the global layer number: the same weights at any TP/PP layout.
+        for name, module in self.named_modules():
+            if isinstance(module, ProjectedLinear):
+                module.reset_parameters("layer", self.layer_number, name)
+        self.projected_attention = [m for m in self.self_attention.modules()
+                                    if isinstance(m, ProjectedLinear)]
+
     def forward(self, *args, **kwargs):
         routing = kwargs.pop("context", None)
         kwargs.pop("dynamic_inference_decode_only", None)
-        hidden_states, _ = self._forward_attention(*args, **kwargs)
+        with _routed(self.projected_attention, routing):
+            hidden_states, _ = self._forward_attention(*args, **kwargs)
         output = self._forward_mlp(
             hidden_states, kwargs.get("inference_context"), padding_mask=routing
         )
@@ -47,17 +67,9 @@ class PNMLP(MLP):
         super().__init__(config, submodules, **kwargs)
         self.linear_fc1.gated = config.gated_linear_unit
 
-    def set_layer_number(self, layer_number: int) -> None:
-        """Called by TransformerLayer with the global layer number: seeds the banks."""
-        self.layer_number = layer_number
-        self.linear_fc1.reset_parameters("layer", layer_number, "fc1")
-        self.linear_fc2.reset_parameters("layer", layer_number, "fc2")
-
     def forward(self, hidden_states, padding_mask=None, **kwargs):
         routing = padding_mask  # see the module docstring
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self.linear_fc1.routed(routing))
-            stack.enter_context(self.linear_fc2.routed(routing))
+        with _routed((self.linear_fc1, self.linear_fc2), routing):
             return super().forward(hidden_states, **kwargs)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -69,7 +81,7 @@ class PNMLP(MLP):
         return state
 
 
-def pn_layer_spec(normalization: str, pn: PNConfig) -> ModuleSpec:
+def pn_layer_spec(normalization: str, pn: PNConfig, project_attention: bool = False) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.module = PNTransformerLayer
     spec.submodules.mlp = ModuleSpec(
@@ -79,4 +91,8 @@ def pn_layer_spec(normalization: str, pn: PNConfig) -> ModuleSpec:
             linear_fc2=ModuleSpec(module=PNRowParallelLinear, params={"pn": pn}),
         ),
     )
+    if project_attention:
+        attention = spec.submodules.self_attention.submodules
+        attention.linear_qkv = functools.partial(PNColumnParallelLinear, pn=pn)
+        attention.linear_proj = ModuleSpec(module=PNRowParallelLinear, params={"pn": pn})
     return spec
