@@ -50,10 +50,10 @@ def matmul_tflops(device: str, dtype: torch.dtype, size: int, repeats: int) -> f
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def random_dataset(prefix: Path, vocab: int, tokens: int) -> None:
+def random_dataset(prefix: Path, vocab: int, tokens: int, seed: int = 0) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16 if vocab < 65500 else np.int32)
     for _ in range(max(1, tokens // 4096)):
         doc = rng.integers(3, vocab, 4096).astype(np.int64)
@@ -63,13 +63,17 @@ def random_dataset(prefix: Path, vocab: int, tokens: int) -> None:
 
 def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: int,
             work: Path) -> dict:
+    """Median tokens/s of `pn-train config overrides` over steps after warm-up. Without a data
+    override the run reads random tokens."""
     cfg = load_config([config], overrides)
-    prefix = work / f"random_{cfg.model.vocab_size}"
-    if not Path(f"{prefix}.idx").exists():
-        random_dataset(prefix, cfg.model.vocab_size,
-                       (steps + 2) * cfg.train.global_batch_size * (cfg.model.seq_length + 1) * 2)
+    if not any(o.startswith("data.blend") for o in overrides):
+        prefix = work / f"random_{cfg.model.vocab_size}"
+        if not Path(f"{prefix}.idx").exists():
+            random_dataset(prefix, cfg.model.vocab_size, (steps + 2) *
+                           cfg.train.global_batch_size * (cfg.model.seq_length + 1) * 2)
+        overrides = [*overrides, f"data.blend=[{prefix}]"]
     run_dir = Path(tempfile.mkdtemp(prefix=Path(config).stem + "_", dir=work))
-    args = [config, *overrides, f"data.blend=[{prefix}]", "data.split=1,0,0",
+    args = [config, *overrides, "data.split=1,0,0",
             f"train.steps={steps}", "train.eval_interval=0", "train.log_interval=1",
             f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.wandb_mode=disabled",
             "checkpoint.dir=null"]
@@ -126,20 +130,19 @@ def main() -> int:
                      f"{r['model_tflops']:.3f} | {r['model_tflops'] / baseline:.2f}x | {mfu} |")
     report = "\n".join(lines)
     print(report)
-    write_section(Path(args.results), report)
+    write_section(Path(args.results), report, SECTION, "`benchmarks/train_throughput.py`.")
     return 0
 
 
-def write_section(path: Path, body: str) -> None:
-    """Append this run under SECTION (earlier runs on other devices are kept)."""
+def write_section(path: Path, body: str, section: str, intro: str) -> None:
+    """Append this run under `section` of RESULTS.md (earlier runs, other devices, are kept)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n`benchmarks/train_throughput.py`.\n"
-    head, _, tail = text.partition(SECTION)
+    if section not in text:
+        text = text.rstrip() + f"\n\n{section}\n\n{intro}\n"
+    head, _, tail = text.partition(section)
     rest = tail.split("\n## ", 1)
-    section = rest[0].rstrip() + "\n\n" + body + "\n"
-    text = head + SECTION + section + ("\n## " + rest[1] if len(rest) > 1 else "")
-    path.write_text(text)
+    body = rest[0].rstrip() + "\n\n" + body + "\n"
+    path.write_text(head + section + body + ("\n## " + rest[1] if len(rest) > 1 else ""))
 
 
 if __name__ == "__main__":

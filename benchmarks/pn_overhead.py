@@ -1,0 +1,88 @@
+"""Step time of a projected network (k=32, h=23) over the dense SLM of the same expert shape:
+same batch, same device, measured in the same run, printed as a ratio.
+
+    python benchmarks/pn_overhead.py              # CPU: a reduced size (d 256, 4 layers)
+    python benchmarks/pn_overhead.py --paper      # the paper's 126M expert shape (use a GPU)
+
+PN runs twice: with micro-batches that mix clusters (one projected matrix per distinct cluster
+in each micro-batch) and with `data.group_by_cluster` (micro-batches of one or two clusters).
+Goal: <= 1.10x (the paper's implementation: 3.6 / 2.2 GPU-hours per 1B tokens = 1.64x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from train_throughput import measure, random_dataset, write_section  # noqa: E402
+
+from megatron_pn.metrics import device_description  # noqa: E402
+
+SECTION = "## PN overhead"
+REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=4",
+           "model.num_layers=4", "model.seq_length=256", "model.vocab_size=8192",
+           "train.micro_batch_size=4", "train.global_batch_size=16"]
+
+
+def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Path:
+    blend = []
+    for cluster in range(k):
+        prefix = root / f"cluster_{cluster:04d}"
+        random_dataset(prefix, vocab, tokens_per_cluster, seed=cluster)
+        blend.append([1.0, str(prefix)])
+    path = root / "generic_blend.json"
+    path.write_text(json.dumps({"blend": blend, "cluster_ids": list(range(k))}))
+    return path
+
+
+def main() -> int:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paper", action="store_true", default=on_gpu,
+                        help="the paper's SLM expert shape (default on GPU)")
+    parser.add_argument("--steps", type=int, default=30 if on_gpu else 8)
+    parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    shape = [] if args.paper else REDUCED
+    vocab = 32000 if args.paper else 8192
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if args.paper else 200_000
+        blend = cluster_blend(work / "clusters", 32, vocab, tokens)
+        common = shape + [f"data.blend_file={blend}"]
+        dense = measure("configs/paper/slm.yaml", common + ["data.blend_file=null",
+                        f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"], 1, args.steps,
+                        args.warmup, work)
+        mixed = measure("configs/paper/pn32.yaml", common, 1, args.steps, args.warmup, work)
+        grouped = measure("configs/paper/pn32.yaml", common + ["data.group_by_cluster=true"], 1,
+                          args.steps, args.warmup, work)
+
+    rows = [("dense SLM (baseline)", dense), ("PN k=32 h=23, mixed micro-batches", mixed),
+            ("PN k=32 h=23, group_by_cluster", grouped)]
+    lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
+             f"{'paper expert shape (d 1024, 7 layers)' if args.paper else 'reduced: ' + ' '.join(REDUCED)}; "
+             f"median of steps {args.warmup + 1}-{args.steps}.", "",
+             "| run | tokens/s | step time vs dense |", "|---|---:|---:|"]
+    for name, result in rows:
+        ratio = dense["tokens_per_s"] / result["tokens_per_s"]
+        lines.append(f"| {name} | {result['tokens_per_s']:,.0f} | {ratio:.2f}x |")
+    report = "\n".join(lines)
+    print(report)
+
+    write_section(Path(args.results), report, SECTION, "`benchmarks/pn_overhead.py`.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
