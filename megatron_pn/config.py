@@ -116,6 +116,9 @@ class TrainConfig:
     eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2)
     log_interval: int = _help("steps between log lines", 1)
     exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None)
+    exit_duration_minutes: float | None = _help(
+        "stop (with a checkpoint) once this much wall time has passed, e.g. before a job's "
+        "time limit", None)
 
 
 @dataclass

@@ -40,6 +40,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Trainer:
     def __init__(self, cfg: Config):
+        self.start_time = time.time()
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
         validate_config(cfg, self.env.world_size, self.device_type)
@@ -217,8 +218,11 @@ class Trainer:
         self._stop_requested = True
 
     def _stop_agreed(self) -> bool:
-        """A signal may reach only some ranks: agree at the step boundary (any rank -> all)."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.env.device)
+        """A signal may reach only some ranks: agree at the step boundary (any rank -> all).
+        Running out of `exit_duration_minutes` counts as a stop request too."""
+        limit = self.cfg.train.exit_duration_minutes
+        out_of_time = limit is not None and time.time() - self.start_time > 60 * limit
+        flag = torch.tensor([float(self._stop_requested or out_of_time)], device=self.env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -263,7 +267,8 @@ class Trainer:
             if ckpt.dir and (stop or (ckpt.save_interval and self.step % ckpt.save_interval == 0)):
                 self.save()
             if stop:
-                self._print(f"stop signal: saved step {self.step}, exiting for requeue")
+                self._print(f"stop requested (signal or time limit): saved step {self.step}, "
+                            "exiting; a rerun resumes here")
                 break
         else:
             if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):

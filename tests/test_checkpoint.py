@@ -95,6 +95,16 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_time_limit_saves_and_exits(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([CONFIG, *tiny_overrides(dataset, run_dir, **{
+        "train.steps": 100000, "train.exit_duration_minutes": 0.001,
+        "checkpoint.dir": run_dir / "ckpt"})])
+    saved = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == max(read_metrics(run_dir)) < 100000
+
+
+@pytest.mark.slow
 def test_tp2_checkpoint_resumes_and_evaluates_at_tp1(dataset, tmp_path):
     tp2 = tmp_path / "tp2"
     common = {"train.steps": 6, "train.eval_interval": 3, "checkpoint.save_interval": 3}
