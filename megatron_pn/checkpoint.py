@@ -59,6 +59,16 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is neither a checkpoint directory nor an iteration in one")
 
 
+def saved_config(path: str | Path):
+    """The run config stored in a checkpoint (a root or one iteration directory)."""
+    from megatron_pn.config import config_from_dict
+
+    common = dist_checkpointing.load_common_state_dict(str(resolve(path)))
+    if "config" not in common:
+        raise CheckpointError(f"{path}: no run config in this checkpoint")
+    return config_from_dict(common["config"], f"checkpoint {path}")
+
+
 # ---------------------------------------------------------------------------------------------
 # What goes into a checkpoint
 

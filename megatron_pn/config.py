@@ -238,6 +238,13 @@ def load_config(files: list[str], overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
+    """A Config from `Config.to_dict()` output (e.g. the config saved in a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, data, source)
+    return cfg
+
+
 def describe(cls=Config, prefix: str = "") -> list[str]:
     """One line per key: 'section.key (default): help'."""
     lines = []
