@@ -10,4 +10,10 @@ Layout:
   train       the `pn-train` command
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# Transformer Engine and apex are optional GPU accelerators; megatron-core's torch fallbacks are
+# what runs without them (CPU), so their absence is expected, not news.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed")

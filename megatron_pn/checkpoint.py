@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_pn.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
+BEST = "best_checkpointed_iteration.txt"
 
 
 class CheckpointError(RuntimeError):
@@ -39,8 +40,8 @@ def iteration_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def latest_step(root: str | Path) -> int | None:
-    marker = Path(root) / LATEST
+def latest_step(root: str | Path, marker_name: str = LATEST) -> int | None:
+    marker = Path(root) / marker_name
     if not marker.is_file():
         return None
     text = marker.read_text().strip()
@@ -50,8 +51,10 @@ def latest_step(root: str | Path) -> int | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint root (use its latest) or one iteration directory."""
+    """A checkpoint root (its best if it keeps one, else its latest) or one iteration dir."""
     path = Path(path)
+    if (path / BEST).is_file():
+        return iteration_dir(path, latest_step(path, BEST))
     if (path / LATEST).is_file():
         return iteration_dir(path, latest_step(path))
     if (path / "metadata.json").is_file():
@@ -133,9 +136,12 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
 # Save / load
 
 
-def save(root, step: int, chunks, optimizer, scheduler, extra: dict, optimizer_format: str,
-         keep_last: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final iteration directory."""
+def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
+         optimizer_format: str = "fully_reshardable", keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory.
+
+    Without an optimizer it writes model weights only (what `pn-project` produces and
+    `checkpoint.load` reads)."""
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = root / f".tmp_{final.name}"
@@ -147,12 +153,14 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict, optimizer_f
 
     metadata = _optimizer_metadata(optimizer_format)
     state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
-    state["scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_state()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                          metadata=metadata)
+        state["scheduler"] = scheduler.state_dict()
+        state["rng_state"] = _rng_state()
     state["iteration"] = step
     state["layout"] = _layout()
-    state.update(extra)
+    state.update(extra or {})
     dist_checkpointing.save(state, str(tmp), content_metadata=metadata)
     dist.barrier()
 
@@ -166,12 +174,20 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict, optimizer_f
     return final
 
 
+def mark_best(root, step: int) -> None:
+    if dist.get_rank() == 0:
+        atomic_write_text(Path(root) / BEST, f"{step}\n")
+    dist.barrier()
+
+
 def _prune(root: Path, keep_last: int | None) -> None:
     if not keep_last:
         return
+    best = latest_step(root, BEST)
     saved = sorted(root.glob("iter_*"))
     for old in saved[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if best is None or old != iteration_dir(root, best):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: Path, chunks, optimizer=None, scheduler=None) -> dict:

@@ -89,6 +89,9 @@ class DataConfig:
         "pn: order each global batch by cluster so micro-batches hold one or two clusters "
         "(same samples per step, fewer expert projections)", False)
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
+    valid_blend: list = _help(
+        "separate validation datasets (prefixes or [weight, prefix]); then all of data.blend "
+        "trains and data.split is not used (dense models)", factory=list)
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
     num_workers: int = _help("data loader worker processes", 0)
@@ -115,6 +118,11 @@ class TrainConfig:
     eval_interval: int = _help("steps between validation runs (0: off)", 0)
     eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2)
     log_interval: int = _help("steps between log lines", 1)
+    early_stopping_patience: int | None = _help(
+        "stop when the validation loss has not improved for this many evaluations", None)
+    lr_factor_of_loaded: float | None = _help(
+        "fine-tuning: lr and min_lr = this factor x those of the checkpoint.load run "
+        "(the paper: 1/3)", None)
     exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None)
     exit_duration_minutes: float | None = _help(
         "stop (with a checkpoint) once this much wall time has passed, e.g. before a job's "
@@ -128,6 +136,9 @@ class CheckpointConfig:
     save_at_end: bool = _help("save when training finishes", True)
     load: str | None = _help("initialize the model from this checkpoint (no optimizer)", None)
     keep_last: int | None = _help("keep only the newest N checkpoints (None: keep all)", None)
+    keep_best: bool = _help(
+        "save at each new best validation loss; best_checkpointed_iteration.txt names it and "
+        "tools reading the directory (pn-eval, pn-export-hf, checkpoint.load) use it", False)
     optimizer_format: str = _help(
         "distributed optimizer layout on disk: fully_reshardable (any TP/PP/DP) or "
         "dp_reshardable (faster, same TP/PP)",
@@ -143,6 +154,8 @@ class LoggingConfig:
     wandb_project: str = _help("wandb project name", "megatron-pn")
     peak_tflops: float | None = _help("device peak TFLOP/s for MFU (default: known GPUs)", None)
     progress_bar: bool = _help("show a tqdm progress bar over steps", False)
+    phase: str = _help("cost-accounting label of this run (run_dir/cost.json), e.g. pretrain, "
+                       "finetune", "train")
 
 
 @dataclass

@@ -72,8 +72,11 @@ class Blend:
     cluster_ids: list[int] | None  # cluster of each prefix (PN, SLM-mix); None for dense data
 
 
-def resolve_blend(data: DataConfig) -> Blend:
-    """Prefixes, weights and cluster ids from `data.blend` / `data.blend_file`, each checked."""
+def resolve_blend(data: DataConfig, entries: list | None = None) -> Blend:
+    """Prefixes, weights and cluster ids from `data.blend` / `data.blend_file` (or the given
+    entries), each prefix checked."""
+    if entries is not None:
+        return _blend_of(list(entries), None)
     entries = list(data.blend)
     cluster_ids = data.cluster_ids
     if data.blend_file:
@@ -88,6 +91,10 @@ def resolve_blend(data: DataConfig) -> Blend:
             ) from None
         if cluster_ids is None:
             cluster_ids = content.get("cluster_ids")
+    return _blend_of(entries, cluster_ids)
+
+
+def _blend_of(entries: list, cluster_ids) -> Blend:
     if not entries:
         raise ConfigError("data.blend: no dataset given; set data.blend=[PREFIX, ...]")
     weighted = [isinstance(e, (list, tuple)) for e in entries]
@@ -166,11 +173,19 @@ def build_datasets(cfg: Config, cache_dir: str):
     blend = resolve_blend(cfg.data)
     train_samples = cfg.train.steps * cfg.train.global_batch_size
     valid_samples = cfg.train.eval_steps * cfg.train.global_batch_size
+    with_validation = bool(cfg.train.eval_interval)
+    if cfg.data.valid_blend:  # separate validation data: every training document trains
+        valid = resolve_blend(cfg.data, cfg.data.valid_blend)
+        splits = {"blend_per_split": [(blend.prefixes, blend.weights),
+                                      (valid.prefixes, valid.weights) if with_validation else None,
+                                      None]}
+    else:
+        splits = {"blend": (blend.prefixes, blend.weights),
+                  "split": used_split(cfg.data, with_validation)}
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(blend.prefixes, blend.weights),
-        split=used_split(cfg.data, with_validation=bool(cfg.train.eval_interval)),
+        **splits,
         path_to_cache=cache_dir,
         tokenizer=token_ids(cfg.data, cfg.model.vocab_size),
         reset_position_ids=False,
@@ -179,7 +194,7 @@ def build_datasets(cfg: Config, cache_dir: str):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    for prefix in blend.prefixes:
+    for prefix in blend.prefixes if config.split else ():
         check_split_nonempty(prefix, config.split)
     sizes = [train_samples, valid_samples if cfg.train.eval_interval else 0, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(

@@ -7,6 +7,8 @@ schedules, dist-checkpointing, validation and logging. One code path for CPU and
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import signal
 import time
@@ -29,7 +31,8 @@ from megatron_pn.config import Config
 from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, micro_batch_loader,
                               resolve_blend)
 from megatron_pn.distributed import init_distributed
-from megatron_pn.metrics import MetricsLogger, device_peak_tflops
+from megatron_pn.fileio import atomic_write_json
+from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
 from megatron_pn.mix import expert_job
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
 from megatron_pn.pn import finalize_pn_model_grads
@@ -44,7 +47,8 @@ class Trainer:
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
         validate_config(cfg, self.env.world_size, self.device_type)
-        self.cfg = cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
+        cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
+        self.cfg = cfg = finetuning_lr(cfg)
         p = cfg.parallel
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor,
@@ -68,6 +72,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.step = 0
+        self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
         self._resume_or_init()
 
         run_dir = Path(cfg.logging.run_dir)
@@ -154,6 +159,7 @@ class Trainer:
             path = checkpoint.iteration_dir(ckpt.dir, checkpoint.latest_step(ckpt.dir))
             common = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
             self.step = common["iteration"]
+            self.early_stopping.update(common.get("early_stopping", {}))
             self._print(f"resumed from {path} at step {self.step}")
         elif ckpt.load:
             path = checkpoint.resolve(ckpt.load)
@@ -210,7 +216,10 @@ class Trainer:
         losses = self._run_microbatches(batches, forward_only=True)
         for chunk in self.chunks:
             chunk.train()
-        return _mean_loss(losses, self.env.device)
+        # Known on the last pipeline stage; every rank needs it (early stopping is collective).
+        loss = torch.tensor([_mean_loss(losses, self.env.device) or 0.0], device=self.env.device)
+        dist.broadcast(loss, src=self.env.world_size - 1)
+        return loss.item()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -249,11 +258,12 @@ class Trainer:
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         peak = device_peak_tflops(self.cfg.logging.peak_tflops)
         stop_at = t.steps if t.exit_after_steps is None else min(t.steps, self.step + t.exit_after_steps)
-        batches = self._batches_by_step()
+        first_step, batches = self.step, self._batches_by_step()
         self._print(f"training steps {self.step} -> {stop_at} of {t.steps}")
         if self.cfg.logging.progress_bar:
             self.metrics.start_progress(self.step, stop_at)
-        while self.step < stop_at:
+        interrupted = early_stopped = False
+        while self.step < stop_at and not (interrupted or early_stopped):
             start = time.perf_counter()
             loss, grad_norm = self.train_step(next(batches))
             self.step += 1
@@ -261,20 +271,27 @@ class Trainer:
             self.metrics.advance(loss)
             if self.step % t.log_interval == 0 or self.step == stop_at:
                 self._log_train(loss, grad_norm, tokens_per_step / elapsed, peak)
-            if t.eval_interval and self.step % t.eval_interval == 0:
-                self._log_eval()
-            stop = self._stop_agreed()
-            if ckpt.dir and (stop or (ckpt.save_interval and self.step % ckpt.save_interval == 0)):
+            improved = bool(t.eval_interval) and self.step % t.eval_interval == 0 and self._validate()
+            interrupted = self._stop_agreed()
+            periodic = ckpt.save_interval and self.step % ckpt.save_interval == 0
+            if ckpt.dir and (interrupted or periodic or (improved and ckpt.keep_best)):
                 self.save()
-            if stop:
-                self._print(f"stop requested (signal or time limit): saved step {self.step}, "
-                            "exiting; a rerun resumes here")
-                break
+            if ckpt.dir and improved and ckpt.keep_best:
+                checkpoint.mark_best(ckpt.dir, self.step)
+            early_stopped = self._patience_exhausted()
+        if interrupted:
+            self._print(f"stop requested (signal or time limit): saved step {self.step}, "
+                        "exiting; a rerun resumes here")
         else:
+            if early_stopped:
+                self._print(f"early stopping at step {self.step}: no validation improvement in "
+                            f"{t.early_stopping_patience} evaluations (best "
+                            f"{self.early_stopping['best']:.4f})")
             if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
-                self._log_eval()  # the final model is always evaluated
+                self._validate()  # the final model is always evaluated
             if ckpt.dir and ckpt.save_at_end and checkpoint.latest_step(ckpt.dir) != self.step:
                 self.save()
+        self._record_cost(first_step, tokens_per_step)
         self.metrics.close()
         return self.step
 
@@ -283,11 +300,47 @@ class Trainer:
         extra = {
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": self.cfg.to_dict(),
+            "early_stopping": dict(self.early_stopping),
         }
         path = checkpoint.save(ckpt.dir, self.step, self.chunks, self.optimizer, self.scheduler,
                                extra, ckpt.optimizer_format, ckpt.keep_last)
         self._print(f"saved checkpoint {path}")
         return path
+
+    # -- validation, early stopping, cost -------------------------------------------------------
+
+    def _validate(self) -> bool:
+        """Evaluate and log; True when the validation loss is the best so far."""
+        loss = self.evaluate()
+        if loss is None:
+            return False
+        self.metrics.log(self.step, {"loss": loss, "ppl": float(np.exp(min(loss, 50)))}, "valid")
+        if loss < self.early_stopping["best"]:
+            self.early_stopping.update(best=loss, best_step=self.step, evals_since_best=0)
+            return True
+        self.early_stopping["evals_since_best"] += 1
+        return False
+
+    def _patience_exhausted(self) -> bool:
+        patience = self.cfg.train.early_stopping_patience
+        return patience is not None and self.early_stopping["evals_since_best"] >= patience
+
+    def _record_cost(self, first_step: int, tokens_per_step: int) -> None:
+        """Add this invocation's wall time x devices to run_dir/cost.json (the cost log)."""
+        if not self.is_logging_rank:
+            return
+        path = Path(self.cfg.logging.run_dir) / "cost.json"
+        log = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        wall = time.time() - self.start_time
+        log["runs"].append({
+            "phase": self.cfg.logging.phase, "device": device_description(),
+            "devices": self.env.world_size, "wall_seconds": wall,
+            "device_hours": wall * self.env.world_size / 3600,
+            "steps": self.step - first_step, "tokens": (self.step - first_step) * tokens_per_step,
+        })
+        log["total_device_hours"] = sum(r["device_hours"] for r in log["runs"])
+        log["total_tokens"] = sum(r["tokens"] for r in log["runs"])
+        atomic_write_json(path, log)
 
     def _log_train(self, loss, grad_norm, tokens_per_s, peak) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
@@ -297,14 +350,20 @@ class Trainer:
             values["mfu"] = achieved / (peak * 1e12)
         self.metrics.log(self.step, values, "train")
 
-    def _log_eval(self) -> None:
-        loss = self.evaluate()
-        if loss is not None:
-            self.metrics.log(self.step, {"loss": loss, "ppl": float(np.exp(min(loss, 50)))}, "valid")
-
     def _print(self, message: str) -> None:
         if self.env.rank == 0:
             print(message, flush=True)
+
+
+def finetuning_lr(cfg: Config) -> Config:
+    """train.lr_factor_of_loaded: lr and min_lr scaled from the run that wrote checkpoint.load
+    (the paper fine-tunes at the pretraining lr / 3)."""
+    factor, source = cfg.train.lr_factor_of_loaded, cfg.checkpoint.load
+    if factor is None or not source:
+        return cfg
+    base = checkpoint.saved_config(source).train
+    train = dataclasses.replace(cfg.train, lr=base.lr * factor, min_lr=base.min_lr * factor)
+    return dataclasses.replace(cfg, train=train)
 
 
 def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -92,6 +92,8 @@ def validate_pn_data(cfg: Config, blend) -> None:
              "model.type pn needs the cluster id of every training sequence: set data.blend_file "
              "to the generic_blend.json of `pn-data cluster` (or list per-cluster prefixes in "
              "data.blend with data.cluster_ids)")
+    _require(not cfg.data.valid_blend, "data.valid_blend: not supported for model.type pn "
+                                       "(validation uses data.split of the per-cluster datasets)")
     bad = [c for c in blend.cluster_ids if not 0 <= c < cfg.model.num_experts]
     _require(not bad, f"data.cluster_ids: {bad[:5]} outside [0, model.num_experts = "
                       f"{cfg.model.num_experts})")
@@ -102,3 +104,5 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_pn(cfg)
     validate_parallel(cfg, world_size, device_type)
     validate_pn_data(cfg, resolve_blend(cfg.data))
+    if cfg.data.valid_blend:
+        resolve_blend(cfg.data, cfg.data.valid_blend)

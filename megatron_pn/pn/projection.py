@@ -12,11 +12,15 @@ from megatron_pn.pn.layers import ProjectedLinear
 
 
 @torch.no_grad()
-def dense_state_dict(pn_model: torch.nn.Module, expert: int) -> dict[str, torch.Tensor]:
-    """State dict for a dense GPTModel of the same shape, holding expert `expert`."""
+def dense_state_dict(pn_model: torch.nn.Module, expert: int | None = None,
+                     code: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """State dict for a dense GPTModel of the same shape, holding expert `expert` (or the
+    network a given `code` of length m projects to, e.g. a mixture of expert codes)."""
     codes = pn_model.expert_codes
-    if not 0 <= expert < codes.shape[0]:
-        raise ValueError(f"expert {expert} is outside [0, {codes.shape[0]})")
+    if code is None:
+        if not 0 <= expert < codes.shape[0]:
+            raise ValueError(f"expert {expert} is outside [0, {codes.shape[0]})")
+        code = codes[expert]
     projected = {name: module for name, module in pn_model.named_modules()
                  if isinstance(module, ProjectedLinear)}
     state = {}
@@ -26,5 +30,5 @@ def dense_state_dict(pn_model: torch.nn.Module, expert: int) -> dict[str, torch.
             continue
         state[key] = value
     for name, module in projected.items():
-        state[f"{name}.weight"] = module.project(codes[expert:expert + 1])[0].clone()
+        state[f"{name}.weight"] = module.project(code.view(1, -1).to(codes))[0].clone()
     return state

@@ -1,0 +1,480 @@
+"""`pn-eval`: token-level NLL and perplexity of a checkpoint on held-out sets, and their
+macro-average (the paper's metric: mean NLL per token over domains, then exp).
+
+    pn-eval --checkpoint runs/slm/ckpt --data held/arxiv,held/wiki --names arxiv,wiki
+    pn-eval --checkpoint runs/pn/ckpt --data held/arxiv --expert 3 --output pn_e3.json
+
+Windows. Every document (one sequence of the indexed dataset, ending with EOD) is read after an
+EOD, as in training where a document follows the previous one's EOD, and cut into
+non-overlapping windows of `model.seq_length` predicted tokens: window (doc, a, n) feeds
+`([EOD] + doc)[a : a+n]` and predicts `doc[a : a+n]`. So every token of every document, its EOD
+included, is predicted exactly once, with the context of its own document only; the result does
+not depend on document order or batching (the batches are fixed: deterministic). The NLL of a set
+is the sum of the per-token losses (megatron-core's, as in training) over its token count.
+
+Models. Any dense checkpoint (SLM, LLM, a projected expert, an SLM-mix expert) at any TP/PP
+layout loads into this one process; a PN checkpoint is evaluated with one expert for all
+sequences (`--expert I`) or with each window's cluster (`--cluster-ids-from ASSIGN_DIR`, the
+output of `pn-data assign` on that set). Under torchrun the model is split over all processes
+with tensor parallelism (every rank reads the same batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_pn.fileio import OutputExistsError, atomic_write_json, check_writable
+
+EPILOG = """examples:
+  pn-eval --checkpoint runs/slm/ckpt --data data/held/arxiv,data/held/wiki --names arxiv,wiki
+  pn-eval --checkpoint runs/pn/ckpt --data data/held/arxiv --expert 3 --output e3.json
+  pn-eval --checkpoint runs/pn/ckpt --data data/held/arxiv --cluster-ids-from assign/arxiv
+  torchrun --nproc-per-node 2 -m megatron_pn.evaluate --checkpoint CKPT --data PREFIX
+
+Runs on the GPU when one is visible (CUDA_VISIBLE_DEVICES= forces the CPU)."""
+
+
+class EvalError(ValueError):
+    """Bad input to pn-eval / pn-export-hf (one clear line)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A process world for inference
+
+
+@contextlib.contextmanager
+def inference_world(single_process: bool = False):
+    """Process groups with one pipeline stage and TP over all processes; yields the DistEnv.
+
+    Reuses a world that is already set up (a caller's, e.g. a test's) and tears down only what
+    it created.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_pn import compat
+    from megatron_pn.distributed import init_distributed
+
+    device_type = compat.activate()
+    owns_dist = not dist.is_initialized()
+    env = init_distributed(device_type)
+    owns_parallel = not ps.model_parallel_is_initialized()
+    try:
+        if single_process and env.world_size != 1:
+            raise EvalError("this command runs as one process (it loads any TP/PP layout by "
+                            "itself); run it without torchrun")
+        if owns_parallel:
+            ps.initialize_model_parallel(tensor_model_parallel_size=env.world_size)
+        elif ps.get_pipeline_model_parallel_world_size() != 1:
+            raise EvalError("inference needs a world without pipeline parallelism")
+        yield env
+    finally:
+        if owns_parallel and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        if owns_dist and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a checkpoint into this world
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a GPTModel (dense, mix) or PNGPTModel (pn), eval mode
+    cfg: object  # the run's Config, with this world's parallel layout
+    path: Path  # the iteration directory
+    iteration: int | None
+    device: torch.device
+
+    @property
+    def is_pn(self) -> bool:
+        return self.cfg.model.type == "pn"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from megatron_pn import checkpoint
+
+    if not Path(path).exists():
+        raise EvalError(f"checkpoint {path} does not exist")
+    return checkpoint.resolve(path)
+
+
+def inference_config(saved, tensor: int, precision: str):
+    """The run's config with every layer in this process (one stage) and no dropout."""
+    from megatron_pn.config import ParallelConfig
+
+    cfg = copy.deepcopy(saved)
+    cfg.parallel = ParallelConfig(tensor=tensor)
+    cfg.train.precision = precision
+    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
+    return cfg
+
+
+def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> LoadedModel:
+    """Build the checkpoint's model at this world's TP size and load its weights (any layout)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_pn import checkpoint
+    from megatron_pn.model import build_model_chunks, transformer_config
+    from megatron_pn.validation import validate_model, validate_parallel, validate_pn
+
+    path = resolve_checkpoint(checkpoint_path)
+    tensor = ps.get_tensor_model_parallel_world_size()
+    cfg = inference_config(checkpoint.saved_config(path), tensor, precision)
+    validate_model(cfg)
+    validate_pn(cfg)
+    validate_parallel(cfg, tensor, env.device.type)
+    tconfig = transformer_config(cfg, env.device.type)
+    tconfig.perform_initialization = False  # every weight comes from the checkpoint
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    [model] = build_model_chunks(cfg, tconfig)
+    if env.device.type == "cuda":
+        model = model.cuda()
+    common = checkpoint.load(path, [model])
+    return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)
+
+
+def model_eod_id(cfg) -> int:
+    """The EOD id the model was trained with: its tokenizer's EOS when that file is here."""
+    model_file = cfg.data.tokenizer_model
+    if model_file and Path(model_file).is_file():
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=model_file).eos_id()
+    return cfg.data.eod_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out windows
+
+
+@dataclass
+class HeldOut:
+    name: str
+    prefix: str
+    dataset: object  # megatron-core IndexedDataset
+    windows: np.ndarray  # int64 (n, 3): doc, first predicted token a, tokens predicted n
+    cluster_ids: np.ndarray | None = None  # int64 (n,): the expert of each window
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.windows[:, 2].sum())
+
+
+def document_windows(lengths: np.ndarray, seq_length: int, max_tokens: int | None) -> np.ndarray:
+    """(doc, a, n) for every window of every non-empty document, in order; with `max_tokens`,
+    the first windows up to that many predicted tokens (the last one cut)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    counts = -(-lengths // seq_length)
+    docs = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
+    rank = np.arange(len(docs), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    starts = rank * seq_length
+    sizes = np.minimum(seq_length, lengths[docs] - starts)
+    windows = np.stack([docs, starts, sizes], axis=1)
+    if max_tokens is not None:
+        before = np.cumsum(sizes) - sizes
+        windows = windows[before < max_tokens]
+        windows[:, 2] = np.minimum(windows[:, 2], max_tokens - before[: len(windows)])
+    return windows
+
+
+def open_dataset(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_pn.data import check_indexed_dataset
+
+    check_indexed_dataset(prefix)  # a clear DataError for a missing or corrupt prefix
+    return IndexedDataset(prefix, mmap=True)
+
+
+def _token_memmap(prefix: str, dataset) -> np.ndarray:
+    return np.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
+
+
+def check_tokens(held: HeldOut, vocab_size: int, eod: int) -> None:
+    """Fail before any compute when the set was tokenized for another model: a token id beyond
+    the model's vocabulary, or documents that do not end with the model's EOD."""
+    if len(held.windows) == 0:
+        return
+    ds = held.dataset
+    tokens = _token_memmap(held.prefix, ds)
+    start = ds.index.sequence_pointers // ds.index.dtype_size
+    used = np.unique(held.windows[:, 0])
+    end = start[used[-1]] + ds.sequence_lengths[used[-1]]
+    largest = int(tokens[start[used[0]]:end].max())
+    if largest >= vocab_size:
+        raise EvalError(
+            f"tokenizer/vocabulary mismatch: {held.prefix} holds token id {largest} but the model "
+            f"has {vocab_size} ids (model.vocab_size); tokenize the set with the model's tokenizer")
+    last = tokens[start[used] + ds.sequence_lengths[used] - 1]
+    if np.any(last != eod):
+        doc = int(used[np.argmax(last != eod)])
+        raise EvalError(
+            f"{held.prefix}: document {doc} ends with token {int(tokens[start[doc] + ds.sequence_lengths[doc] - 1])}, "
+            f"not the model's EOD id {eod}: the set was tokenized with another tokenizer (or "
+            "pass --eod-id)")
+
+
+def window_clusters(assign_dir: str, held: HeldOut) -> np.ndarray:
+    """The cluster of each eval window: that of the `pn-data assign` window of the same document
+    holding its first predicted token (the last one of the document for its EOD); documents that
+    got no window there (empty ones) take the set's most frequent cluster."""
+    root = Path(assign_dir)
+    paths = [root / "assignments.npy", root / "windows.npy"]
+    for path in paths:
+        if not path.is_file():
+            raise EvalError(f"--cluster-ids-from: {path} not found (the output directory of "
+                            "`pn-data assign` on this held-out set)")
+    assignments, windows = (np.load(path) for path in paths)
+    n_docs = len(held.dataset)
+    if (len(assignments) != len(windows) or len(windows) == 0 or windows[:, 0].max() >= n_docs
+            or np.any(windows[:, 2] > held.dataset.sequence_lengths[windows[:, 0]])):
+        raise EvalError(f"--cluster-ids-from: {root} does not describe {held.prefix} "
+                        f"({n_docs} documents): run `pn-data assign` on this set")
+    span = int(held.dataset.sequence_lengths.max()) + 1
+    keys = windows[:, 0].astype(np.int64) * span + windows[:, 1]
+    order = np.argsort(keys, kind="stable")
+    queries = held.windows[:, 0] * span + held.windows[:, 1]
+    found = np.searchsorted(keys[order], queries, side="right") - 1
+    rows = order[np.maximum(found, 0)]
+    same_doc = (found >= 0) & (windows[rows, 0] == held.windows[:, 0])
+    fallback = np.bincount(assignments).argmax()
+    return np.where(same_doc, assignments[rows], fallback).astype(np.int64)
+
+
+def held_out_sets(args, seq_length: int) -> list[HeldOut]:
+    prefixes = split_list(args.data)
+    names = split_list(args.names) if args.names else [Path(p).name for p in prefixes]
+    if len(names) != len(prefixes):
+        raise EvalError(f"--names: {len(names)} names for {len(prefixes)} --data prefixes")
+    if len(set(names)) != len(names):
+        raise EvalError(f"dataset names must be distinct, got {', '.join(names)} (use --names)")
+    sets = []
+    for name, prefix in zip(names, prefixes):
+        dataset = open_dataset(prefix)
+        windows = document_windows(dataset.sequence_lengths, seq_length, args.max_tokens)
+        if len(windows) == 0:
+            raise EvalError(f"{prefix} holds no token to evaluate")
+        sets.append(HeldOut(name, prefix, dataset, windows))
+    return sets
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def window_batch(held: HeldOut, rows: np.ndarray, eod: int) -> dict[str, torch.Tensor]:
+    """Inputs, labels and loss mask of some windows, right-padded to the longest."""
+    length = int(held.windows[rows, 2].max())
+    tokens = np.full((len(rows), length), eod, dtype=np.int64)
+    labels = np.zeros((len(rows), length), dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.float32)
+    for i, (doc, start, size) in enumerate(held.windows[rows]):
+        # ([EOD] + doc)[a : a+n] and doc[a : a+n], read as one slice doc[a-1 : a+n]
+        first = max(start - 1, 0)
+        span = held.dataset.get(int(doc), int(first), int(start + size - first)).astype(np.int64)
+        context = span[:-1] if start > 0 else np.concatenate([[eod], span[:-1]])
+        tokens[i, :size] = context
+        labels[i, :size] = span[-size:]
+        mask[i, :size] = 1.0
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(mask)}
+
+
+@torch.no_grad()
+def batch_loss(loaded: LoadedModel, batch: dict, cluster_ids: torch.Tensor | None):
+    """(sum of masked per-token losses, token count), megatron-core's loss as in training."""
+    routing = {}
+    if cluster_ids is not None:  # PN: one expert per row, the rows of a cluster contiguous
+        order = torch.argsort(cluster_ids, stable=True)
+        batch = {key: value[order] for key, value in batch.items()}
+        routing["cluster_ids"] = cluster_ids[order].to(loaded.device)
+    batch = {key: value.to(loaded.device) for key, value in batch.items()}
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1], device=loaded.device).expand_as(tokens)
+    losses = loaded.model(tokens, positions, None, labels=batch["labels"], **routing)
+    mask = batch["loss_mask"]
+    return float((losses.double() * mask.double()).sum()), int(mask.sum())
+
+
+def evaluate_set(loaded: LoadedModel, held: HeldOut, eod: int, batch_size: int,
+                 progress: bool = False) -> dict:
+    from tqdm import tqdm
+
+    total, count = 0.0, 0
+    bar = tqdm(total=held.num_tokens, desc=held.name, unit="tok", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        for first in range(0, len(held.windows), batch_size):
+            rows = np.arange(first, min(first + batch_size, len(held.windows)))
+            ids = None if held.cluster_ids is None else torch.from_numpy(held.cluster_ids[rows])
+            loss, tokens = batch_loss(loaded, window_batch(held, rows, eod), ids)
+            total, count = total + loss, count + tokens
+            bar.update(tokens)
+    nll = total / count
+    return {"name": held.name, "prefix": held.prefix, "tokens": count,
+            "documents": int(len(np.unique(held.windows[:, 0]))),
+            "windows": int(len(held.windows)), "nll": nll, "ppl": perplexity(nll)}
+
+
+def perplexity(nll: float) -> float:
+    return math.exp(min(nll, 700.0))  # exp overflows a float beyond ~709
+
+
+def macro_average(results: list[dict]) -> dict:
+    """The paper's macro-averaged perplexity: mean of the per-domain NLLs, then exp."""
+    nll = float(np.mean([r["nll"] for r in results]))
+    return {"nll": nll, "ppl": perplexity(nll)}
+
+
+def markdown_table(results: list[dict], macro: dict) -> str:
+    lines = ["| dataset | tokens | NLL | perplexity |", "|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['tokens']:,} | {r['nll']:.4f} | {r['ppl']:.2f} |")
+    if len(results) > 1:
+        lines.append(f"| macro-average | | {macro['nll']:.4f} | {macro['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing (PN) and the command
+
+
+def routing_of(loaded: LoadedModel, args, sets: list[HeldOut]) -> dict:
+    """Check --expert / --cluster-ids-from against the model; set each window's expert."""
+    m = loaded.cfg.model
+    if not loaded.is_pn:
+        if args.expert is not None or args.cluster_ids_from:
+            raise EvalError(f"--expert and --cluster-ids-from apply to PN checkpoints; "
+                            f"{args.checkpoint} is a model.type {m.type} checkpoint")
+        return {}
+    if (args.expert is None) == (not args.cluster_ids_from):
+        raise EvalError(f"{args.checkpoint} is a PN checkpoint ({m.num_experts} experts): pass "
+                        "--expert I (one expert for all sequences) or --cluster-ids-from DIR")
+    if args.expert is not None:
+        if not 0 <= args.expert < m.num_experts:
+            raise EvalError(f"--expert {args.expert} is outside [0, {m.num_experts})")
+        for held in sets:
+            held.cluster_ids = np.full(len(held.windows), args.expert, dtype=np.int64)
+        return {"expert": args.expert}
+    dirs = split_list(args.cluster_ids_from)
+    if len(dirs) != len(sets):
+        raise EvalError(f"--cluster-ids-from: {len(dirs)} directories for {len(sets)} --data "
+                        "prefixes (one per prefix)")
+    for held, directory in zip(sets, dirs):
+        held.cluster_ids = window_clusters(directory, held)
+        if held.cluster_ids.max() >= m.num_experts:
+            raise EvalError(f"--cluster-ids-from {directory}: cluster {held.cluster_ids.max()} "
+                            f"but the model has {m.num_experts} experts")
+    return {"cluster_ids_from": dirs}
+
+
+def evaluate(args, env) -> dict:
+    loaded = load_model(args.checkpoint, env, args.precision)
+    m = loaded.cfg.model
+    eod = model_eod_id(loaded.cfg) if args.eod_id is None else args.eod_id
+    sets = held_out_sets(args, m.seq_length)
+    routing = routing_of(loaded, args, sets)
+    for held in sets:
+        check_tokens(held, m.vocab_size, eod)
+    progress = env.rank == 0 and not args.quiet
+    results = [evaluate_set(loaded, held, eod, args.batch_size, progress) for held in sets]
+    return {
+        "checkpoint": str(loaded.path), "iteration": loaded.iteration, "model_type": m.type,
+        "seq_length": m.seq_length, "precision": args.precision, "eod_id": eod,
+        "max_tokens": args.max_tokens, "expert": routing.get("expert"),
+        "cluster_ids_from": routing.get("cluster_ids_from"),
+        "datasets": results, "macro_average": macro_average(results),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pn-eval",
+        description="Token-level NLL and perplexity of a checkpoint on held-out indexed datasets "
+        "(every token predicted once, EOD included, in non-overlapping windows of the model's "
+        "context) and their macro-average: mean NLL over datasets, then exp.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (its latest iteration) or one iter_NNNNNNN")
+    parser.add_argument("--data", required=True,
+                        help="comma-separated indexed dataset prefixes (PREFIX.bin/.idx)")
+    parser.add_argument("--names", help="comma-separated names, one per prefix (default: the "
+                        "prefixes' file names)")
+    route = parser.add_mutually_exclusive_group()
+    route.add_argument("--expert", type=int, help="PN checkpoints: compute every sequence "
+                       "with this expert")
+    route.add_argument("--cluster-ids-from", metavar="ASSIGN_DIR[,...]", help="PN checkpoints: "
+                       "compute each window with its cluster's expert, from `pn-data assign` "
+                       "output on each set (one directory per prefix)")
+    parser.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of "
+                        "each set (its first documents)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="compute precision (bf16 needs a GPU)")
+    parser.add_argument("--eod-id", type=int, help="end-of-document id (default: the model's "
+                        "tokenizer EOS, else its data.eod_id)")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def check_arguments(args) -> None:
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EvalError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.output:
+        check_writable(args.output, args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        check_arguments(args)
+        with inference_world() as env:
+            report = evaluate(args, env)
+        if rank == 0:
+            if args.output:
+                atomic_write_json(args.output, report, overwrite=True)
+            print(markdown_table(report["datasets"], report["macro_average"]), flush=True)
+        return 0
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if rank == 0:
+            print(f"pn-eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def is_user_error(err: Exception) -> bool:
+    from megatron_pn.checkpoint import CheckpointError
+    from megatron_pn.compat import UnsupportedMegatronCore
+    from megatron_pn.config import ConfigError
+    from megatron_pn.data import DataError
+
+    return isinstance(err, (EvalError, CheckpointError, ConfigError, DataError, OutputExistsError,
+                            UnsupportedMegatronCore))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Specialization: pn-project's expert selection strategies (known answers), the dense checkpoint
+it writes, fine-tuning with lr/3, early stopping and the best checkpoint kept, cost records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import read_metrics, run_train, tiny_overrides, tiny_pn_overrides, write_cluster_datasets
+from megatron_pn import checkpoint
+from megatron_pn.project import main as pn_project
+
+PN_CONFIG = "configs/tiny/pn.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained_pn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    blend = write_cluster_datasets(root / "data")
+    run_train([PN_CONFIG, *tiny_pn_overrides(blend, root / "pn", **{
+        "data.split": "80,20,0", "train.steps": 8, "checkpoint.dir": root / "pn" / "ckpt"})])
+    return root, blend, root / "pn" / "ckpt"
+
+
+def spec_dir(root, name, tokens, source):
+    """What `pn-data assign` writes for a specialization set (the keys pn-project reads)."""
+    path = root / name
+    path.mkdir(exist_ok=True)
+    (path / "histogram.json").write_text(json.dumps({
+        "k": len(tokens), "tokens": tokens, "windows": tokens, "source_prefix": str(source)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world():
+    from megatron_pn.distributed import shutdown
+
+    yield
+    shutdown()
+
+
+def load_pn(ckpt):
+    from megatron_pn.standalone import standalone_model, standalone_world
+
+    cfg = checkpoint.saved_config(ckpt)
+    device, tconfig = standalone_world(cfg)
+    return cfg, device, standalone_model(cfg, tconfig, ckpt)
+
+
+def test_strategies_on_constructed_histograms(trained_pn, world):
+    from megatron_pn.project import choose, read_spec
+
+    root, _, ckpt = trained_pn
+    cfg, device, model = load_pn(ckpt)
+    source = root / "data" / "cluster_0001"
+    spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
+    assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
+    assert choose("cluster=3", spec, model, cfg, device, 4096)[0] == 3
+    _, code, _ = choose("soft", spec, model, cfg, device, 4096)
+    expected = torch.tensor([0.1, 0.7, 0.05, 0.15]).to(model.expert_codes) @ model.expert_codes
+    assert torch.allclose(code, expected, atol=1e-6)
+
+    # best-loss: every expert but 2 gets its MLP weights blown up (codes x 50): 2 must win.
+    with torch.no_grad():
+        saved = model.expert_codes.clone()
+        model.expert_codes.mul_(50.0)
+        model.expert_codes[2] = saved[2]
+    expert, _, details = choose("best-loss", spec, model, cfg, device, 4096)
+    model.expert_codes.data.copy_(saved)
+    assert expert == 2 and np.argmin(details["losses"]) == 2
+
+
+def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, world):
+    from megatron_pn.pn.projection import dense_state_dict
+    from megatron_pn.project import choose, read_spec
+
+    root, _, ckpt = trained_pn
+    cfg, device, model = load_pn(ckpt)
+    spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
+    _, code, _ = choose("soft", spec, model, cfg, device, 4096)
+    soft = dense_state_dict(model, code=code)
+    hard = dense_state_dict(model, expert=choose("most-frequent", spec, model, cfg, device, 0)[0])
+    for key, value in hard.items():
+        if isinstance(value, torch.Tensor):  # (skip the None `_extra_state` entries)
+            assert torch.equal(soft[key], value), key
+
+
+@pytest.mark.slow
+def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
+    root, _, ckpt = trained_pn
+    spec_train = root / "data" / "cluster_0003"
+    spec = spec_dir(root, "s3", [1, 2, 3, 90], spec_train)
+    projected = tmp_path / "projected"
+    code = pn_project(["--checkpoint", str(ckpt), "--spec-data", str(spec), "--output",
+                       str(projected)])
+    assert code == 0
+    saved = checkpoint.saved_config(projected)
+    assert saved.model.type == "dense" and saved.model.num_experts == 0
+
+    run_dir = tmp_path / "ft"
+    run_train(["configs/tiny/slm.yaml", "configs/finetune/tiny.yaml", *tiny_overrides(
+        spec_train, run_dir, **{
+            "checkpoint.load": projected, "checkpoint.dir": run_dir / "ckpt",
+            "data.valid_blend": f"[{root / 'data' / 'cluster_0001'}]", "data.split": "100,0,0",
+            "train.eval_interval": 1, "train.early_stopping_patience": 2, "train.steps": 200,
+            "train.eval_steps": 1, "train.log_interval": 1})])
+    train, valid = read_metrics(run_dir), read_metrics(run_dir, "valid")
+    pretrain_lr = checkpoint.saved_config(ckpt).train.lr
+    assert train[1]["lr"] == pytest.approx(pretrain_lr / 3)  # lr / 3, constant
+    last = max(train)
+    assert last < 200  # early stopping ended it
+    losses = {step: v["loss"] for step, v in valid.items()}
+    best = min(losses, key=losses.get)
+    assert all(losses[s] >= losses[best] for s in losses if s > best)
+    assert last - best == 2  # two evaluations without improvement
+    assert checkpoint.resolve(run_dir / "ckpt") == checkpoint.iteration_dir(run_dir / "ckpt", best)
+    cost = json.loads((run_dir / "cost.json").read_text())
+    assert cost["runs"][-1]["phase"] == "finetune" and cost["total_device_hours"] > 0
+
+
+def test_bad_input(trained_pn, tmp_path, capsys):
+    root, blend, ckpt = trained_pn
+    spec = spec_dir(root, "bad", [1, 1, 1, 1], root / "data" / "cluster_0000")
+
+    def error(args):
+        assert pn_project(args) == 2
+        return capsys.readouterr().err
+
+    out = str(tmp_path / "out")
+    dense = tmp_path / "dense"
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(root / "data" / "cluster_0000", dense, **{
+        "train.steps": 0, "checkpoint.dir": dense / "ckpt"})])
+    assert "is a dense checkpoint; pn-project needs a projected network" in error(
+        ["--checkpoint", str(dense / "ckpt"), "--spec-data", str(spec), "--output", out])
+    assert "no histogram.json" in error(
+        ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
+    assert "assigned to 3 clusters but the checkpoint has 4" in error(
+        ["--checkpoint", str(ckpt), "--spec-data", str(spec_dir(tmp_path, "k3", [1, 2, 3],
+         root)), "--output", out])
+    # The spec set was assigned with other centroids than the PN's clustering.
+    (blend.parent / "clusters.json").write_text(json.dumps({"centroids_sha256": "a" * 64}))
+    other = spec_dir(tmp_path, "other", [1, 2, 3, 4], root)
+    hist = json.loads((other / "histogram.json").read_text())
+    (other / "histogram.json").write_text(json.dumps({**hist, "centroids_sha256": "b" * 64}))
+    try:
+        assert "other centroids" in error(
+            ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
+    finally:
+        (blend.parent / "clusters.json").unlink()
+    assert not (tmp_path / "out").exists()
