@@ -159,6 +159,14 @@ class LoggingConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = _help("SLM-d: checkpoint of the teacher (a fine-tuned LLM); "
+                                "enables distillation", None)
+    weight: float = _help("weight w of the KL to the teacher (1 - w on the data loss)", 0.5)
+    temperature: float = _help("softmax temperature T of teacher and student", 1.0)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -166,6 +174,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import sys
@@ -357,20 +356,29 @@ def markdown_table(results: list[dict], macro: dict) -> str:
 # Routing (PN) and the command
 
 
-def routing_of(loaded: LoadedModel, args, sets: list[HeldOut]) -> dict:
-    """Check --expert / --cluster-ids-from against the model; set each window's expert."""
-    m = loaded.cfg.model
-    if not loaded.is_pn:
-        if args.expert is not None or args.cluster_ids_from:
-            raise EvalError(f"--expert and --cluster-ids-from apply to PN checkpoints; "
-                            f"{args.checkpoint} is a model.type {m.type} checkpoint")
+def check_expert(m, expert: int | None, checkpoint, purpose: str,
+                 other_routing: bool = False) -> None:
+    """A PN checkpoint needs an expert (unless routed otherwise); a dense one takes none."""
+    if m.type != "pn":
+        if expert is not None or other_routing:
+            raise EvalError(f"expert routing (--expert, --cluster-ids-from) applies to PN "
+                            f"checkpoints; {checkpoint} is a model.type {m.type} checkpoint")
+        return
+    if expert is None and not other_routing:
+        raise EvalError(f"{checkpoint} is a PN checkpoint ({m.num_experts} experts): pass "
+                        f"--expert I to {purpose}")
+    if expert is not None and not 0 <= expert < m.num_experts:
+        raise EvalError(f"--expert {expert} is outside [0, model.num_experts = {m.num_experts})")
+
+
+def route(m, args, sets: list[HeldOut]) -> dict:
+    """Each window's expert (PN): --expert for all, or its cluster from --cluster-ids-from."""
+    check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
+                 "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
+                 other_routing=bool(args.cluster_ids_from))
+    if m.type != "pn":
         return {}
-    if (args.expert is None) == (not args.cluster_ids_from):
-        raise EvalError(f"{args.checkpoint} is a PN checkpoint ({m.num_experts} experts): pass "
-                        "--expert I (one expert for all sequences) or --cluster-ids-from DIR")
     if args.expert is not None:
-        if not 0 <= args.expert < m.num_experts:
-            raise EvalError(f"--expert {args.expert} is outside [0, {m.num_experts})")
         for held in sets:
             held.cluster_ids = np.full(len(held.windows), args.expert, dtype=np.int64)
         return {"expert": args.expert}
@@ -387,13 +395,17 @@ def routing_of(loaded: LoadedModel, args, sets: list[HeldOut]) -> dict:
 
 
 def evaluate(args, env) -> dict:
-    loaded = load_model(args.checkpoint, env, args.precision)
-    m = loaded.cfg.model
-    eod = model_eod_id(loaded.cfg) if args.eod_id is None else args.eod_id
+    """Every input is checked (against the checkpoint's config) before the model loads."""
+    from megatron_pn.checkpoint import saved_config
+
+    saved = saved_config(resolve_checkpoint(args.checkpoint))
+    m = saved.model
+    eod = model_eod_id(saved) if args.eod_id is None else args.eod_id
     sets = held_out_sets(args, m.seq_length)
-    routing = routing_of(loaded, args, sets)
     for held in sets:
         check_tokens(held, m.vocab_size, eod)
+    routing = route(m, args, sets)
+    loaded = load_model(args.checkpoint, env, args.precision)
     progress = env.rank == 0 and not args.quiet
     results = [evaluate_set(loaded, held, eod, args.batch_size, progress) for held in sets]
     return {

@@ -31,6 +31,7 @@ from megatron_pn.config import Config
 from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, micro_batch_loader,
                               resolve_blend)
 from megatron_pn.distributed import init_distributed
+from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
 from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
 from megatron_pn.mix import expert_job
@@ -69,6 +70,8 @@ class Trainer:
             torch.tensor(resolve_blend(cfg.data).cluster_ids) if self.is_pn else None
         )
         self.chunks = self._build_model()
+        self.teacher = (build_teacher(cfg, lambda c: transformer_config(c, self.device_type))
+                        if cfg.distill.teacher else None)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.step = 0
@@ -177,8 +180,15 @@ class Trainer:
             batch, cluster_ids = group_by_cluster(batch, self.cluster_table)
             routing["cluster_ids"] = cluster_ids.to(self.env.device)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       **routing)
+        inputs = (batch["tokens"], batch["position_ids"], None)
+        if self.teacher is not None and model.training:  # SLM-d (validation: plain loss)
+            with torch.no_grad():
+                teacher_logits = self.teacher(*inputs)
+            d = self.cfg.distill
+            output = distillation_loss(model(*inputs, **routing), teacher_logits,
+                                       batch["labels"], d.weight, d.temperature)
+        else:
+            output = model(*inputs, labels=batch["labels"], **routing)
         return output, partial(_token_loss, batch["loss_mask"])
 
     def _run_microbatches(self, batches: list[dict], forward_only: bool) -> list[dict]:

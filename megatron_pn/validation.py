@@ -99,8 +99,18 @@ def validate_pn_data(cfg: Config, blend) -> None:
                       f"{cfg.model.num_experts})")
 
 
+def validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    if d.teacher is None:
+        return
+    _require(0.0 <= d.weight <= 1.0, f"distill.weight must be in [0, 1], got {d.weight}")
+    _require(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+    _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
+
+
 def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_model(cfg)
+    validate_distill(cfg)
     validate_pn(cfg)
     validate_parallel(cfg, world_size, device_type)
     validate_pn_data(cfg, resolve_blend(cfg.data))

@@ -151,3 +151,61 @@ def test_bad_input(trained_pn, tmp_path, capsys):
     finally:
         (blend.parent / "clusters.json").unlink()
     assert not (tmp_path / "out").exists()
+
+
+# -- distillation (SLM-d) -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny dense "LLM" trained a few steps, and a student initialization."""
+    from helpers import real_text_documents, write_byte_dataset
+
+    root = tmp_path_factory.mktemp("distill")
+    prefix = write_byte_dataset(root / "text", real_text_documents())
+    run_train(["configs/tiny/llm.yaml", *tiny_overrides(prefix, root / "llm", **{
+        "train.steps": 6, "checkpoint.dir": root / "llm" / "ckpt"})])
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(prefix, root / "init", **{
+        "train.steps": 0, "checkpoint.dir": root / "init" / "ckpt"})])
+    return root, prefix
+
+
+def distill_run(root, prefix, name, teacher_ckpt, nproc=1, **extra):
+    run_dir = root / name
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(prefix, run_dir, **{
+        "train.steps": 5, "checkpoint.load": root / "init" / "ckpt",
+        "distill.teacher": teacher_ckpt, **extra})], nproc=nproc)
+    return [read_metrics(run_dir)[s]["loss"] for s in range(1, 6)]
+
+
+@pytest.mark.slow
+def test_distillation_from_itself_starts_at_zero_kl_and_matches_across_tp(teacher):
+    root, prefix = teacher
+    own = root / "init" / "ckpt"
+    # The student's own initialization as teacher, w = 1: the first loss is KL(p || p) = 0.
+    pure = distill_run(root, prefix, "self", own, **{"distill.weight": 1.0,
+                                                      "distill.temperature": 2.0})
+    assert abs(pure[0]) < 1e-6 and pure[-1] >= 0
+    # A real teacher, w = 0.5: TP=2 (vocabulary-parallel softmax and KL) equals TP=1.
+    llm = root / "llm" / "ckpt"
+    single = distill_run(root, prefix, "tp1", llm)
+    split = distill_run(root, prefix, "tp2", llm, nproc=2, **{"parallel.tensor": 2})
+    assert split == pytest.approx(single, rel=1e-5)
+    # w = 0 is plain training on the data.
+    plain = root / "plain"
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(prefix, plain, **{
+        "train.steps": 5, "checkpoint.load": root / "init" / "ckpt"})])
+    data_only = distill_run(root, prefix, "w0", llm, **{"distill.weight": 0.0})
+    assert data_only == pytest.approx([read_metrics(plain)[s]["loss"] for s in range(1, 6)],
+                                      rel=1e-5)
+
+
+def test_distillation_bad_input(teacher, tmp_path, capsys):
+    from megatron_pn.train import main
+
+    root, prefix = teacher
+    args = ["configs/tiny/slm.yaml", *tiny_overrides(prefix, tmp_path / "run"),
+            f"distill.teacher={root / 'llm' / 'ckpt'}"]
+    assert main(args + ["distill.weight=1.5"]) == 2
+    assert "distill.weight must be in [0, 1]" in capsys.readouterr().err
+    assert main(args + ["model.vocab_size=1000"]) == 2
+    assert "vocabulary 257 differs from the student's 1000" in capsys.readouterr().err

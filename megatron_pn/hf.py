@@ -1,0 +1,580 @@
+"""`pn-export-hf` and `pn-import-hf`: megatron-pn checkpoints <-> Hugging Face causal LMs.
+
+    pn-export-hf --checkpoint runs/slm/ckpt --output hf/slm --tokenizer tok/spm_hf
+    pn-export-hf --checkpoint runs/pn/ckpt --expert 3 --output hf/pn_e3      # a projected expert
+    pn-import-hf --hf hf/slm --output ckpt/slm_imported --config configs/paper/slm.yaml
+
+Architectures. A Llama-style model (SwiGLU, RMSNorm, RoPE) is a `LlamaForCausalLM`; a GPT-2-style
+one (GELU, LayerNorm, learned positions) a `GPT2LMHeadModel` (zero biases where the model has
+none; grouped-query K/V heads repeated, since GPT-2 has none). The vocabulary is the padded one.
+The weights are renamed by the explicit tables below; two Megatron tensors are fused:
+
+  linear_qkv  [g0: q heads, k, v | g1: q heads, k, v | ...] rows, one block per query group
+              (megatron-core's attention.get_query_key_value_tensors) <-> q_proj, k_proj, v_proj
+  linear_fc1  [gate; up] rows (SwiGLU)                                <-> gate_proj, up_proj
+
+GPT-2's Conv1D weights are stored [in, out]: transposed. Every tensor's shape is checked against
+the target model. The megatron-pn model config travels in config.json ("megatron_pn"), so that
+import restores what HF cannot express (unpadded vocabulary, GPT-2 grouped-query heads).
+
+Import writes a model-only checkpoint in pn-train's layout (dist_checkpointing `iter_0000000/`,
+`latest_checkpointed_iteration.txt`, the run config inside) plus `model.yaml`, the model section
+to train with: `pn-train CONFIG.yaml CKPT_DIR/model.yaml checkpoint.load=CKPT_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_pn.evaluate import (EvalError, check_expert, inference_world, is_user_error,
+                                  load_model, model_eod_id, resolve_checkpoint)
+from megatron_pn.fileio import atomic_path, atomic_write_text, check_writable
+
+LLAMA, GPT2 = "llama", "gpt2"
+EXTRAS_KEY = "megatron_pn"
+
+# -- name tables: Megatron (TP=1, one stage) -> Hugging Face --------------------------------------
+
+LLAMA_NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+LLAMA_LAYER_NAMES = {  # decoder.layers.{i}.X -> model.layers.{i}.Y
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.linear_proj.bias": "self_attn.o_proj.bias",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.linear_fc2.bias": "mlp.down_proj.bias",
+}
+LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+LLAMA_FC1 = ("mlp.gate_proj", "mlp.up_proj")
+
+GPT2_NAMES = {
+    "embedding.word_embeddings.weight": "transformer.wte.weight",
+    "embedding.position_embeddings.weight": "transformer.wpe.weight",
+    "decoder.final_layernorm.weight": "transformer.ln_f.weight",
+    "decoder.final_layernorm.bias": "transformer.ln_f.bias",
+    "output_layer.weight": "lm_head.weight",
+}
+GPT2_LAYER_NAMES = {  # decoder.layers.{i}.X -> transformer.h.{i}.Y
+    "input_layernorm.weight": "ln_1.weight",
+    "input_layernorm.bias": "ln_1.bias",
+    "pre_mlp_layernorm.weight": "ln_2.weight",
+    "pre_mlp_layernorm.bias": "ln_2.bias",
+    "self_attention.linear_proj.weight": "attn.c_proj.weight",
+    "self_attention.linear_proj.bias": "attn.c_proj.bias",
+    "mlp.linear_fc1.weight": "mlp.c_fc.weight",
+    "mlp.linear_fc1.bias": "mlp.c_fc.bias",
+    "mlp.linear_fc2.weight": "mlp.c_proj.weight",
+    "mlp.linear_fc2.bias": "mlp.c_proj.bias",
+}
+GPT2_QKV = "attn.c_attn"  # one Conv1D: [q (all heads); k; v] columns
+GPT2_LINEAR_BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
+
+
+def architecture(m) -> str:
+    """The Hugging Face architecture that computes exactly what this model config does."""
+    shape = (m.activation, m.normalization, m.position_embedding_type)
+    if shape == ("swiglu", "RMSNorm", "rope"):
+        return LLAMA
+    if shape == ("gelu", "LayerNorm", "learned_absolute"):
+        return GPT2
+    raise EvalError(
+        f"no Hugging Face architecture fits model.activation={m.activation}, normalization="
+        f"{m.normalization}, position_embedding_type={m.position_embedding_type}; supported: "
+        "swiglu+RMSNorm+rope (LlamaForCausalLM), gelu+LayerNorm+learned_absolute (GPT2LMHeadModel)")
+
+
+# -- the fused tensors --------------------------------------------------------------------------
+
+def _heads(m) -> tuple[int, int, int]:
+    heads = m.num_attention_heads
+    return heads, m.num_query_groups or heads, m.hidden_size // heads
+
+
+def split_qkv(fused: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's per-group [q heads; k; v] rows -> q [heads*hn], k, v [groups*hn] (+ in dims)."""
+    heads, groups, hn = _heads(m)
+    rest = fused.shape[1:]
+    blocks = fused.reshape(groups, (heads // groups + 2) * hn, *rest)
+    q, k, v = blocks.split([heads // groups * hn, hn, hn], dim=1)
+    return q.reshape(heads * hn, *rest), k.reshape(groups * hn, *rest), v.reshape(groups * hn, *rest)
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tensor:
+    heads, groups, hn = _heads(m)
+    rest = q.shape[1:]
+    blocks = [q.reshape(groups, heads // groups * hn, *rest), k.reshape(groups, hn, *rest),
+              v.reshape(groups, hn, *rest)]
+    return torch.cat(blocks, dim=1).reshape(-1, *rest)
+
+
+def repeat_kv(kv: torch.Tensor, m) -> torch.Tensor:
+    """K or V of each query group repeated for each of its heads (GPT-2 has no GQA)."""
+    heads, groups, hn = _heads(m)
+    rest = kv.shape[1:]
+    per_group = kv.reshape(groups, 1, hn, *rest).expand(groups, heads // groups, hn, *rest)
+    return per_group.reshape(heads * hn, *rest)
+
+
+def unrepeat_kv(kv: torch.Tensor, m) -> torch.Tensor:
+    heads, groups, hn = _heads(m)
+    per_group = kv.reshape(groups, heads // groups, hn, *kv.shape[1:])
+    if not torch.equal(per_group, per_group[:, :1].expand_as(per_group)):
+        raise EvalError(f"the K/V heads are not repeated per query group: the model cannot have "
+                        f"model.num_query_groups={groups}")
+    return per_group[:, 0].reshape(groups * hn, *kv.shape[1:])
+
+
+# -- Megatron state <-> Hugging Face state ------------------------------------------------------
+
+def _bias(state: dict, key: str, rows: int) -> torch.Tensor:
+    """A linear bias, zero when the model has none (GPT-2 always has them)."""
+    return state[key] if key in state else torch.zeros(rows)
+
+
+def to_llama(state: dict, m) -> dict:
+    out = {hf: state[mg] for mg, hf in LLAMA_NAMES.items() if mg in state}
+    if m.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out.update({dst + hf: state[src + mg] for mg, hf in LLAMA_LAYER_NAMES.items()
+                    if src + mg in state})
+        for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
+            parts = split_qkv(state[f"{src}self_attention.linear_qkv.{kind}"], m)
+            out.update({f"{dst}{hf}.{kind}": t for hf, t in zip(LLAMA_QKV, parts)})
+            parts = state[f"{src}mlp.linear_fc1.{kind}"].chunk(2, dim=0)
+            out.update({f"{dst}{hf}.{kind}": t for hf, t in zip(LLAMA_FC1, parts)})
+    return out
+
+
+def from_llama(hf: dict, m) -> dict:
+    out = {mg: hf[name] for mg, name in LLAMA_NAMES.items() if name in hf}
+    if m.tie_embeddings:
+        out.pop("output_layer.weight", None)
+    for i in range(m.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out.update({dst + mg: hf[src + name] for mg, name in LLAMA_LAYER_NAMES.items()
+                    if src + name in hf})
+        q, k, v = (hf[f"{src}{name}.weight"] for name in LLAMA_QKV)
+        out[f"{dst}self_attention.linear_qkv.weight"] = join_qkv(q, k, v, m)
+        gate, up = (hf[f"{src}{name}.weight"] for name in LLAMA_FC1)
+        out[f"{dst}mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+        if m.add_bias_linear:  # Megatron biases every linear; HF may bias attention or MLP only
+            def bias(name, rows):
+                return hf.get(f"{src}{name}.bias", torch.zeros(rows))
+            d, f = m.hidden_size, m.ffn_hidden_size
+            parts = [bias(name, rows) for name, rows in zip(LLAMA_QKV, _qkv_rows(m))]
+            out[f"{dst}self_attention.linear_qkv.bias"] = join_qkv(*parts, m)
+            out[f"{dst}self_attention.linear_proj.bias"] = bias("self_attn.o_proj", d)
+            out[f"{dst}mlp.linear_fc1.bias"] = torch.cat([bias(n, f) for n in LLAMA_FC1])
+            out[f"{dst}mlp.linear_fc2.bias"] = bias("mlp.down_proj", d)
+    return out
+
+
+def _qkv_rows(m) -> tuple[int, int, int]:
+    heads, groups, hn = _heads(m)
+    return heads * hn, groups * hn, groups * hn
+
+
+def to_gpt2(state: dict, m) -> dict:
+    out = {hf: state[mg] for mg, hf in GPT2_NAMES.items() if mg in state}
+    if m.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        for mg, hf in GPT2_LAYER_NAMES.items():
+            if mg.endswith(".bias") and "layernorm" not in mg:
+                rows = state[src + mg[:-len("bias")] + "weight"].shape[0]
+                out[dst + hf] = _bias(state, src + mg, rows)
+            else:
+                tensor = state[src + mg]
+                out[dst + hf] = tensor.t() if tensor.dim() == 2 else tensor  # Conv1D: [in, out]
+        for kind in ("weight", "bias"):
+            key = f"{src}self_attention.linear_qkv.{kind}"
+            fused = _bias(state, key, sum(_qkv_rows(m))) if kind == "bias" else state[key]
+            q, k, v = split_qkv(fused, m)
+            qkv = torch.cat([q, repeat_kv(k, m), repeat_kv(v, m)], dim=0)
+            out[f"{dst}{GPT2_QKV}.{kind}"] = qkv.t() if kind == "weight" else qkv
+    return out
+
+
+def from_gpt2(hf: dict, m) -> dict:
+    out = {mg: hf[name] for mg, name in GPT2_NAMES.items() if name in hf}
+    if m.tie_embeddings:
+        out.pop("output_layer.weight", None)
+    d = m.hidden_size
+    for i in range(m.num_layers):
+        src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        for mg, name in GPT2_LAYER_NAMES.items():
+            linear_bias = mg.endswith(".bias") and "layernorm" not in mg
+            if linear_bias and not m.add_bias_linear:
+                continue
+            tensor = hf[src + name]
+            out[dst + mg] = tensor.t() if tensor.dim() == 2 else tensor
+        weight = hf[f"{src}{GPT2_QKV}.weight"].t()  # [3d, d]: q, k, v of every head
+        kinds = {"weight": weight}
+        if m.add_bias_linear:
+            kinds["bias"] = hf[f"{src}{GPT2_QKV}.bias"]
+        for kind, fused in kinds.items():
+            q, k, v = fused.split([d, d, d], dim=0)
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = join_qkv(
+                q, unrepeat_kv(k, m), unrepeat_kv(v, m), m)
+    return out
+
+
+def _gpt2_has_linear_biases(hf: dict, num_layers: int) -> bool:
+    return any(hf[f"transformer.h.{i}.{name}"].any()
+               for i in range(num_layers) for name in GPT2_LINEAR_BIASES)
+
+
+def check_shapes(got: dict, expected: dict, what: str) -> None:
+    """The converted tensors are exactly the target model's: same names, same shapes."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise EvalError(f"{what}: name mapping incomplete: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}")
+    for key, tensor in got.items():
+        if key.endswith("_extra_state"):  # megatron-core's (empty) per-layer extra state
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise EvalError(f"{what}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(expected[key].shape)}")
+
+
+# -- export -------------------------------------------------------------------------------------
+
+def megatron_dense_state(loaded, expert: int | None) -> dict:
+    """The full (TP=1) state of the dense model: the checkpoint's, or PN expert `expert`'s."""
+    from megatron_pn.pn.projection import dense_state_dict
+
+    if loaded.is_pn:
+        state = dense_state_dict(loaded.model, expert)
+    else:
+        state = loaded.model.state_dict()
+    return {k: v.detach().cpu().float() for k, v in state.items()
+            if not k.endswith("_extra_state")}
+
+
+def dense_model_config(m):
+    """The model section of the dense model a checkpoint exports as (a PN expert is dense)."""
+    return dataclasses.replace(m, type="dense", num_experts=0, bank_size=0, code_size=0,
+                               project_attention=False)
+
+
+def special_token_ids(eod: int, tokenizer_dir: str | None, vocab: int) -> dict:
+    """bos/eos/pad ids for config.json; the tokenizer, when given, must fit the model."""
+    if tokenizer_dir is None:
+        return {"bos_token_id": None, "eos_token_id": eod, "pad_token_id": None}
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise EvalError(f"--tokenizer {tokenizer_dir} is not a directory (the PREFIX_hf/ of "
+                        "`pn-data train-tokenizer`)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > vocab or tokenizer.eos_token_id != eod:
+        raise EvalError(f"tokenizer/vocabulary mismatch: {tokenizer_dir} has {len(tokenizer)} "
+                        f"tokens and EOS id {tokenizer.eos_token_id}; the model has {vocab} ids "
+                        f"and EOD id {eod}")
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eod,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def hf_config(m, ids: dict, extras: dict):
+    from transformers import GPT2Config, LlamaConfig
+
+    from megatron_pn.model import padded_vocab_size
+
+    common = dict(vocab_size=padded_vocab_size(m), tie_word_embeddings=m.tie_embeddings,
+                  initializer_range=m.init_method_std, **ids, **{EXTRAS_KEY: extras})
+    heads, groups, hn = _heads(m)
+    if architecture(m) == LLAMA:
+        return LlamaConfig(
+            hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=heads,
+            num_key_value_heads=groups, head_dim=hn, hidden_act="silu",
+            max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_epsilon,
+            rope_theta=float(m.rotary_base), attention_bias=m.add_bias_linear,
+            mlp_bias=m.add_bias_linear, attention_dropout=m.attention_dropout, **common)
+    return GPT2Config(
+        n_embd=m.hidden_size, n_layer=m.num_layers, n_head=heads, n_inner=m.ffn_hidden_size,
+        n_positions=m.seq_length, activation_function="gelu",  # exact (erf) GELU, as F.gelu
+        layer_norm_epsilon=m.norm_epsilon, resid_pdrop=m.hidden_dropout,
+        embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout, **common)
+
+
+def build_hf_model(m, state: dict, ids: dict, extras: dict):
+    """The Hugging Face model holding a dense Megatron state (fp32)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    arch = architecture(m)
+    config = hf_config(m, ids, extras)
+    model = (LlamaForCausalLM if arch == LLAMA else GPT2LMHeadModel)(config)
+    converted = (to_llama if arch == LLAMA else to_gpt2)(state, m)
+    converted = {k: v.contiguous() for k, v in converted.items()}
+    check_shapes(converted, model.state_dict(), "export")
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def write_hf_dir(model, directory: Path, dtype: str, tokenizer_dir: str | None) -> None:
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    model.save_pretrained(directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # also where transformers < 5 and other readers look for it
+        config["rope_theta"] = rope["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir:
+        for item in Path(tokenizer_dir).iterdir():
+            if item.is_file():
+                shutil.copy2(item, directory / item.name)
+
+
+def export(checkpoint: str, output: str, expert: int | None = None,
+           tokenizer: str | None = None, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it."""
+    from megatron_pn.checkpoint import saved_config
+    from megatron_pn.model import padded_vocab_size
+
+    check_writable(output, overwrite)
+    saved = saved_config(resolve_checkpoint(checkpoint))
+    m = dense_model_config(saved.model)
+    architecture(m)  # fail before loading any weight
+    check_expert(saved.model, expert, checkpoint, "export the dense model of expert I")
+    with inference_world(single_process=True) as env:
+        loaded = load_model(checkpoint, env, "fp32")
+        state = megatron_dense_state(loaded, expert)
+    source = {"checkpoint": str(loaded.path), "iteration": loaded.iteration,
+              "model_type": saved.model.type, "expert": expert}
+    ids = special_token_ids(model_eod_id(saved), tokenizer, padded_vocab_size(m))
+    model = build_hf_model(m, state, ids, {"model": dataclasses.asdict(m), "source": source})
+    with atomic_path(output, overwrite) as tmp:
+        write_hf_dir(model, tmp, dtype, tokenizer)
+    return Path(output)
+
+
+# -- import -------------------------------------------------------------------------------------
+
+def load_hf(directory: str):
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(directory) / "config.json").is_file():
+        raise EvalError(f"--hf {directory}: no config.json there (a Hugging Face model dir)")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if model.config.model_type not in (LLAMA, GPT2):
+        raise EvalError(f"--hf {directory}: model_type {model.config.model_type} is not "
+                        "supported (llama or gpt2)")
+    return model
+
+
+def _vocabulary(rows: int, extras: dict) -> dict:
+    """Unpadded vocabulary and padding multiple whose padded size is the HF embedding's."""
+    from megatron_pn.config import ModelConfig
+    from megatron_pn.model import padded_vocab_size
+
+    saved = extras.get("model", {})
+    if "vocab_size" in saved:
+        vocab = {k: saved[k] for k in ("vocab_size", "make_vocab_size_divisible_by")}
+        if padded_vocab_size(ModelConfig(**vocab)) == rows:
+            return vocab
+    multiple = next(p for p in (128, 64, 32, 16, 8, 4, 2, 1) if rows % p == 0)
+    return {"vocab_size": rows, "make_vocab_size_divisible_by": multiple}
+
+
+def llama_fields(c) -> dict:
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise EvalError(f"rope_type {rope['rope_type']} (RoPE scaling) is not supported")
+    if c.hidden_act != "silu":
+        raise EvalError(f"hidden_act {c.hidden_act} is not supported (silu: SwiGLU)")
+    if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
+        raise EvalError(f"head_dim {c.head_dim} != hidden_size / num_attention_heads")
+    if float(theta) != int(theta):
+        raise EvalError(f"rope_theta {theta} is not an integer (model.rotary_base)")
+    groups = c.num_key_value_heads or c.num_attention_heads
+    return dict(
+        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=None if groups == c.num_attention_heads else groups,
+        ffn_hidden_size=c.intermediate_size, activation="swiglu", normalization="RMSNorm",
+        norm_epsilon=c.rms_norm_eps, position_embedding_type="rope", rotary_base=int(theta),
+        add_bias_linear=bool(c.attention_bias or getattr(c, "mlp_bias", False)))
+
+
+def gpt2_fields(c, hf_state: dict, extras: dict) -> dict:
+    if c.activation_function != "gelu":
+        raise EvalError(f"activation_function {c.activation_function} is not supported: "
+                        "megatron-pn's gelu is the exact (erf) GELU")
+    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+        raise EvalError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+    saved = extras.get("model", {})
+    groups = saved.get("num_query_groups")
+    biases = saved.get("add_bias_linear", _gpt2_has_linear_biases(hf_state, c.n_layer))
+    return dict(
+        num_layers=c.n_layer, hidden_size=c.n_embd, num_attention_heads=c.n_head,
+        num_query_groups=groups, ffn_hidden_size=c.n_inner or 4 * c.n_embd, activation="gelu",
+        normalization="LayerNorm", norm_epsilon=c.layer_norm_epsilon,
+        position_embedding_type="learned_absolute", seq_length=c.n_positions,
+        add_bias_linear=bool(biases))
+
+
+def imported_model_config(hf_model, base, from_yaml: bool):
+    """The model section: shapes from the HF config; what HF does not fix (context of a RoPE
+    model, dropout, init std) from --config, else from the exporter's record, else defaults."""
+    c = hf_model.config
+    extras = getattr(c, EXTRAS_KEY, None) or {}
+    state = hf_model.state_dict()
+    m = copy.deepcopy(base)
+    if not from_yaml:
+        for key in ("seq_length", "init_method_std", "hidden_dropout", "attention_dropout"):
+            if key in extras.get("model", {}):
+                setattr(m, key, extras["model"][key])
+        if c.model_type == LLAMA and "seq_length" not in extras.get("model", {}):
+            m.seq_length = c.max_position_embeddings
+    if m.type != "dense":
+        print(f"pn-import-hf: note: model.type {m.type} of --config becomes dense",
+              file=sys.stderr)
+    fields = llama_fields(c) if c.model_type == LLAMA else gpt2_fields(c, state, extras)
+    rows = state["model.embed_tokens.weight" if c.model_type == LLAMA
+                 else "transformer.wte.weight"].shape[0]
+    fields.update(_vocabulary(rows, extras), tie_embeddings=bool(c.tie_word_embeddings))
+    return dataclasses.replace(m, type="dense", num_experts=0, bank_size=0, code_size=0,
+                               project_attention=False, **fields)
+
+
+def import_state(hf_model, m) -> dict:
+    state = hf_model.state_dict()
+    return (from_llama if hf_model.config.model_type == LLAMA else from_gpt2)(state, m)
+
+
+def write_checkpoint(model, cfg, output: str | Path, overwrite: bool = False,
+                     extra: dict | None = None) -> Path:
+    """A model-only checkpoint of this process's model, written by `checkpoint.save` at
+    iteration 0, plus `model.yaml`; returns the checkpoint root (atomic: all or nothing)."""
+    from megatron_pn import checkpoint
+
+    with atomic_path(output, overwrite) as tmp:
+        checkpoint.save(tmp, 0, [model], extra={"consumed_samples": 0, "config": cfg.to_dict(),
+                                                **(extra or {})})
+        model_yaml = yaml.safe_dump({"model": dataclasses.asdict(cfg.model)}, sort_keys=False)
+        atomic_write_text(tmp / "model.yaml", model_yaml)
+    return Path(output)
+
+
+def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
+              overwrite: bool = False) -> Path:
+    """Write a Hugging Face Llama/GPT-2 model as a megatron-pn checkpoint; returns its root."""
+    from megatron.core import tensor_parallel
+
+    from megatron_pn.config import load_config
+    from megatron_pn.model import build_gpt, transformer_config
+    from megatron_pn.validation import validate_model
+
+    check_writable(output, overwrite)
+    base = load_config(list(config_files))
+    hf_model = load_hf(hf_dir)
+    cfg = copy.deepcopy(base)
+    cfg.model = imported_model_config(hf_model, base.model, bool(config_files))
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
+    validate_model(cfg)
+    state = import_state(hf_model, cfg.model)
+    del hf_model
+    with inference_world(single_process=True) as env:
+        cfg.train.precision = "fp32"
+        tconfig = transformer_config(cfg, env.device.type)
+        tconfig.perform_initialization = False
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        model = build_gpt(cfg, tconfig)
+        expected = model.state_dict()
+        state.update({k: v for k, v in expected.items() if k.endswith("_extra_state")})
+        check_shapes(state, expected, "import")
+        model.load_state_dict(state, strict=True)
+        cfg.train.precision = base.train.precision
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, dir=None, load=None)
+        return write_checkpoint(model, cfg, output, overwrite, {"imported_from": str(hf_dir)})
+
+
+# -- command lines ------------------------------------------------------------------------------
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pn-export-hf",
+        description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert) or "
+        "one expert of a PN checkpoint, saved at any TP/PP layout, as a Hugging Face model "
+        "directory: LlamaForCausalLM (SwiGLU/RMSNorm/RoPE) or GPT2LMHeadModel "
+        "(GELU/LayerNorm/learned positions), safetensors.",
+        epilog="example: pn-export-hf --checkpoint runs/pn/ckpt --expert 3 --output hf/e3 "
+        "--tokenizer tok/spm_hf", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (its latest iteration) or one iter_NNNNNNN")
+    parser.add_argument("--output", required=True, help="Hugging Face model directory to write")
+    parser.add_argument("--expert", type=int, help="PN checkpoints: the expert to export")
+    parser.add_argument("--tokenizer", help="Hugging Face tokenizer dir to copy in (PREFIX_hf/ "
+                        "of `pn-data train-tokenizer`)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return parser
+
+
+def import_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pn-import-hf",
+        description="Import a Hugging Face Llama or GPT-2 model as a megatron-pn checkpoint "
+        "(model weights, iteration 0) to initialize training from.",
+        epilog="example: pn-import-hf --hf hf/slm --output ckpt/slm --config configs/paper/slm.yaml\n"
+        "then:    pn-train configs/paper/slm.yaml ckpt/slm/model.yaml checkpoint.load=ckpt/slm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="Hugging Face model directory")
+    parser.add_argument("--output", required=True, help="checkpoint directory to write")
+    parser.add_argument("--config", action="append", default=[], metavar="CONFIG.yaml",
+                        help="run config to store (its model section is replaced by the HF "
+                        "model's shapes); repeat to stack files")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return parser
+
+
+def _run(prog: str, work) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        print(work(), flush=True)
+        return 0
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        if rank == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    return _run("pn-export-hf", lambda: "wrote " + str(export(
+        args.checkpoint, args.output, args.expert, args.tokenizer, args.dtype, args.overwrite)))
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    args = import_parser().parse_args(argv)
+    return _run("pn-import-hf", lambda: "wrote " + str(import_hf(
+        args.hf, args.output, args.config, args.overwrite)))
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())
