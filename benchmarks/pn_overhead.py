@@ -35,6 +35,7 @@ REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_atte
 
 def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Path:
     blend = []
+    root.mkdir(parents=True, exist_ok=True)
     for cluster in range(k):
         prefix = root / f"cluster_{cluster:04d}"
         random_dataset(prefix, vocab, tokens_per_cluster, seed=cluster)

@@ -148,6 +148,11 @@ def test_bad_input(trained_pn, tmp_path, capsys):
     try:
         assert "other centroids" in error(
             ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
+        # ... or tokenized with another tokenizer.
+        (blend.parent / "clusters.json").write_text(json.dumps({"tokenizer_sha256": "c" * 64}))
+        (other / "histogram.json").write_text(json.dumps({**hist, "tokenizer_sha256": "d" * 64}))
+        assert "other tokenizer" in error(
+            ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
     finally:
         (blend.parent / "clusters.json").unlink()
     assert not (tmp_path / "out").exists()
