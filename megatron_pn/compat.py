@@ -9,7 +9,8 @@ shared/ENVIRONMENT.md):
 * a `TorchFunctionMode` rewrites `device='cuda'`-style arguments to CPU, makes `Tensor.cuda()`
   a no-op and answers `Tensor.type()` with the CUDA type name megatron-core checks for;
 * `torch.cuda.current_device()` answers 'cpu'; streams, events and synchronize become no-ops;
-* the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones.
+* the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones;
+* DeepSpeed (the second engine) is told to use its CPU accelerator.
 
 With a GPU nothing here is active: `activate()` returns 'cuda' and changes nothing. No other
 module of the project touches `torch.cuda` internals on megatron-core's behalf.
@@ -18,6 +19,7 @@ module of the project touches `torch.cuda` internals on megatron-core's behalf.
 from __future__ import annotations
 
 import contextlib
+import os
 from importlib import metadata
 
 import torch
@@ -119,6 +121,7 @@ def activate() -> str:
     check_megatron_core_version()
     if torch.cuda.is_available():
         return "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend (before its import)
     if _active_mode is None:
         _patch_torch_cuda()
         _patch_megatron_rng()

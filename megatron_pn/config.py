@@ -167,7 +167,19 @@ class DistillConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _help("ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)",
+                            1)
+    offload_optimizer: bool = _help("keep optimizer state in CPU memory (GPU runs)", False)
+    offload_params: bool = _help("keep parameters in CPU memory (ZeRO-3, GPU runs)", False)
+    config_file: str | None = _help("DeepSpeed JSON whose entries override the generated config",
+                                    None)
+
+
+@dataclass
 class Config:
+    engine: str = _help("megatron (megatron-core DDP, distributed optimizer, pipelines) or "
+                        "deepspeed (ZeRO; PP = 1)", "megatron")
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +187,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

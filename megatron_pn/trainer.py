@@ -20,11 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.distributed import DistributedDataParallel as DDP
-from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
@@ -35,8 +31,8 @@ from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
 from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
 from megatron_pn.mix import expert_job
+from megatron_pn.engines import ENGINES
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
-from megatron_pn.pn import finalize_pn_model_grads
 from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -69,14 +65,16 @@ class Trainer:
         self.cluster_table = (
             torch.tensor(resolve_blend(cfg.data).cluster_ids) if self.is_pn else None
         )
-        self.chunks = self._build_model()
         self.teacher = (build_teacher(cfg, lambda c: transformer_config(c, self.device_type))
                         if cfg.distill.teacher else None)
-        self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler()
         self.step = 0
         self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
-        self._resume_or_init()
+        resume_from = self._checkpoint_to_resume()
+        self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
+                                          self.is_pn)
+        self.scheduler = self._build_scheduler(self.engine.optimizer)
+        if resume_from:
+            self._resume(resume_from)
 
         run_dir = Path(cfg.logging.run_dir)
         self.train_data, self.valid_data = build_datasets(
@@ -99,50 +97,26 @@ class Trainer:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    def _build_model(self) -> list[DDP]:
+    def _checkpoint_to_resume(self) -> Path | None:
+        ckpt = self.cfg.checkpoint
+        step = checkpoint.latest_step(ckpt.dir) if ckpt.dir else None
+        return None if step is None else checkpoint.iteration_dir(ckpt.dir, step)
+
+    def _initial_model(self, resume_from) -> list:
+        """Model chunks on the device; weights from checkpoint.load unless resuming."""
         chunks = build_model_chunks(self.cfg, self.tconfig)
         if self.device_type == "cuda":
             chunks = [chunk.cuda() for chunk in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=self.cfg.parallel.overlap_grad_reduce,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
-        )
-        wrapped = [
-            DDP(self.tconfig, ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        self.tconfig.finalize_model_grads_func = (
-            finalize_pn_model_grads if self.is_pn else finalize_model_grads
-        )
-        if self.cfg.parallel.overlap_grad_reduce:
-            no_sync = [c.no_sync for c in wrapped]
-            self.tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        return wrapped
+        if self.cfg.checkpoint.load and not resume_from:
+            path = checkpoint.resolve(self.cfg.checkpoint.load)
+            checkpoint.load(path, chunks)
+            self._print(f"initialized model weights from {path}")
+        return chunks
 
-    def _build_optimizer(self):
-        t = self.cfg.train
-        config = OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=self.tconfig.bf16,
-            params_dtype=self.tconfig.params_dtype,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
-        )
-        optimizer = get_megatron_optimizer(config, self.chunks)
-        self.tconfig.grad_scale_func = optimizer.scale_loss
-        return optimizer
-
-    def _build_scheduler(self) -> OptimizerParamScheduler:
+    def _build_scheduler(self, optimizer) -> OptimizerParamScheduler:
         t = self.cfg.train
         return OptimizerParamScheduler(
-            self.optimizer,
+            optimizer,
             init_lr=0.0,
             max_lr=t.lr,
             min_lr=t.min_lr,
@@ -156,21 +130,11 @@ class Trainer:
             wd_incr_style="constant",
         )
 
-    def _resume_or_init(self) -> None:
-        ckpt = self.cfg.checkpoint
-        if ckpt.dir and checkpoint.latest_step(ckpt.dir) is not None:
-            path = checkpoint.iteration_dir(ckpt.dir, checkpoint.latest_step(ckpt.dir))
-            common = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
-            self.step = common["iteration"]
-            self.early_stopping.update(common.get("early_stopping", {}))
-            self._print(f"resumed from {path} at step {self.step}")
-        elif ckpt.load:
-            path = checkpoint.resolve(ckpt.load)
-            checkpoint.load(path, self.chunks)
-            self._print(f"initialized model weights from {path}")
-        # Main params of a mixed-precision optimizer are copies: refresh them from the model.
-        if ckpt.load or self.step:
-            self.optimizer.reload_model_params()
+    def _resume(self, path: Path) -> None:
+        common = self.engine.load(path, self.scheduler)
+        self.step = common["iteration"]
+        self.early_stopping.update(common.get("early_stopping", {}))
+        self._print(f"resumed from {path} at step {self.step}")
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -191,26 +155,9 @@ class Trainer:
             output = model(*inputs, labels=batch["labels"], **routing)
         return output, partial(_token_loss, batch["loss_mask"])
 
-    def _run_microbatches(self, batches: list[dict], forward_only: bool) -> list[dict]:
-        iterators = [iter(batches) for _ in self.chunks]
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks,
-            num_microbatches=len(batches),
-            seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            forward_only=forward_only,
-        )
-
     def train_step(self, batches: list[dict]) -> tuple[float | None, float]:
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = self._run_microbatches(batches, forward_only=False)
-        self.scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
-        _, grad_norm, _ = self.optimizer.step()
-        return _mean_loss(losses, self.env.device), float(grad_norm or 0.0)
+        reports, grad_norm = self.engine.train_step(self._forward_step, batches, self.scheduler)
+        return _mean_loss(reports, self.env.device), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -221,11 +168,9 @@ class Trainer:
         sampler = StepSampler(0, t.eval_steps, t.global_batch_size, t.micro_batch_size,
                               self.dp_rank, self.dp_size)
         batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
-        for chunk in self.chunks:
-            chunk.eval()
-        losses = self._run_microbatches(batches, forward_only=True)
-        for chunk in self.chunks:
-            chunk.train()
+        self.engine.set_training(False)
+        losses = self.engine.run_microbatches(self._forward_step, batches, forward_only=True)
+        self.engine.set_training(True)
         # Known on the last pipeline stage; every rank needs it (early stopping is collective).
         loss = torch.tensor([_mean_loss(losses, self.env.device) or 0.0], device=self.env.device)
         dist.broadcast(loss, src=self.env.world_size - 1)
@@ -312,8 +257,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "early_stopping": dict(self.early_stopping),
         }
-        path = checkpoint.save(ckpt.dir, self.step, self.chunks, self.optimizer, self.scheduler,
-                               extra, ckpt.optimizer_format, ckpt.keep_last)
+        path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")
         return path
 
@@ -353,7 +297,7 @@ class Trainer:
         atomic_write_json(path, log)
 
     def _log_train(self, loss, grad_norm, tokens_per_s, peak) -> None:
-        values = {"loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+        values = {"loss": loss, "lr": self.scheduler.get_lr(self.engine.optimizer.param_groups[0]),
                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if peak:
             achieved = flops_per_token(self.cfg) * tokens_per_s / self.env.world_size

@@ -7,6 +7,7 @@ from megatron_pn.data import resolve_blend
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
 
 CHOICES = {
+    "engine": ("megatron", "deepspeed"),
     "model.type": ("dense", "pn", "mix"),
     "model.activation": tuple(ACTIVATIONS),
     "model.normalization": ("RMSNorm", "LayerNorm"),
@@ -19,8 +20,10 @@ CHOICES = {
 
 
 def _get(cfg: Config, dotted: str):
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _require(condition: bool, message: str) -> None:
@@ -108,8 +111,26 @@ def validate_distill(cfg: Config) -> None:
     _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
 
 
+def validate_deepspeed(cfg: Config, device_type: str) -> None:
+    if cfg.engine != "deepspeed":
+        return
+    d, p = cfg.deepspeed, cfg.parallel
+    _require(p.pipeline == 1 and p.virtual_pipeline is None,
+             f"engine deepspeed: parallel.pipeline must be 1 (got {p.pipeline}); pipeline "
+             "parallelism needs engine megatron")
+    _require(d.zero_stage in (1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not one of 1, 2, 3")
+    _require(not p.distributed_optimizer, "engine deepspeed: ZeRO shards the optimizer; set "
+                                          "parallel.distributed_optimizer=false")
+    _require(not d.offload_params or d.zero_stage == 3,
+             "deepspeed.offload_params needs deepspeed.zero_stage=3")
+    _require(not (d.offload_params or d.offload_optimizer) or device_type == "cuda",
+             "deepspeed offload moves GPU memory to the CPU: on a CPU-only machine there is "
+             "nothing to offload; set deepspeed.offload_optimizer/offload_params=false")
+
+
 def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_model(cfg)
+    validate_deepspeed(cfg, device_type)
     validate_distill(cfg)
     validate_pn(cfg)
     validate_parallel(cfg, world_size, device_type)

@@ -1,0 +1,228 @@
+"""Training engines behind one interface, chosen by `engine:` in the config.
+
+megatron (default)  megatron-core DDP, its (distributed) optimizer, pipeline schedules and
+                    dist_checkpointing.
+deepspeed           DeepSpeed ZeRO stage 1/2/3 (optional CPU offload), megatron-core's parallel
+                    state as the mpu so tensor parallelism keeps working; PP = 1.
+
+Both take the model chunks built by `model.build_model_chunks`, run the trainer's forward step
+(same data, same per-token loss), expose `optimizer.param_groups` to megatron-core's LR
+scheduler (same schedule) and save to `checkpoint.dir/iter_NNNNNNN` with the same atomic
+`latest` marker (same resume semantics).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_pn import checkpoint
+from megatron_pn.config import Config, ConfigError
+from megatron_pn.fileio import atomic_write_text
+from megatron_pn.pn import finalize_pn_model_grads
+
+
+class MegatronEngine:
+    def __init__(self, cfg: Config, tconfig, chunks: list, is_pn: bool):
+        self.cfg, self.tconfig = cfg, tconfig
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        self.model = [DDP(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
+                      for i, chunk in enumerate(chunks)]
+        tconfig.finalize_model_grads_func = (
+            finalize_pn_model_grads if is_pn else finalize_model_grads)
+        if cfg.parallel.overlap_grad_reduce:
+            no_sync = [c.no_sync for c in self.model]
+            tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        t = cfg.train
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad, bf16=tconfig.bf16, params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ), self.model)
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+
+    def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
+        iterators = [iter(batches) for _ in self.model]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model, num_microbatches=len(batches),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
+        )
+
+    def train_step(self, forward_step, batches, scheduler):
+        """One optimizer step; returns (per-micro-batch loss reports, grad norm)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.run_microbatches(forward_step, batches, forward_only=False)
+        scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
+        _, grad_norm, _ = self.optimizer.step()
+        return reports, float(grad_norm or 0.0)
+
+    def set_training(self, training: bool) -> None:
+        for chunk in self.model:
+            chunk.train(training)
+
+    def load_weights(self, path) -> None:
+        checkpoint.load(path, self.model)
+        self.optimizer.reload_model_params()  # a mixed-precision optimizer's main copies
+
+    def load(self, path, scheduler) -> dict:
+        common = checkpoint.load(path, self.model, self.optimizer, scheduler)
+        self.optimizer.reload_model_params()
+        return common
+
+    def save(self, root, step, scheduler, extra) -> Path:
+        ckpt = self.cfg.checkpoint
+        return checkpoint.save(root, step, self.model, self.optimizer, scheduler, extra,
+                               ckpt.optimizer_format, ckpt.keep_last)
+
+
+class _MegatronMPU:
+    """megatron-core's parallel state under the names DeepSpeed's `mpu` argument expects."""
+
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+
+
+def deepspeed_config(cfg: Config, num_microbatches: int, bf16: bool) -> dict:
+    """The DeepSpeed config generated from ours; `deepspeed.config_file` entries override it."""
+    d, t = cfg.deepspeed, cfg.train
+    zero = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    generated = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if d.config_file:
+        path = Path(d.config_file)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"deepspeed.config_file: cannot read {path} ({err})") from None
+        generated = _merged(generated, user)
+    return generated
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """As megatron-core: no weight decay on biases and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    # (wd_mult: megatron-core's LR/WD scheduler multiplies the scheduled decay by it)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+                        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}) if g["params"]]
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, tconfig, chunks: list, is_pn: bool):
+        import deepspeed
+
+        self.cfg = cfg
+        t, module = cfg.train, chunks[0]
+        num_microbatches = t.global_batch_size // (
+            t.micro_batch_size * ps.get_data_parallel_world_size())
+        optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, mpu=_MegatronMPU(),
+            config=deepspeed_config(cfg, num_microbatches, tconfig.bf16))
+        self.model = [self.engine]
+
+    def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
+        reports, iterator = [], iter(batches)
+        for _ in batches:
+            output, loss_func = forward_step(iterator, self.engine)
+            loss_sum, count, report = loss_func(output)
+            if not forward_only:
+                # Mean over this micro-batch's tokens; DeepSpeed averages over accumulation
+                # steps and DP ranks: the global token mean when micro-batches hold equal counts.
+                self.engine.backward(loss_sum / count)
+                self.engine.step()  # applies the update at the accumulation boundary only
+            reports.append(report)
+        return reports
+
+    def train_step(self, forward_step, batches, scheduler):
+        scheduler.step(increment=1)  # sets the LR that the boundary step below uses
+        reports = self.run_microbatches(forward_step, batches, forward_only=False)
+        return reports, float(self.engine.get_global_grad_norm() or 0.0)
+
+    def set_training(self, training: bool) -> None:
+        self.engine.train(training)
+
+    def load_weights(self, path) -> None:
+        raise AssertionError("the trainer loads initial weights before building this engine")
+
+    def load(self, path, scheduler) -> dict:
+        path = Path(path)
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                load_lr_scheduler_states=False)
+        scheduler.load_state_dict(client["scheduler"])
+        _set_rng(client["rng"])
+        return {k: v for k, v in client.items() if k not in ("scheduler", "rng")}
+
+    def save(self, root, step, scheduler, extra) -> Path:
+        root, tag = Path(root), checkpoint.iteration_dir(root, step).name
+        client = {"scheduler": scheduler.state_dict(), "rng": _rng(), "iteration": step,
+                  "engine": "deepspeed", **extra}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:  # written after every rank's files: never a half checkpoint
+            atomic_write_text(root / checkpoint.LATEST, f"{step}\n")
+        dist.barrier()
+        return root / tag
+
+
+def _rng() -> dict:
+    return {"random": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+ENGINES = {"megatron": MegatronEngine, "deepspeed": DeepSpeedEngine}
