@@ -167,6 +167,13 @@ class DeepSpeedEngine:
             config=deepspeed_config(cfg, num_microbatches, tconfig.bf16))
         self.model = [self.engine]
 
+    def parameter_elements(self) -> tuple[int, int]:
+        """(elements this rank holds, elements of the model): ZeRO-3 holds a 1/DP partition."""
+        params = list(self.engine.module.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        return held, total
+
     def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
         reports, iterator = [], iter(batches)
         for _ in batches:

@@ -236,6 +236,20 @@ def from_gpt2(hf: dict, m) -> dict:
     return out
 
 
+def _gpt2_kv_repeated(hf: dict, c, groups: int) -> bool:
+    """Whether every layer's K and V heads repeat per query group (a GQA model exported)."""
+    heads, hn = c.n_head, c.n_embd // c.n_head
+    if heads % groups:
+        return False
+    for i in range(c.n_layer):
+        for kind in ("weight", "bias"):
+            kv = hf[f"transformer.h.{i}.{GPT2_QKV}.{kind}"][..., c.n_embd:]  # [k | v] columns
+            per_group = kv.reshape(*kv.shape[:-1], 2, groups, heads // groups, hn)
+            if not torch.equal(per_group, per_group[..., :1, :].expand_as(per_group)):
+                return False
+    return True
+
+
 def _gpt2_has_linear_biases(hf: dict, num_layers: int) -> bool:
     return any(hf[f"transformer.h.{i}.{name}"].any()
                for i in range(num_layers) for name in GPT2_LINEAR_BIASES)
@@ -424,9 +438,13 @@ def gpt2_fields(c, hf_state: dict, extras: dict) -> dict:
                         "megatron-pn's gelu is the exact (erf) GELU")
     if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
         raise EvalError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+    # What GPT-2 cannot express comes from the exporter's record, unless the weights have
+    # changed since (fine-tuned biases, K/V heads no longer repeated): never drop information.
     saved = extras.get("model", {})
+    biases = saved.get("add_bias_linear", False) or _gpt2_has_linear_biases(hf_state, c.n_layer)
     groups = saved.get("num_query_groups")
-    biases = saved.get("add_bias_linear", _gpt2_has_linear_biases(hf_state, c.n_layer))
+    if groups and not _gpt2_kv_repeated(hf_state, c, groups):
+        groups = None
     return dict(
         num_layers=c.n_layer, hidden_size=c.n_embd, num_attention_heads=c.n_head,
         num_query_groups=groups, ffn_hidden_size=c.n_inner or 4 * c.n_embd, activation="gelu",

@@ -73,6 +73,10 @@ class Trainer:
         self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
                                           self.is_pn)
         self.scheduler = self._build_scheduler(self.engine.optimizer)
+        if hasattr(self.engine, "parameter_elements"):
+            held, total = self.engine.parameter_elements()
+            self._print(f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}: rank 0 holds {held:,} of "
+                        f"{total:,} parameter elements")
         if resume_from:
             self._resume(resume_from)
 
