@@ -1,0 +1,56 @@
+"""Cost and perplexity bookkeeping for comparing methods (the paper's Tables 5/8, Figs. 1/4/6).
+
+Costs are device-hours (wall time x devices, from each run's `cost.json`). The total for N
+domains is C_total(N) = C_generic + N * C_specialization; methods are compared at equal
+pretraining cost by interpolating their perplexity between measured budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def macro_average_ppl(nll_by_domain: dict[str, float]) -> float:
+    """Mean per-token NLL over domains, then exp (each domain weighs the same)."""
+    if not nll_by_domain:
+        raise ValueError("no domains to average")
+    return math.exp(sum(nll_by_domain.values()) / len(nll_by_domain))
+
+
+def total_cost(generic: float, specialization: float, domains: int | np.ndarray):
+    """C_total(N) = C_generic + N * C_specialization."""
+    return generic + np.asarray(domains) * specialization
+
+
+def break_even_domains(a: tuple[float, float], b: tuple[float, float]) -> float | None:
+    """N at which methods a and b, given as (C_generic, C_spec), cost the same (None: never)."""
+    (ga, sa), (gb, sb) = a, b
+    if sa == sb:
+        return None
+    n = (gb - ga) / (sa - sb)
+    return n if n >= 0 else None
+
+
+def interpolate_at_cost(costs, values, target: float) -> float:
+    """A value (e.g. perplexity) at pretraining cost `target`, linear in log-cost between the
+    measured budgets (the paper interpolates its curves at 200 and 400 GPU-hours)."""
+    costs, values = np.asarray(costs, dtype=float), np.asarray(values, dtype=float)
+    order = np.argsort(costs)
+    costs, values = costs[order], values[order]
+    if not costs[0] <= target <= costs[-1]:
+        raise ValueError(f"cost {target} is outside the measured range "
+                         f"[{costs[0]:g}, {costs[-1]:g}]; measure more budgets")
+    return float(np.interp(math.log(target), np.log(costs), values))
+
+
+def device_hours(run_dir: str | Path, phase: str | None = None) -> float:
+    """Device-hours logged in run_dir/cost.json (all runs, or those of one phase)."""
+    path = Path(run_dir) / "cost.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no cost log (written by pn-train at the end of a run)")
+    runs = json.loads(path.read_text())["runs"]
+    return sum(r["device_hours"] for r in runs if phase is None or r["phase"] == phase)

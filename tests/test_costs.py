@@ -1,0 +1,45 @@
+"""Bookkeeping on constructed numbers: macro-average, C_total, break-even, interpolation at
+equal cost, reading cost logs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_pn.costs import (break_even_domains, device_hours, interpolate_at_cost,
+                               macro_average_ppl, total_cost)
+
+
+def test_macro_average_is_exp_of_mean_nll():
+    assert macro_average_ppl({"a": math.log(10), "b": math.log(40)}) == pytest.approx(20.0)
+    # not the mean of perplexities (25) nor a token-weighted average
+    with pytest.raises(ValueError):
+        macro_average_ppl({})
+
+
+def test_total_cost_and_break_even():
+    assert list(total_cost(100.0, 2.0, [0, 1, 10])) == [100.0, 102.0, 120.0]
+    # PN: 200 generic + 1 per domain; SLM-is: 0 generic + 130 per domain -> equal at 200/129
+    assert break_even_domains((200, 1), (0, 130)) == pytest.approx(200 / 129)
+    assert break_even_domains((10, 1), (20, 1)) is None  # parallel lines never meet
+    assert break_even_domains((10, 2), (20, 1)) == pytest.approx(10.0)
+
+
+def test_interpolation_at_equal_cost_is_linear_in_log_cost():
+    costs, ppl = [100, 400], [20.0, 16.0]
+    assert interpolate_at_cost(costs, ppl, 200) == pytest.approx(18.0)  # log2 midpoint
+    assert interpolate_at_cost([400, 100], [16.0, 20.0], 100) == 20.0  # order does not matter
+    with pytest.raises(ValueError, match="outside the measured range"):
+        interpolate_at_cost(costs, ppl, 800)
+
+
+def test_device_hours_from_cost_log(tmp_path):
+    (tmp_path / "cost.json").write_text(json.dumps({"runs": [
+        {"phase": "pretrain", "device_hours": 2.0}, {"phase": "finetune", "device_hours": 0.5},
+        {"phase": "pretrain", "device_hours": 1.0}]}))
+    assert device_hours(tmp_path) == 3.5
+    assert device_hours(tmp_path, "pretrain") == 3.0
+    with pytest.raises(FileNotFoundError, match="no cost log"):
+        device_hours(tmp_path / "missing")
