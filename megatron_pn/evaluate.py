@@ -220,11 +220,11 @@ def check_tokens(held: HeldOut, vocab_size: int, eod: int) -> None:
             f"has {vocab_size} ids (model.vocab_size); tokenize the set with the model's tokenizer")
     last = tokens[start[used] + ds.sequence_lengths[used] - 1]
     if np.any(last != eod):
-        doc = int(used[np.argmax(last != eod)])
+        first_bad = int(np.argmax(last != eod))
         raise EvalError(
-            f"{held.prefix}: document {doc} ends with token {int(tokens[start[doc] + ds.sequence_lengths[doc] - 1])}, "
-            f"not the model's EOD id {eod}: the set was tokenized with another tokenizer (or "
-            "pass --eod-id)")
+            f"{held.prefix}: document {int(used[first_bad])} ends with token "
+            f"{int(last[first_bad])}, not the model's EOD id {eod}: the set was tokenized with "
+            "another tokenizer (or pass --eod-id)")
 
 
 def window_clusters(assign_dir: str, held: HeldOut) -> np.ndarray:
@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         "context) and their macro-average: mean NLL over datasets, then exp.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (its latest iteration) or one iter_NNNNNNN")
+                        help="checkpoint directory (its best iteration if it keeps one, else its "
+                        "latest) or one iter_NNNNNNN")
     parser.add_argument("--data", required=True,
                         help="comma-separated indexed dataset prefixes (PREFIX.bin/.idx)")
     parser.add_argument("--names", help="comma-separated names, one per prefix (default: the "

@@ -110,7 +110,8 @@ def split_qkv(fused: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor, torch
     rest = fused.shape[1:]
     blocks = fused.reshape(groups, (heads // groups + 2) * hn, *rest)
     q, k, v = blocks.split([heads // groups * hn, hn, hn], dim=1)
-    return q.reshape(heads * hn, *rest), k.reshape(groups * hn, *rest), v.reshape(groups * hn, *rest)
+    kv_rows = groups * hn
+    return q.reshape(heads * hn, *rest), k.reshape(kv_rows, *rest), v.reshape(kv_rows, *rest)
 
 
 def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tensor:
@@ -541,7 +542,8 @@ def export_parser() -> argparse.ArgumentParser:
         epilog="example: pn-export-hf --checkpoint runs/pn/ckpt --expert 3 --output hf/e3 "
         "--tokenizer tok/spm_hf", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (its latest iteration) or one iter_NNNNNNN")
+                        help="checkpoint directory (its best iteration if it keeps one, else its "
+                        "latest) or one iter_NNNNNNN")
     parser.add_argument("--output", required=True, help="Hugging Face model directory to write")
     parser.add_argument("--expert", type=int, help="PN checkpoints: the expert to export")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer dir to copy in (PREFIX_hf/ "
@@ -557,8 +559,9 @@ def import_parser() -> argparse.ArgumentParser:
         prog="pn-import-hf",
         description="Import a Hugging Face Llama or GPT-2 model as a megatron-pn checkpoint "
         "(model weights, iteration 0) to initialize training from.",
-        epilog="example: pn-import-hf --hf hf/slm --output ckpt/slm --config configs/paper/slm.yaml\n"
-        "then:    pn-train configs/paper/slm.yaml ckpt/slm/model.yaml checkpoint.load=ckpt/slm",
+        epilog="example: pn-import-hf --hf hf/slm --output ckpt/slm --config "
+        "configs/paper/slm.yaml\nthen:    pn-train configs/paper/slm.yaml ckpt/slm/model.yaml "
+        "checkpoint.load=ckpt/slm",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="Hugging Face model directory")
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
