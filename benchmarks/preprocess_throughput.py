@@ -14,10 +14,11 @@ raw SentencePiece encode rate, with the same input, tokenizer and worker count.
   importable; the checkout is put first on PYTHONPATH). Without it that comparison is skipped.
   Both outputs are compared byte for byte (equal when no document is empty).
 
-Also measured, because wall time on a shared machine is noisy: the CPU seconds of each tool (all
-its processes), and the CPU seconds of its *main process* spent per token (a run on the input
-minus a run on one document, so start-up and imports cancel). The main process is the serial
-part of both pipelines: with many workers it bounds the throughput at 1 / (its CPU per token).
+Also measured, because wall time on a shared machine depends on what else runs: the CPU seconds
+of each tool (all its processes), as tokens per CPU-second, both end to end and without start-up
+(a run on the input minus a run on its first document, so interpreter start, imports and pool
+start cancel). Both tools keep every core busy, so on an idle machine their wall-time ratio is
+their CPU ratio; "% of raw" compares CPU per token with SentencePiece's own.
 
 Runs are interleaved and repeated (medians reported). Without --input, the shipped corpus
 (data/corpus/*/*.jsonl.gz, all splits) is used, --copies times over; without --tokenizer-model,
@@ -40,21 +41,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _texts: list[str] = []  # shared with the raw-rate workers by fork
-
-# Runs a module or script as __main__ and records the CPU time of this (main) process at exit.
-_MAIN_CPU_WRAPPER = """
-import atexit, json, os, resource, runpy, sys
-def _record():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    with open(os.environ["BENCH_MAIN_CPU_FILE"], "w") as f:
-        json.dump(usage.ru_utime + usage.ru_stime, f)
-atexit.register(_record)
-kind, target, *arguments = sys.argv[1:]
-sys.argv = [target, *arguments]
-runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else \\
-    runpy.run_path(target, run_name="__main__")
-"""
-
 
 def build_input(inputs: list[str], copies: int, out: Path) -> Path:
     """One plain JSONL file (what Megatron-LM's tool reads) with the documents of `inputs`."""
@@ -119,21 +105,17 @@ def raw_rate(model: str, texts: list[str], workers: int) -> dict:
 
 
 def timed(command: list[str], cwd: Path, env: dict | None = None) -> dict:
-    """Wall seconds, CPU seconds of all its processes, CPU seconds of its main process."""
-    env = dict(env or os.environ)
-    with tempfile.NamedTemporaryFile(suffix=".json") as main_cpu:
-        env["BENCH_MAIN_CPU_FILE"] = main_cpu.name
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", _MAIN_CPU_WRAPPER, *command], cwd=cwd,
-                                env=env, capture_output=True, text=True)  # fmt: skip
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if result.returncode != 0:
-            raise SystemExit(f"{' '.join(command[:2])} failed:\n{result.stderr[-3000:]}")
-        main = json.loads(Path(main_cpu.name).read_text())
+    """Wall seconds and CPU seconds of all its processes (workers included) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, *command], cwd=cwd, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed:\n{result.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "main_cpu": main, "stdout": result.stdout}
+    return {"wall": wall, "cpu": cpu, "stdout": result.stdout}
 
 
 def run_ours(data: Path, model: str, workers: int, prefix: Path) -> dict:
@@ -154,7 +136,7 @@ def run_megatron(megatron_lm: Path, data: Path, model: str, workers: int, prefix
                "--output-prefix", str(prefix), "--tokenizer-type", "GPTSentencePieceTokenizer",
                "--tokenizer-model", model, "--workers", str(workers), "--append-eod",
                "--log-interval", "1000000"]  # fmt: skip
-    return timed(["-p", *command], megatron_lm, env)
+    return timed(command, megatron_lm, env)
 
 
 def same_files(prefix_a: str, prefix_b: str) -> bool:
@@ -202,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             runs["raw"].append(raw_rate(model, texts, args.workers))
             for name, run in tools.items():
                 full = run(data, work / name)
-                full["main_cpu_tiny"] = run(tiny, work / f"{name}-tiny")["main_cpu"]
+                full["cpu_tiny"] = run(tiny, work / f"{name}-tiny")["cpu"]
                 runs[name].append(full)
             print(f"run {repeat + 1}: " + ", ".join(
-                f"{name} {runs['raw'][-1]['tokens'] / r[-1]['wall']:,.0f} tok/s"
-                for name, r in runs.items()), f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+                f"{name} {runs['raw'][-1]['tokens'] / r[-1]['wall']:,.0f} tok/s "
+                f"({runs['raw'][-1]['tokens'] / r[-1]['cpu']:,.0f}/CPU-s)"
+                for name, r in runs.items()), f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         report(runs, len(texts), data, args.workers)
         if args.megatron_lm:
             identical = same_files(str(work / "pn-data"), str(work / "Megatron-LM_text_document"))
@@ -220,26 +203,29 @@ def report(runs: dict, documents: int, data: Path, workers: int) -> None:
     def med(name, key):
         return statistics.median(r[key] for r in runs[name])
 
-    raw_wall, raw_cpu = tokens / med("raw", "wall"), tokens / med("raw", "cpu")
+    raw_cpu = tokens / med("raw", "cpu")
     print(f"\ninput: {documents:,} documents, {data.stat().st_size / 1e6:,.1f} MB JSONL, "
           f"{tokens:,} tokens (EOD included); {workers} workers; median of {len(runs['raw'])} "
-          "runs")  # fmt: skip
-    print(f"{'':32}{'wall tok/s':>12}{'% raw':>7}{'tok/CPU-s':>11}{'main CPU s/1M tok':>19}")
-    print(f"{'raw SentencePiece (in memory)':32}{raw_wall:>12,.0f}{'100%':>7}{raw_cpu:>11,.0f}")
+          f"runs; load average {os.getloadavg()[1]:.1f} (5 min)")  # fmt: skip
+    print(f"{'tok/s':>49}{'tok/CPU-s':>12}{'tok/CPU-s':>13}{'% of raw':>10}{'start-up':>10}")
+    print(f"{'wall':>49}{'all':>12}{'no start-up':>13}{'(CPU)':>10}{'CPU s':>10}")
+    print(f"{'raw SentencePiece (texts in memory)':38}{tokens / med('raw', 'wall'):>11,.0f}"
+          f"{'':>12}{raw_cpu:>13,.0f}{'100%':>10}")  # fmt: skip
+    steady = {}
     for name in runs:
         if name == "raw":
             continue
-        wall = tokens / med(name, "wall")
-        serial = statistics.median(r["main_cpu"] - r["main_cpu_tiny"] for r in runs[name])
-        print(f"{name + ', end to end':32}{wall:>12,.0f}{wall / raw_wall:>7.0%}"
-              f"{tokens / med(name, 'cpu'):>11,.0f}{serial / tokens * 1e6:>19.3f}")  # fmt: skip
-        if name == "pn-data":
-            steady = med(name, "steady")
-            print(f"{'pn-data, steady (tokenizing)':32}{steady:>12,.0f}{steady / raw_wall:>7.0%}")
+        startup = med(name, "cpu_tiny")
+        steady[name] = tokens / statistics.median(r["cpu"] - r["cpu_tiny"] for r in runs[name])
+        print(f"{name + ' preprocess, end to end':38}{tokens / med(name, 'wall'):>11,.0f}"
+              f"{tokens / med(name, 'cpu'):>12,.0f}{steady[name]:>13,.0f}"
+              f"{steady[name] / raw_cpu:>10.0%}{startup:>10.1f}")  # fmt: skip
+    print(f"pn-data steady rate it reports (wall, tokenizing loop): {med('pn-data', 'steady'):,.0f} "
+          f"tok/s = {med('pn-data', 'steady') * med('raw', 'wall') / tokens:.0%} of raw wall")
     if "Megatron-LM" in runs:
-        ratio = med("Megatron-LM", "wall") / med("pn-data", "wall")
-        print(f"pn-data / Megatron-LM, end to end wall: {ratio:.2f}x; CPU: "
-              f"{med('Megatron-LM', 'cpu') / med('pn-data', 'cpu'):.2f}x")
+        print(f"pn-data / Megatron-LM: wall {med('Megatron-LM', 'wall') / med('pn-data', 'wall'):.2f}x"
+              f", CPU end to end {med('Megatron-LM', 'cpu') / med('pn-data', 'cpu'):.2f}x, "
+              f"CPU without start-up {steady['pn-data'] / steady['Megatron-LM']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -546,12 +546,14 @@ def _finish(workdir, progress, plan, output_prefix, sp, dtype, sources) -> dict:
 
 
 def run_merge(inputs: list[str], output_prefix: str, overwrite: bool = False) -> dict:
-    """Concatenate indexed datasets (e.g. the shards of one preprocess) in the given order."""
+    """Concatenate indexed datasets in the given order; shards of one preprocess run are put in
+    shard order (so a shell glob works) and must all be present."""
     outputs = [*dataset_paths(output_prefix), Path(output_prefix + ".json")]
     for path in outputs:
         check_writable(path, overwrite)
     sidecars = [_read_sidecar(prefix) for prefix in inputs]
-    _check_mergeable(inputs, sidecars)
+    order = merge_order(inputs, sidecars)
+    inputs, sidecars = [inputs[i] for i in order], [sidecars[i] for i in order]
     documents, _ = concat_datasets(inputs, output_prefix, overwrite)
     merged = _merge_sidecars(inputs, sidecars, documents, output_prefix)
     atomic_write_json(output_prefix + ".json", merged, overwrite)
@@ -566,21 +568,36 @@ def _read_sidecar(prefix: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _check_mergeable(inputs: list[str], sidecars: list[dict | None]) -> None:
-    """Refuse mixing tokenizers, and shards of one run given incomplete or out of order."""
-    known = [(prefix, s) for prefix, s in zip(inputs, sidecars) if s]
-    tokenizers = {s["tokenizer"]["sha256"] for _, s in known}
-    if len(tokenizers) > 1:
+def _sidecar_tokenizer(sidecar: dict) -> str | None:
+    return sidecar.get("tokenizer_sha256") or sidecar.get("tokenizer", {}).get("sha256")
+
+
+def merge_order(inputs: list[str], sidecars: list[dict | None]) -> list[int]:
+    """Indices of `inputs` in merge order. Refuses mixing tokenizers. Shards i/n (n > 1) of one
+    run (same inputs) are sorted by i and must be exactly 0..n-1, so the merge equals one run;
+    anything else keeps the order given."""
+    known = [s for s in sidecars if s]
+    if len({_sidecar_tokenizer(s) for s in known}) > 1:
         raise ValueError("merge inputs were made with different tokenizers (sha256 differ)")
-    shards = [s.get("shard") for _, s in known]
-    if len(known) == len(inputs) and all(shards) and len({json.dumps(s["inputs"]) for _, s in known}) == 1:
-        counts = {int(shard.split("/")[1]) for shard in shards}
-        expected = [f"{i}/{n}" for n in counts for i in range(n)]
-        if len(counts) == 1 and shards != expected and expected != ["0/1"]:
-            raise ValueError(
-                f"merge inputs are shards {', '.join(shards)} of one run; give all of "
-                f"{expected[0]}..{expected[-1]} in order so the result equals one run"
-            )
+    given = list(range(len(inputs)))
+    if len(known) < len(inputs) or not all(s.get("shard") for s in known):
+        return given
+    shards = [parse_shard(s["shard"]) for s in known]
+    counts = {count for _, count in shards}
+    same_run = len({json.dumps(s.get("inputs")) for s in known}) == 1
+    if not same_run or counts != {shards[0][1]} or shards[0][1] == 1:
+        return given
+    order = sorted(given, key=lambda i: shards[i][0])
+    present = [shards[i][0] for i in order]
+    count = shards[0][1]
+    if present != list(range(count)):
+        missing = sorted(set(range(count)) - set(present))
+        raise ValueError(
+            f"merge inputs are shards of one {count}-way run, but shard(s) "
+            f"{', '.join(map(str, missing)) or '(duplicated)'} are missing: the result would not "
+            "equal one run"
+        )
+    return order
 
 
 def _merge_sidecars(inputs, sidecars, documents, output_prefix) -> dict:
@@ -649,8 +666,10 @@ def register(subparsers) -> None:
                    help="tokenizer processes (default: the CPUs available, %(default)s here; "
                    "0 tokenizes in the main process)")
     p.add_argument("--shard", metavar="i/n",
-                   help="process only the i-th (0-based) of n contiguous parts of the input; "
-                   "`pn-data merge` of shards 0..n-1 equals one run byte for byte")
+                   help="process only the i-th (0-based) of n contiguous parts of the input, "
+                   "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT in an --array=0-(n-1) job "
+                   "with --output-prefix out/shard-$SLURM_ARRAY_TASK_ID; `pn-data merge "
+                   "--inputs out/shard-*` of all n equals one run byte for byte")
     p.add_argument("--text-field", default="text", metavar="NAME",
                    help="JSON field / Parquet column holding the document text (default: text)")
     p.add_argument("--skip-bad", action="store_true",
@@ -669,9 +688,10 @@ def register(subparsers) -> None:
     m = subparsers.add_parser(
         "merge",
         help="concatenate indexed datasets (e.g. the shards of one preprocess) into one",
-        description="Concatenate Megatron indexed datasets in the order given. Shards 0..n-1 of "
-        "one `pn-data preprocess --shard i/n` give the same .bin/.idx as an unsharded run; "
-        "their sidecars' counts are summed into PREFIX.json.",
+        description="Concatenate Megatron indexed datasets in the order given. The shards of one "
+        "`pn-data preprocess --shard i/n` run are recognised from their sidecars, put in shard "
+        "order and required complete: their merge is byte-identical to an unsharded run. "
+        "The sidecars' counts are summed into PREFIX.json; mixing tokenizers is refused.",
     )
     m.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX",
                    help="dataset prefixes (PREFIX.bin + PREFIX.idx), in output order")
@@ -691,9 +711,10 @@ def _preprocess_command(args) -> int:
         part_tokens=args.part_tokens, quiet=args.quiet,
     )  # fmt: skip
     run = result["this_run"]
+    skipped = ", ".join(f"{n:,} {reason}" for reason, n in result["skipped"].items()) or "none"
     print(
         f"{args.output_prefix}: {result['documents']:,} documents, {result['tokens']:,} tokens "
-        f"({result['dtype']}); skipped {result['skipped'] or 'none'}; this run encoded "
+        f"({result['dtype']}); skipped: {skipped}; this run encoded "
         f"{run['tokens_encoded']:,} tokens in {run['seconds']:.1f}s "
         f"({run['tokens_per_second']:,.0f} tok/s), reused {run['parts_reused']} finished part(s)"
     )

@@ -54,7 +54,7 @@ def test_hf_tokenizer_loads_offline_and_matches_sentencepiece(small_tokenizer, r
 def test_unigram_model_trains_and_exports(tmp_path, real_texts, jsonl_writer):
     from transformers import AutoTokenizer
 
-    corpus = jsonl_writer(tmp_path / "c.jsonl", real_texts[::2])
+    corpus = jsonl_writer(tmp_path / "c.jsonl", real_texts[::4])
     args = ["train-tokenizer", "--input", str(corpus), "--output", str(tmp_path / "u"),
             "--vocab-size", "600", "--model-type", "unigram", "--threads", "2"]  # fmt: skip
     assert main(args) == 0
