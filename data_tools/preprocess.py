@@ -17,12 +17,14 @@ or file (gzip/zstd, text directories) boundaries. Shards are therefore contiguou
 documents, and `pn-data merge` of shards 0..n-1 gives the same .bin/.idx bytes as one run.
 
 Resuming. Work goes into PREFIX.parts/: the shard's byte range of each input is a *segment*,
-and each segment is written as numbered *parts* of about `--part-tokens` tokens, each a small
-indexed dataset made atomically and marked done by a JSON file written last (which records the
-records it covers). A rerun after a crash or kill keeps the done parts (checked against their
-recorded sizes), skips the records they cover, and only tokenizes the rest; plan.json refuses a
-resume with different inputs, tokenizer, text field or shard. When every part is done, the parts
-are concatenated into PREFIX.bin/.idx, the sidecar is written, and PREFIX.parts/ is removed.
+and each segment is written as numbered *parts* of about `--part-tokens` tokens (at least one
+batch, ~256 KB of text), each a small indexed dataset made atomically and marked done by a JSON
+file written last (which records the records it covers). A rerun after a crash or kill keeps
+the done parts (checked against their recorded sizes), skips the records they cover, and only
+tokenizes the rest; plan.json refuses a resume with different inputs, tokenizer, text field or
+shard (other options, e.g. --workers or --skip-bad, may change). When every part is done, the
+parts are concatenated into PREFIX.bin/.idx, the sidecar is written, and PREFIX.parts/ is
+removed. A lock file keeps two runs off the same PREFIX.
 """
 
 from __future__ import annotations
@@ -652,8 +654,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "preprocess",
         help="tokenize documents into a Megatron indexed dataset (.bin/.idx + .json sidecar)",
-        description=__doc__.split("\n\n")[1] + " Resumable: rerun the same command after a "
-        "crash or kill to finish without redoing finished parts.",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files or directories: .jsonl/.json (optionally .gz or .zst), "
@@ -694,7 +696,8 @@ def register(subparsers) -> None:
         "The sidecars' counts are summed into PREFIX.json; mixing tokenizers is refused.",
     )
     m.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX",
-                   help="dataset prefixes (PREFIX.bin + PREFIX.idx), in output order")
+                   help="dataset prefixes (PREFIX.bin + PREFIX.idx), in output order (the "
+                   "shards of one preprocess run are put in shard order)")
     m.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
