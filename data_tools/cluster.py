@@ -25,7 +25,6 @@ of its blend entry; `cluster_ids` maps it back to the cluster id.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

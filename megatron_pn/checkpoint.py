@@ -62,6 +62,11 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is neither a checkpoint directory nor an iteration in one")
 
 
+def has_training_state(path: str | Path) -> bool:
+    """False for model-only checkpoints (pn-project, pn-import-hf, a run's step-0 init)."""
+    return "scheduler" in dist_checkpointing.load_common_state_dict(str(path))
+
+
 def saved_config(path: str | Path):
     """The run config stored in a checkpoint (a root or one iteration directory)."""
     from megatron_pn.config import config_from_dict

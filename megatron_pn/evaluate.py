@@ -22,8 +22,6 @@ with tensor parallelism (every rank reads the same batches).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import math
 import os
 import sys
@@ -33,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_pn.fileio import OutputExistsError, atomic_write_json, check_writable
+from megatron_pn.fileio import atomic_write_json, check_writable
+from megatron_pn.standalone import (LoadedModel, ToolError, inference_world, is_user_error,
+                                    load_model, resolve_checkpoint)
 
 EPILOG = """examples:
   pn-eval --checkpoint runs/slm/ckpt --data data/held/arxiv,data/held/wiki --names arxiv,wiki
@@ -44,106 +44,6 @@ EPILOG = """examples:
 Runs on the GPU when one is visible (CUDA_VISIBLE_DEVICES= forces the CPU)."""
 
 
-class EvalError(ValueError):
-    """Bad input to pn-eval / pn-export-hf (one clear line)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# A process world for inference
-
-
-@contextlib.contextmanager
-def inference_world(single_process: bool = False):
-    """Process groups with one pipeline stage and TP over all processes; yields the DistEnv.
-
-    Reuses a world that is already set up (a caller's, e.g. a test's) and tears down only what
-    it created.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_pn import compat
-    from megatron_pn.distributed import init_distributed
-
-    device_type = compat.activate()
-    owns_dist = not dist.is_initialized()
-    env = init_distributed(device_type)
-    owns_parallel = not ps.model_parallel_is_initialized()
-    try:
-        if single_process and env.world_size != 1:
-            raise EvalError("this command runs as one process (it loads any TP/PP layout by "
-                            "itself); run it without torchrun")
-        if owns_parallel:
-            ps.initialize_model_parallel(tensor_model_parallel_size=env.world_size)
-        elif ps.get_pipeline_model_parallel_world_size() != 1:
-            raise EvalError("inference needs a world without pipeline parallelism")
-        yield env
-    finally:
-        if owns_parallel and ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        if owns_dist and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a checkpoint into this world
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module  # a GPTModel (dense, mix) or PNGPTModel (pn), eval mode
-    cfg: object  # the run's Config, with this world's parallel layout
-    path: Path  # the iteration directory
-    iteration: int | None
-    device: torch.device
-
-    @property
-    def is_pn(self) -> bool:
-        return self.cfg.model.type == "pn"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    from megatron_pn import checkpoint
-
-    if not Path(path).exists():
-        raise EvalError(f"checkpoint {path} does not exist")
-    return checkpoint.resolve(path)
-
-
-def inference_config(saved, tensor: int, precision: str):
-    """The run's config with every layer in this process (one stage) and no dropout."""
-    from megatron_pn.config import ParallelConfig
-
-    cfg = copy.deepcopy(saved)
-    cfg.parallel = ParallelConfig(tensor=tensor)
-    cfg.train.precision = precision
-    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
-    return cfg
-
-
-def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> LoadedModel:
-    """Build the checkpoint's model at this world's TP size and load its weights (any layout)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from megatron_pn import checkpoint
-    from megatron_pn.model import build_model_chunks, transformer_config
-    from megatron_pn.validation import validate_model, validate_parallel, validate_pn
-
-    path = resolve_checkpoint(checkpoint_path)
-    tensor = ps.get_tensor_model_parallel_world_size()
-    cfg = inference_config(checkpoint.saved_config(path), tensor, precision)
-    validate_model(cfg)
-    validate_pn(cfg)
-    validate_parallel(cfg, tensor, env.device.type)
-    tconfig = transformer_config(cfg, env.device.type)
-    tconfig.perform_initialization = False  # every weight comes from the checkpoint
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    [model] = build_model_chunks(cfg, tconfig)
-    if env.device.type == "cuda":
-        model = model.cuda()
-    common = checkpoint.load(path, [model])
-    return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)
 
 
 def model_eod_id(cfg) -> int:
@@ -215,13 +115,13 @@ def check_tokens(held: HeldOut, vocab_size: int, eod: int) -> None:
     end = start[used[-1]] + ds.sequence_lengths[used[-1]]
     largest = int(tokens[start[used[0]]:end].max())
     if largest >= vocab_size:
-        raise EvalError(
+        raise ToolError(
             f"tokenizer/vocabulary mismatch: {held.prefix} holds token id {largest} but the model "
             f"has {vocab_size} ids (model.vocab_size); tokenize the set with the model's tokenizer")
     last = tokens[start[used] + ds.sequence_lengths[used] - 1]
     if np.any(last != eod):
         first_bad = int(np.argmax(last != eod))
-        raise EvalError(
+        raise ToolError(
             f"{held.prefix}: document {int(used[first_bad])} ends with token "
             f"{int(last[first_bad])}, not the model's EOD id {eod}: the set was tokenized with "
             "another tokenizer (or pass --eod-id)")
@@ -235,13 +135,13 @@ def window_clusters(assign_dir: str, held: HeldOut) -> np.ndarray:
     paths = [root / "assignments.npy", root / "windows.npy"]
     for path in paths:
         if not path.is_file():
-            raise EvalError(f"--cluster-ids-from: {path} not found (the output directory of "
+            raise ToolError(f"--cluster-ids-from: {path} not found (the output directory of "
                             "`pn-data assign` on this held-out set)")
     assignments, windows = (np.load(path) for path in paths)
     n_docs = len(held.dataset)
     if (len(assignments) != len(windows) or len(windows) == 0 or windows[:, 0].max() >= n_docs
             or np.any(windows[:, 2] > held.dataset.sequence_lengths[windows[:, 0]])):
-        raise EvalError(f"--cluster-ids-from: {root} does not describe {held.prefix} "
+        raise ToolError(f"--cluster-ids-from: {root} does not describe {held.prefix} "
                         f"({n_docs} documents): run `pn-data assign` on this set")
     span = int(held.dataset.sequence_lengths.max()) + 1
     keys = windows[:, 0].astype(np.int64) * span + windows[:, 1]
@@ -258,15 +158,15 @@ def held_out_sets(args, seq_length: int) -> list[HeldOut]:
     prefixes = split_list(args.data)
     names = split_list(args.names) if args.names else [Path(p).name for p in prefixes]
     if len(names) != len(prefixes):
-        raise EvalError(f"--names: {len(names)} names for {len(prefixes)} --data prefixes")
+        raise ToolError(f"--names: {len(names)} names for {len(prefixes)} --data prefixes")
     if len(set(names)) != len(names):
-        raise EvalError(f"dataset names must be distinct, got {', '.join(names)} (use --names)")
+        raise ToolError(f"dataset names must be distinct, got {', '.join(names)} (use --names)")
     sets = []
     for name, prefix in zip(names, prefixes):
         dataset = open_dataset(prefix)
         windows = document_windows(dataset.sequence_lengths, seq_length, args.max_tokens)
         if len(windows) == 0:
-            raise EvalError(f"{prefix} holds no token to evaluate")
+            raise ToolError(f"{prefix} holds no token to evaluate")
         sets.append(HeldOut(name, prefix, dataset, windows))
     return sets
 
@@ -361,14 +261,14 @@ def check_expert(m, expert: int | None, checkpoint, purpose: str,
     """A PN checkpoint needs an expert (unless routed otherwise); a dense one takes none."""
     if m.type != "pn":
         if expert is not None or other_routing:
-            raise EvalError(f"expert routing (--expert, --cluster-ids-from) applies to PN "
+            raise ToolError(f"expert routing (--expert, --cluster-ids-from) applies to PN "
                             f"checkpoints; {checkpoint} is a model.type {m.type} checkpoint")
         return
     if expert is None and not other_routing:
-        raise EvalError(f"{checkpoint} is a PN checkpoint ({m.num_experts} experts): pass "
+        raise ToolError(f"{checkpoint} is a PN checkpoint ({m.num_experts} experts): pass "
                         f"--expert I to {purpose}")
     if expert is not None and not 0 <= expert < m.num_experts:
-        raise EvalError(f"--expert {expert} is outside [0, model.num_experts = {m.num_experts})")
+        raise ToolError(f"--expert {expert} is outside [0, model.num_experts = {m.num_experts})")
 
 
 def route(m, args, sets: list[HeldOut]) -> dict:
@@ -384,12 +284,12 @@ def route(m, args, sets: list[HeldOut]) -> dict:
         return {"expert": args.expert}
     dirs = split_list(args.cluster_ids_from)
     if len(dirs) != len(sets):
-        raise EvalError(f"--cluster-ids-from: {len(dirs)} directories for {len(sets)} --data "
+        raise ToolError(f"--cluster-ids-from: {len(dirs)} directories for {len(sets)} --data "
                         "prefixes (one per prefix)")
     for held, directory in zip(sets, dirs):
         held.cluster_ids = window_clusters(directory, held)
         if held.cluster_ids.max() >= m.num_experts:
-            raise EvalError(f"--cluster-ids-from {directory}: cluster {held.cluster_ids.max()} "
+            raise ToolError(f"--cluster-ids-from {directory}: cluster {held.cluster_ids.max()} "
                             f"but the model has {m.num_experts} experts")
     return {"cluster_ids_from": dirs}
 
@@ -452,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args) -> None:
     if args.batch_size < 1:
-        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise ToolError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
-        raise EvalError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        raise ToolError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.output:
         check_writable(args.output, args.overwrite)
 
@@ -477,16 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"pn-eval: error: {err}", file=sys.stderr)
         return 2
-
-
-def is_user_error(err: Exception) -> bool:
-    from megatron_pn.checkpoint import CheckpointError
-    from megatron_pn.compat import UnsupportedMegatronCore
-    from megatron_pn.config import ConfigError
-    from megatron_pn.data import DataError
-
-    return isinstance(err, (EvalError, CheckpointError, ConfigError, DataError, OutputExistsError,
-                            UnsupportedMegatronCore))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_pn.evaluate import (EvalError, check_expert, inference_world, is_user_error,
-                                  load_model, model_eod_id, resolve_checkpoint)
+from megatron_pn.evaluate import check_expert, model_eod_id
+from megatron_pn.standalone import (ToolError, inference_world, is_user_error, load_model,
+                                    resolve_checkpoint)
 from megatron_pn.fileio import atomic_path, atomic_write_text, check_writable
 
 LLAMA, GPT2 = "llama", "gpt2"
@@ -91,7 +92,7 @@ def architecture(m) -> str:
         return LLAMA
     if shape == ("gelu", "LayerNorm", "learned_absolute"):
         return GPT2
-    raise EvalError(
+    raise ToolError(
         f"no Hugging Face architecture fits model.activation={m.activation}, normalization="
         f"{m.normalization}, position_embedding_type={m.position_embedding_type}; supported: "
         "swiglu+RMSNorm+rope (LlamaForCausalLM), gelu+LayerNorm+learned_absolute (GPT2LMHeadModel)")
@@ -134,7 +135,7 @@ def unrepeat_kv(kv: torch.Tensor, m) -> torch.Tensor:
     heads, groups, hn = _heads(m)
     per_group = kv.reshape(groups, heads // groups, hn, *kv.shape[1:])
     if not torch.equal(per_group, per_group[:, :1].expand_as(per_group)):
-        raise EvalError(f"the K/V heads are not repeated per query group: the model cannot have "
+        raise ToolError(f"the K/V heads are not repeated per query group: the model cannot have "
                         f"model.num_query_groups={groups}")
     return per_group[:, 0].reshape(groups * hn, *kv.shape[1:])
 
@@ -261,13 +262,13 @@ def check_shapes(got: dict, expected: dict, what: str) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     if missing or unexpected:
-        raise EvalError(f"{what}: name mapping incomplete: missing {missing[:4]}, "
+        raise ToolError(f"{what}: name mapping incomplete: missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]}")
     for key, tensor in got.items():
         if key.endswith("_extra_state"):  # megatron-core's (empty) per-layer extra state
             continue
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise EvalError(f"{what}: {key} has shape {tuple(tensor.shape)}, the model expects "
+            raise ToolError(f"{what}: {key} has shape {tuple(tensor.shape)}, the model expects "
                             f"{tuple(expected[key].shape)}")
 
 
@@ -298,11 +299,11 @@ def special_token_ids(eod: int, tokenizer_dir: str | None, vocab: int) -> dict:
     from transformers import AutoTokenizer
 
     if not Path(tokenizer_dir).is_dir():
-        raise EvalError(f"--tokenizer {tokenizer_dir} is not a directory (the PREFIX_hf/ of "
+        raise ToolError(f"--tokenizer {tokenizer_dir} is not a directory (the PREFIX_hf/ of "
                         "`pn-data train-tokenizer`)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > vocab or tokenizer.eos_token_id != eod:
-        raise EvalError(f"tokenizer/vocabulary mismatch: {tokenizer_dir} has {len(tokenizer)} "
+        raise ToolError(f"tokenizer/vocabulary mismatch: {tokenizer_dir} has {len(tokenizer)} "
                         f"tokens and EOS id {tokenizer.eos_token_id}; the model has {vocab} ids "
                         f"and EOD id {eod}")
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eod,
@@ -390,10 +391,10 @@ def load_hf(directory: str):
     from transformers import AutoModelForCausalLM
 
     if not (Path(directory) / "config.json").is_file():
-        raise EvalError(f"--hf {directory}: no config.json there (a Hugging Face model dir)")
+        raise ToolError(f"--hf {directory}: no config.json there (a Hugging Face model dir)")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if model.config.model_type not in (LLAMA, GPT2):
-        raise EvalError(f"--hf {directory}: model_type {model.config.model_type} is not "
+        raise ToolError(f"--hf {directory}: model_type {model.config.model_type} is not "
                         "supported (llama or gpt2)")
     return model
 
@@ -416,13 +417,13 @@ def llama_fields(c) -> dict:
     rope = dict(getattr(c, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default":
-        raise EvalError(f"rope_type {rope['rope_type']} (RoPE scaling) is not supported")
+        raise ToolError(f"rope_type {rope['rope_type']} (RoPE scaling) is not supported")
     if c.hidden_act != "silu":
-        raise EvalError(f"hidden_act {c.hidden_act} is not supported (silu: SwiGLU)")
+        raise ToolError(f"hidden_act {c.hidden_act} is not supported (silu: SwiGLU)")
     if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
-        raise EvalError(f"head_dim {c.head_dim} != hidden_size / num_attention_heads")
+        raise ToolError(f"head_dim {c.head_dim} != hidden_size / num_attention_heads")
     if float(theta) != int(theta):
-        raise EvalError(f"rope_theta {theta} is not an integer (model.rotary_base)")
+        raise ToolError(f"rope_theta {theta} is not an integer (model.rotary_base)")
     groups = c.num_key_value_heads or c.num_attention_heads
     return dict(
         num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
@@ -435,10 +436,10 @@ def llama_fields(c) -> dict:
 
 def gpt2_fields(c, hf_state: dict, extras: dict) -> dict:
     if c.activation_function != "gelu":
-        raise EvalError(f"activation_function {c.activation_function} is not supported: "
+        raise ToolError(f"activation_function {c.activation_function} is not supported: "
                         "megatron-pn's gelu is the exact (erf) GELU")
     if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
-        raise EvalError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+        raise ToolError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
     # What GPT-2 cannot express comes from the exporter's record, unless the weights have
     # changed since (fine-tuned biases, K/V heads no longer repeated): never drop information.
     saved = extras.get("model", {})

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from megatron_pn import checkpoint
-from megatron_pn.config import Config, ConfigError
+from megatron_pn.config import Config
 from megatron_pn.fileio import check_writable
+from megatron_pn.standalone import ToolError
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
 
 
-class ProjectionError(ValueError):
+class ProjectionError(ToolError):
     pass
 
 
@@ -163,46 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
 def project(args) -> dict:
     import dataclasses
 
-    from megatron_pn.model import build_model_chunks
+    from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.pn.projection import dense_state_dict
-    from megatron_pn.standalone import standalone_model, standalone_world
+    from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
     check_writable(args.output, args.overwrite)
-    cfg = checkpoint.saved_config(args.checkpoint)
+    cfg = checkpoint.saved_config(resolve_checkpoint(args.checkpoint))
     if cfg.model.type != "pn":
         raise ProjectionError(f"--checkpoint {args.checkpoint} is a {cfg.model.type} checkpoint; "
                               "pn-project needs a projected network (model.type pn)")
     spec = read_spec(args.spec_data, cfg.model.num_experts)
     check_same_clustering(cfg, spec, args.spec_data)
-    device, tconfig = standalone_world(cfg)
-    pn_model = standalone_model(cfg, tconfig, args.checkpoint)
-    expert, code, details = choose(args.strategy, spec, pn_model, cfg, device, args.sample_tokens)
-
-    dense_cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, type="dense", num_experts=0, bank_size=0, code_size=0,
-        project_attention=False))
-    dense = build_model_chunks(dense_cfg, tconfig)[0]
-    dense.load_state_dict(dense_state_dict(pn_model, expert, code), strict=False)
-    record = {"source": str(checkpoint.resolve(args.checkpoint)), "strategy": args.strategy,
-              "expert": expert, "spec_data": str(args.spec_data), "seconds": 0.0, **details}
-    record["seconds"] = time.time() - start
-    checkpoint.save(args.output, 0, [dense], extra={"config": dense_cfg.to_dict(),
-                                                    "projection": record})
+    with inference_world(single_process=True) as env:
+        loaded = load_model(args.checkpoint, env)
+        expert, code, details = choose(args.strategy, spec, loaded.model, loaded.cfg, env.device,
+                                       args.sample_tokens)
+        dense_cfg = dataclasses.replace(loaded.cfg, model=dataclasses.replace(
+            loaded.cfg.model, type="dense", num_experts=0, bank_size=0, code_size=0,
+            project_attention=False))
+        tconfig = transformer_config(dense_cfg, env.device.type)
+        tconfig.perform_initialization = False  # every weight comes from the projection
+        dense = build_model_chunks(dense_cfg, tconfig)[0]
+        dense.load_state_dict(dense_state_dict(loaded.model, expert, code), strict=False)
+        record = {"source": str(loaded.path), "strategy": args.strategy, "expert": expert,
+                  "spec_data": str(args.spec_data), **details,
+                  "seconds": time.time() - start}
+        checkpoint.save(args.output, 0, [dense], extra={"config": dense_cfg.to_dict(),
+                                                        "projection": record})
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_pn.standalone import is_user_error
+
     try:
         record = project(args)
-    except (ProjectionError, ConfigError, checkpoint.CheckpointError, FileExistsError) as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         print(f"pn-project: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        from megatron_pn.distributed import shutdown
-
-        shutdown()
     chosen = record["expert"] if record["expert"] is not None else "soft mixture"
     print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
           f"{args.output} in {record['seconds']:.1f}s")

@@ -1,45 +1,125 @@
-"""A model in a single process (any device): for tools that read checkpoints (projection,
-evaluation, export) rather than train. Checkpoints of any TP/PP layout load here at TP=PP=1."""
+"""Checkpoint tools' process world: a model of any saved TP/PP layout loaded for inference
+(pn-eval, pn-export-hf, pn-import-hf, pn-project), in one process or with TP over torchrun."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from megatron_pn import checkpoint, compat
-from megatron_pn.config import Config
+from megatron_pn.fileio import OutputExistsError
 
 
-def single_process(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None, sequence_parallel=False,
-        distributed_optimizer=False))
+class ToolError(ValueError):
+    """Bad input to a checkpoint tool (reported as one clear line)."""
 
 
-def standalone_world(cfg: Config):
-    """Process group and megatron-core parallel state for one process; returns
-    (device, TransformerConfig for `cfg` at TP=PP=1)."""
+# ---------------------------------------------------------------------------------------------
+# A process world for inference
+
+
+@contextlib.contextmanager
+def inference_world(single_process: bool = False):
+    """Process groups with one pipeline stage and TP over all processes; yields the DistEnv.
+
+    Reuses a world that is already set up (a caller's, e.g. a test's) and tears down only what
+    it created.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_pn import compat
+    from megatron_pn.distributed import init_distributed
+
+    device_type = compat.activate()
+    owns_dist = not dist.is_initialized()
+    env = init_distributed(device_type)
+    owns_parallel = not ps.model_parallel_is_initialized()
+    try:
+        if single_process and env.world_size != 1:
+            raise ToolError("this command runs as one process (it loads any TP/PP layout by "
+                            "itself); run it without torchrun")
+        if owns_parallel:
+            ps.initialize_model_parallel(tensor_model_parallel_size=env.world_size)
+        elif ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ToolError("inference needs a world without pipeline parallelism")
+        yield env
+    finally:
+        if owns_parallel and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        if owns_dist and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a checkpoint into this world
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a GPTModel (dense, mix) or PNGPTModel (pn), eval mode
+    cfg: object  # the run's Config, with this world's parallel layout
+    path: Path  # the iteration directory
+    iteration: int | None
+    device: torch.device
+
+    @property
+    def is_pn(self) -> bool:
+        return self.cfg.model.type == "pn"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from megatron_pn import checkpoint
+
+    if not Path(path).exists():
+        raise ToolError(f"checkpoint {path} does not exist")
+    return checkpoint.resolve(path)
+
+
+def inference_config(saved, tensor: int, precision: str):
+    """The run's config with every layer in this process (one stage) and no dropout."""
+    from megatron_pn.config import ParallelConfig
+
+    cfg = copy.deepcopy(saved)
+    cfg.parallel = ParallelConfig(tensor=tensor)
+    cfg.train.precision = precision
+    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.0
+    return cfg
+
+
+def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> LoadedModel:
+    """Build the checkpoint's model at this world's TP size and load its weights (any layout)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_pn.distributed import init_distributed
-    from megatron_pn.model import transformer_config
+    from megatron_pn import checkpoint
+    from megatron_pn.model import build_model_chunks, transformer_config
+    from megatron_pn.validation import validate_model, validate_parallel, validate_pn
 
-    device_type = compat.activate()
-    env = init_distributed(device_type)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    return env.device, transformer_config(single_process(cfg), device_type)
-
-
-def standalone_model(cfg: Config, tconfig, path) -> torch.nn.Module:
-    """The model of `cfg` with the weights saved at `path`, in eval mode."""
-    from megatron_pn.model import build_model_chunks
-
-    model = build_model_chunks(single_process(cfg), tconfig)[0]
-    if torch.cuda.is_available():
+    path = resolve_checkpoint(checkpoint_path)
+    tensor = ps.get_tensor_model_parallel_world_size()
+    cfg = inference_config(checkpoint.saved_config(path), tensor, precision)
+    validate_model(cfg)
+    validate_pn(cfg)
+    validate_parallel(cfg, tensor, env.device.type)
+    tconfig = transformer_config(cfg, env.device.type)
+    tconfig.perform_initialization = False  # every weight comes from the checkpoint
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    [model] = build_model_chunks(cfg, tconfig)
+    if env.device.type == "cuda":
         model = model.cuda()
-    checkpoint.load(checkpoint.resolve(path), [model])
-    return model.eval()
+    common = checkpoint.load(path, [model])
+    return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)
+
+
+def is_user_error(err: Exception) -> bool:
+    from megatron_pn.checkpoint import CheckpointError
+    from megatron_pn.compat import UnsupportedMegatronCore
+    from megatron_pn.config import ConfigError
+    from megatron_pn.data import DataError
+
+    return isinstance(err, (ToolError, CheckpointError, ConfigError, DataError, OutputExistsError,
+                            UnsupportedMegatronCore))

@@ -69,6 +69,7 @@ class Trainer:
                         if cfg.distill.teacher else None)
         self.step = 0
         self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
+        self.initial_weights = None
         resume_from = self._checkpoint_to_resume()
         self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
                                           self.is_pn)
@@ -102,17 +103,27 @@ class Trainer:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     def _checkpoint_to_resume(self) -> Path | None:
+        """The latest checkpoint in checkpoint.dir, if it holds a training state to resume."""
         ckpt = self.cfg.checkpoint
         step = checkpoint.latest_step(ckpt.dir) if ckpt.dir else None
-        return None if step is None else checkpoint.iteration_dir(ckpt.dir, step)
+        if step is None:
+            return None
+        path = checkpoint.iteration_dir(ckpt.dir, step)
+        if checkpoint.has_training_state(path):
+            return path
+        self._print(f"{path} holds model weights only: starting from them at step 0")
+        self.initial_weights = path
+        return None
 
     def _initial_model(self, resume_from) -> list:
-        """Model chunks on the device; weights from checkpoint.load unless resuming."""
+        """Model chunks on the device; weights from checkpoint.load (or a model-only checkpoint
+        in checkpoint.dir) unless resuming."""
         chunks = build_model_chunks(self.cfg, self.tconfig)
         if self.device_type == "cuda":
             chunks = [chunk.cuda() for chunk in chunks]
-        if self.cfg.checkpoint.load and not resume_from:
-            path = checkpoint.resolve(self.cfg.checkpoint.load)
+        path = self.initial_weights or (
+            checkpoint.resolve(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None)
+        if path and not resume_from:
             checkpoint.load(path, chunks)
             self._print(f"initialized model weights from {path}")
         return chunks

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EOD, real_text_documents, tiny_overrides, write_byte_dataset
+from helpers import real_text_documents, tiny_overrides, write_byte_dataset
 from megatron_pn import checkpoint
 from megatron_pn.compat import UnsupportedMegatronCore, check_megatron_core_version
 from megatron_pn.config import load_config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import EOD, real_text_documents, tiny_overrides, write_byte_dataset
+from helpers import real_text_documents, tiny_overrides, write_byte_dataset
 from megatron_pn.config import ConfigError, load_config
 from megatron_pn.data import DataError, StepSampler, build_datasets
 

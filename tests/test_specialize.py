@@ -36,25 +36,24 @@ def spec_dir(root, name, tokens, source):
 
 @pytest.fixture(scope="module")
 def world():
-    from megatron_pn.distributed import shutdown
+    from megatron_pn.standalone import inference_world
 
-    yield
-    shutdown()
+    with inference_world(single_process=True) as env:
+        yield env
 
 
-def load_pn(ckpt):
-    from megatron_pn.standalone import standalone_model, standalone_world
+def load_pn(ckpt, env):
+    from megatron_pn.standalone import load_model
 
-    cfg = checkpoint.saved_config(ckpt)
-    device, tconfig = standalone_world(cfg)
-    return cfg, device, standalone_model(cfg, tconfig, ckpt)
+    loaded = load_model(ckpt, env)
+    return loaded.cfg, loaded.device, loaded.model
 
 
 def test_strategies_on_constructed_histograms(trained_pn, world):
     from megatron_pn.project import choose, read_spec
 
     root, _, ckpt = trained_pn
-    cfg, device, model = load_pn(ckpt)
+    cfg, device, model = load_pn(ckpt, world)
     source = root / "data" / "cluster_0001"
     spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
     assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
@@ -78,7 +77,7 @@ def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, world):
     from megatron_pn.project import choose, read_spec
 
     root, _, ckpt = trained_pn
-    cfg, device, model = load_pn(ckpt)
+    cfg, device, model = load_pn(ckpt, world)
     spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
     _, code, _ = choose("soft", spec, model, cfg, device, 4096)
     soft = dense_state_dict(model, code=code)
@@ -99,6 +98,11 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
     assert code == 0
     saved = checkpoint.saved_config(projected)
     assert saved.model.type == "dense" and saved.model.num_experts == 0
+    # A model-only checkpoint as checkpoint.dir is a starting point, not a run to resume.
+    start = run_train(["configs/tiny/slm.yaml", *tiny_overrides(spec_train, tmp_path / "as_dir",
+                       **{"checkpoint.dir": projected, "train.steps": 1,
+                          "checkpoint.save_at_end": "false"})])
+    assert "holds model weights only: starting from them at step 0" in start.stdout
 
     run_dir = tmp_path / "ft"
     run_train(["configs/tiny/slm.yaml", "configs/finetune/tiny.yaml", *tiny_overrides(
