@@ -271,7 +271,9 @@ class ParquetSource(Source):
 
         self.path = path
         self.text_field = text_field
-        meta = pq.ParquetFile(path).metadata
+        parquet_file = pq.ParquetFile(path)
+        self._check_column(parquet_file)  # fail before any work, not when its turn comes
+        meta = parquet_file.metadata
         sizes = [max(meta.row_group(i).total_byte_size, 1) for i in range(meta.num_row_groups)]
         self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         self.group_starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -300,7 +302,6 @@ class ParquetSource(Source):
         if not groups:
             return
         parquet_file = pq.ParquetFile(self.path)
-        self._check_column(parquet_file)
         for group in groups:
             rows = self.group_rows[group]
             if skip >= rows:
