@@ -52,6 +52,7 @@ def main() -> int:
                         help="the paper's SLM expert shape (default on GPU)")
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 8)
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     shape = [] if args.paper else REDUCED
@@ -62,18 +63,25 @@ def main() -> int:
         tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if args.paper else 200_000
         blend = cluster_blend(work / "clusters", 32, vocab, tokens)
         common = shape + [f"data.blend_file={blend}"]
-        dense = measure("configs/paper/slm.yaml", common + ["data.blend_file=null",
-                        f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"], 1, args.steps,
-                        args.warmup, work)
-        mixed = measure("configs/paper/pn32.yaml", common, 1, args.steps, args.warmup, work)
-        grouped = measure("configs/paper/pn32.yaml", common + ["data.group_by_cluster=true"], 1,
-                          args.steps, args.warmup, work)
-
-    rows = [("dense SLM (baseline)", dense), ("PN k=32 h=23, mixed micro-batches", mixed),
-            ("PN k=32 h=23, group_by_cluster", grouped)]
+        runs = {
+            "dense SLM (baseline)": ("configs/paper/slm.yaml", common + [
+                "data.blend_file=null", f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"]),
+            "PN k=32 h=23, mixed micro-batches": ("configs/paper/pn32.yaml", common),
+            "PN k=32 h=23, group_by_cluster": ("configs/paper/pn32.yaml",
+                                               common + ["data.group_by_cluster=true"]),
+        }
+        best = {}
+        for _ in range(args.rounds):  # interleaved rounds, best of each: robust to a busy host
+            for name, (config, overrides) in runs.items():
+                result = measure(config, overrides, 1, args.steps, args.warmup, work)
+                if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
+                    best[name] = result
+    dense = best["dense SLM (baseline)"]
+    rows = list(best.items())
     lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
              f"{'paper expert shape (d 1024, 7 layers)' if args.paper else 'reduced: ' + ' '.join(REDUCED)}; "
-             f"median of steps {args.warmup + 1}-{args.steps}.", "",
+             f"median of steps {args.warmup + 1}-{args.steps}, best of {args.rounds} "
+             "interleaved rounds.", "",
              "| run | tokens/s | step time vs dense |", "|---|---:|---:|"]
     for name, result in rows:
         ratio = dense["tokens_per_s"] / result["tokens_per_s"]
