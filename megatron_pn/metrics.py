@@ -88,7 +88,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.3f}")
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     def close(self) -> None:
         if not self.enabled:
