@@ -63,7 +63,10 @@ def resolve(path: str | Path) -> Path:
 
 
 def has_training_state(path: str | Path) -> bool:
-    """False for model-only checkpoints (pn-project, pn-import-hf, a run's step-0 init)."""
+    """False for model-only checkpoints (pn-project, pn-import-hf). A DeepSpeed engine's
+    checkpoint (not a dist_checkpointing directory) always holds one."""
+    if not (Path(path) / "metadata.json").is_file():
+        return True
     return "scheduler" in dist_checkpointing.load_common_state_dict(str(path))
 
 
@@ -89,14 +92,29 @@ def _layout() -> dict:
     }
 
 
-def _rng_state() -> ShardedObject:
-    state = {
+def rng_states() -> dict:
+    """Every random generator this process uses (Python, NumPy, torch, CUDA, TP tracker)."""
+    return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+
+
+def set_rng_states(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's generators, one object per (PP, TP, DP) rank."""
+    state = rng_states()
     layout = _layout()
     shape = (layout["pp"], layout["tp"], layout["dp"])
     offset = (
@@ -105,15 +123,6 @@ def _rng_state() -> ShardedObject:
         ps.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _model_keys(chunks) -> list[str]:
@@ -217,5 +226,5 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if "rng_state" in template:
-            _set_rng_state(state["rng_state"])
+            set_rng_states(state["rng_state"])
     return {k: v for k, v in state.items() if k not in template and k != "scheduler"}

@@ -14,10 +14,8 @@ scheduler (same schedule) and save to `checkpoint.dir/iter_NNNNNNN` with the sam
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -203,12 +201,13 @@ class DeepSpeedEngine:
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                 load_lr_scheduler_states=False)
         scheduler.load_state_dict(client["scheduler"])
-        _set_rng(client["rng"])
+        checkpoint.set_rng_states(client["rng"])
         return {k: v for k, v in client.items() if k not in ("scheduler", "rng")}
 
     def save(self, root, step, scheduler, extra) -> Path:
         root, tag = Path(root), checkpoint.iteration_dir(root, step).name
-        client = {"scheduler": scheduler.state_dict(), "rng": _rng(), "iteration": step,
+        client = {"scheduler": scheduler.state_dict(), "rng": checkpoint.rng_states(),
+                  "iteration": step,
                   "engine": "deepspeed", **extra}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
@@ -216,20 +215,6 @@ class DeepSpeedEngine:
             atomic_write_text(root / checkpoint.LATEST, f"{step}\n")
         dist.barrier()
         return root / tag
-
-
-def _rng() -> dict:
-    return {"random": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def _set_rng(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 ENGINES = {"megatron": MegatronEngine, "deepspeed": DeepSpeedEngine}

@@ -17,23 +17,6 @@ PN_CONFIG = "configs/tiny/pn.yaml"
 SPLIT = {"data.split": "80,20,0"}
 
 
-@pytest.fixture(scope="module")
-def world():
-    """A megatron-core world of one process (gloo, CPU)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    from megatron_pn import compat
-    from megatron_pn.distributed import init_distributed, shutdown
-
-    compat.activate()
-    init_distributed("cpu")
-    ps.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    yield
-    shutdown()
-
-
 def build(cfg):
     from megatron_pn.model import build_gpt, transformer_config
 

@@ -35,7 +35,8 @@ def spec_dir(root, name, tokens, source):
 
 
 @pytest.fixture(scope="module")
-def world():
+def tool_world():
+    """The process world pn-project's functions run in."""
     from megatron_pn.standalone import inference_world
 
     with inference_world(single_process=True) as env:
@@ -49,11 +50,11 @@ def load_pn(ckpt, env):
     return loaded.cfg, loaded.device, loaded.model
 
 
-def test_strategies_on_constructed_histograms(trained_pn, world):
+def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     from megatron_pn.project import choose, read_spec
 
     root, _, ckpt = trained_pn
-    cfg, device, model = load_pn(ckpt, world)
+    cfg, device, model = load_pn(ckpt, tool_world)
     source = root / "data" / "cluster_0001"
     spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
     assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
@@ -72,12 +73,12 @@ def test_strategies_on_constructed_histograms(trained_pn, world):
     assert expert == 2 and np.argmin(details["losses"]) == 2
 
 
-def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, world):
+def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, tool_world):
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.project import choose, read_spec
 
     root, _, ckpt = trained_pn
-    cfg, device, model = load_pn(ckpt, world)
+    cfg, device, model = load_pn(ckpt, tool_world)
     spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
     _, code, _ = choose("soft", spec, model, cfg, device, 4096)
     soft = dense_state_dict(model, code=code)

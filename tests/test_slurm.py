@@ -1,0 +1,362 @@
+"""SLURM scripts. Fast: the batch-shell logic of slurm/common.sh (time left, signal forwarding,
+the requeue decision) with stand-in commands. Slow: a real SLURM (munged, slurmctld, slurmd on
+localhost, installed with apt-get when missing) runs slurm/pretrain_pn.sh on the tiny projected
+network with 2 CPU processes, to the end, and then preempted mid-way: the job saves, requeues
+itself, resumes from its checkpoint and ends with the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, losses, read_metrics, tiny_pn_overrides, write_cluster_datasets
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+COMMON = REPO / "slurm" / "common.sh"
+
+
+def bash(script: str, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """`script` in bash after sourcing slurm/common.sh."""
+    return subprocess.run(["bash", "-c", f"source {COMMON}\n{script}"], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=60, **kwargs)
+
+
+# -- the batch-shell logic, with stand-ins ------------------------------------------------------
+
+@pytest.mark.parametrize("script", [s.name for s in SCRIPTS if s.name != "common.sh"])
+def test_every_script_has_help_and_parses(script):
+    path = REPO / "slurm" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    out = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage:" in out.stdout and "#SBATCH --" not in out.stdout
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("1-02:03:04", 93784), ("02:03:04", 7384), ("08:09", 489), ("0:59", 59),
+    ("UNLIMITED", None), ("NOT_SET", None)])
+def test_slurm_durations(text, seconds):
+    out = bash(f"pn_duration_seconds {text}")
+    assert (out.stdout.strip() or None) == (None if seconds is None else str(seconds))
+    assert (out.returncode == 0) == (seconds is not None)
+
+
+def test_exit_minutes_leave_a_margin_before_the_time_limit():
+    now = int(time.time())
+    minutes = lambda left: bash("pn_exit_minutes", {  # noqa: E731
+        "SLURM_JOB_END_TIME": str(now + left), "PN_EXIT_MARGIN": "600"}).stdout.strip()
+    assert float(minutes(3600)) == pytest.approx(50, abs=0.1)   # 1 h left: stop 10 min early
+    assert float(minutes(900)) == pytest.approx(7.5, abs=0.1)   # short job: half of it
+    assert bash("pn_exit_minutes", {"SLURM_JOB_ID": ""}).stdout.strip() == ""  # no limit known
+
+
+def test_cpu_processes_follow_the_tasks_per_node():
+    assert bash("pn_cpu_procs", {"SLURM_TASKS_PER_NODE": "2(x3),1"}).stdout.strip() == "2"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_TASKS_PER_NODE"}
+    out = subprocess.run(["bash", "-c", f"source {COMMON}; pn_cpu_procs"], env=env,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "1"
+
+
+def test_first_stop_signal_is_forwarded_once():
+    """The batch shell runs the step in the background, traps USR1/TERM, forwards the first one
+    as USR1 and ignores the next (a second signal would cut torchrun's graceful shutdown)."""
+    step = ("import signal, time; n = []; signal.signal(signal.SIGUSR1, lambda *a: n.append(1)); "
+            "print('ready', flush=True); time.sleep(4); print('got', len(n))")
+    proc = subprocess.Popen(
+        ["bash", "-c", f"source {COMMON}; pn_trap_stop_signals\n"
+                       f"pn_run_step python3 -c \"{step}\"\necho rc=$? by=$PN_STOPPED_BY"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=30)[0]
+    assert "got 1" in out and "rc=0 by=TERM" in out
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    """scontrol and a Python whose `launch finished` answers $FINISHED, both logging calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {tmp_path}/calls\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "python $*" >> {tmp_path}/calls\n'
+                                    'exit "${FINISHED:-1}"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return tmp_path
+
+
+def requeue_decision(stand_ins, rc: int, stopped_by="", finished=1, restarts=0, env=None):
+    env = {"PATH": f"{stand_ins}/bin:{os.environ['PATH']}", "PN_PYTHON": "python",
+           "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts), "FINISHED": str(finished),
+           "PN_MAX_REQUEUES": "3", **(env or {})}
+    (stand_ins / "calls").unlink(missing_ok=True)
+    out = bash(f"PN_STOPPED_BY={stopped_by}; pn_requeue_if_stopped {rc} cfg.yaml a=1; "
+               "echo returned=$?", env)
+    calls = (stand_ins / "calls").read_text() if (stand_ins / "calls").exists() else ""
+    return out.stdout, "scontrol requeue 77" in calls
+
+
+def test_requeue_decision(stand_ins):
+    far = {"SLURM_JOB_END_TIME": str(int(time.time()) + 7200)}
+    near = {"SLURM_JOB_END_TIME": str(int(time.time()) + 60)}
+    out, requeued = requeue_decision(stand_ins, 0, env=far)
+    assert "returned=0" in out and not requeued  # finished normally
+    out, requeued = requeue_decision(stand_ins, 1, env=far)
+    assert "returned=1" in out and not requeued  # a crash is not retried
+    out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", env=far)
+    assert requeued and "returned" not in out  # the job ends right after the requeue
+    out, requeued = requeue_decision(stand_ins, 138, env=far)  # the signal reached the step only
+    assert requeued
+    out, requeued = requeue_decision(stand_ins, 0, env=near)  # train.exit_duration_minutes
+    assert requeued and "the time limit" in out
+    out, requeued = requeue_decision(stand_ins, 1, stopped_by="TERM", finished=0, env=far)
+    assert "returned=0" in out and not requeued  # stopped after the last step: done
+    out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", restarts=3, env=far)
+    assert "returned=1" in out and not requeued and "PN_MAX_REQUEUES" in out
+
+
+# -- a real SLURM on localhost -----------------------------------------------------------------
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
+
+
+def ensure_slurm() -> None:
+    """Install Debian's SLURM when missing; skip only where that is impossible."""
+    if all(shutil.which(c) for c in COMMANDS):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and cannot be here (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr}"
+    missing = [c for c in COMMANDS if not shutil.which(c)]
+    assert not missing, f"installed {PACKAGES} but {missing} are missing"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class LocalSlurm:
+    """munged + slurmctld + slurmd for one node (this machine), everything under `root`.
+    Settings from the probe in /work/shared/ENVIRONMENT.md; ports picked free."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.socket = root / "munge" / "munge.socket"
+        self.jobs: list[str] = []
+        self.started: list[Path] = []  # pid files of the daemons this object started
+
+    @property
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in (
+                   "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        return {**env, "SLURM_CONF": str(self.conf), "PN_REPO": str(REPO),
+                "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+    def run(self, *cmd: str, check=True) -> str:
+        done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=60)
+        if check and done.returncode:
+            raise AssertionError(f"{' '.join(cmd)}: {done.stderr}\n{self.logs()}")
+        return done.stdout
+
+    def start(self) -> None:
+        self._start_munge()
+        self._write_config()
+        for daemon in ("slurmctld", "slurmd"):
+            self.started.append(self.root / f"{daemon}.pid")
+            self.run(daemon)
+        deadline = time.time() + 60
+        while "idle" not in self.run("sinfo", "-h", "-o", "%T", check=False):
+            assert time.time() < deadline, f"the node never became idle\n{self.logs()}"
+            time.sleep(0.5)
+
+    def _start_munge(self) -> None:
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o700)
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        self.started.append(munge / "munged.pid")
+        self.run("munged", "--force", f"--socket={self.socket}", f"--key-file={key}",
+                 f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+                 f"--seed-file={munge}/munged.seed")
+
+    def _write_config(self) -> None:
+        host, r = socket.gethostname().split(".")[0], self.root
+        for sub in ("state", "spool"):
+            (r / sub).mkdir()
+        self.conf.write_text(f"""\
+ClusterName=pntest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={self.socket}
+CredType=cred/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/slurmctld.log
+SlurmdLogFile={r}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=1
+JobRequeue=1
+ReturnToService=2
+KillWait=10
+MinJobAge=600
+MpiDefault=none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+        (r / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
+
+    def sbatch(self, *args: str) -> str:
+        job = self.run("sbatch", "--parsable", *args).strip().split(";")[0]
+        self.jobs.append(job)
+        return job
+
+    def job(self, job: str) -> dict:
+        line = self.run("scontrol", "-o", "show", "job", job)
+        return dict(re.findall(r"(\w+)=(\S*)", line))
+
+    def wait_for(self, job: str, condition, what: str, timeout=300) -> dict:
+        deadline = time.time() + timeout
+        while not condition(info := self.job(job)):
+            assert time.time() < deadline, f"job {job}: no {what} after {timeout} s: {info}"
+            time.sleep(0.5)
+        return info
+
+    def logs(self) -> str:
+        return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
+                       for p in self.root.glob("*.log"))
+
+    def stop(self) -> None:
+        if self.jobs and self.conf.exists():
+            self.run("scancel", *self.jobs, check=False)
+            deadline = time.time() + 60
+            while self.run("squeue", "-h", check=False).strip() and time.time() < deadline:
+                time.sleep(0.5)
+        for pid_file in reversed(self.started):  # slurmd, slurmctld, then munged
+            if pid_file.exists():
+                self._terminate(int(pid_file.read_text()))
+
+    @staticmethod
+    def _terminate(pid: int) -> None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 15
+        while pid_alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, request):
+    ensure_slurm()
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    request.addfinalizer(cluster.stop)  # also when start() fails half-way
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def blend(tmp_path_factory):
+    return write_cluster_datasets(tmp_path_factory.mktemp("slurm_data"))
+
+
+STEPS = 40
+
+
+def submit_pretrain_pn(slurm: LocalSlurm, blend: Path, run_dir: Path) -> str:
+    """slurm/pretrain_pn.sh on the tiny PN with two CPU processes (2 tasks, no GPUs)."""
+    overrides = tiny_pn_overrides(blend, run_dir, **{
+        "data.split": "80,20,0", "train.steps": STEPS, "checkpoint.dir": run_dir / "ckpt"})
+    return slurm.sbatch(
+        "--gpus-per-node=0", "--ntasks-per-node=2", "--time=20", f"--output={run_dir}.out",
+        "--chdir", str(REPO), "slurm/pretrain_pn.sh", "configs/tiny/pn.yaml", *map(str, overrides))
+
+
+def ended(info: dict) -> bool:
+    return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, blend, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("slurm_runs") / "uninterrupted"
+    job = submit_pretrain_pn(slurm, blend, run_dir)
+    info = slurm.wait_for(job, ended, "end")
+    return run_dir, info
+
+
+def job_log(run_dir: Path) -> str:
+    return Path(f"{run_dir}.out").read_text()
+
+
+@pytest.mark.slow
+def test_pretrain_pn_job_runs_to_the_end(uninterrupted):
+    run_dir, info = uninterrupted
+    log = job_log(run_dir)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert "world 2 = 1 node(s) x 2 cpu process(es)" in log  # the pre-flight check ran first
+    assert "2 cpu processes" in log and "saves and stops by itself after" in log
+    assert (run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
+    curve = losses(run_dir)
+    assert len(curve) == STEPS
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # it learned
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_resumes_to_the_same_losses(slurm, blend, uninterrupted,
+                                                               tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = submit_pretrain_pn(slurm, blend, run_dir)
+    slurm.wait_for(job, lambda info: max(read_metrics(run_dir), default=0) >= 3 or ended(info),
+                   "training step 3")
+    slurm.run("scancel", "--signal=USR1", "--batch", job)  # as --signal=B:USR1@300 would
+    slurm.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "requeue")
+    # SLURM holds a requeued job for 120 s (BeginTime); start it now.
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
+
+    log = job_log(run_dir)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "SIGUSR1 received" in log and "requeueing job" in log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert 3 <= resumed < STEPS
+    assert log.count("saved checkpoint") == 2  # at the stop, at the end
+    reference = losses(uninterrupted[0])
+    assert losses(run_dir) == pytest.approx(reference, abs=1e-6)
+    assert losses(run_dir)[-1] == pytest.approx(reference[-1], abs=1e-6)
