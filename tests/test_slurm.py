@@ -12,21 +12,28 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, losses, read_metrics, tiny_pn_overrides, write_cluster_datasets
+from helpers import (REPO, losses, read_metrics, tiny_pn_overrides, train_env,
+                     write_cluster_datasets)
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 COMMON = REPO / "slurm" / "common.sh"
 
 
-def bash(script: str, env=None, **kwargs) -> subprocess.CompletedProcess:
+def outside_slurm() -> dict:
+    """This environment without the variables of a SLURM job the tests may run in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+
+
+def bash(script: str, env=None) -> subprocess.CompletedProcess:
     """`script` in bash after sourcing slurm/common.sh."""
     return subprocess.run(["bash", "-c", f"source {COMMON}\n{script}"], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60, **kwargs)
+                          text=True, env={**outside_slurm(), **(env or {})}, timeout=60)
 
 
 # -- the batch-shell logic, with stand-ins ------------------------------------------------------
@@ -54,15 +61,12 @@ def test_exit_minutes_leave_a_margin_before_the_time_limit():
         "SLURM_JOB_END_TIME": str(now + left), "PN_EXIT_MARGIN": "600"}).stdout.strip()
     assert float(minutes(3600)) == pytest.approx(50, abs=0.1)   # 1 h left: stop 10 min early
     assert float(minutes(900)) == pytest.approx(7.5, abs=0.1)   # short job: half of it
-    assert bash("pn_exit_minutes", {"SLURM_JOB_ID": ""}).stdout.strip() == ""  # no limit known
+    assert bash("pn_exit_minutes").stdout.strip() == ""  # no time limit known
 
 
 def test_cpu_processes_follow_the_tasks_per_node():
     assert bash("pn_cpu_procs", {"SLURM_TASKS_PER_NODE": "2(x3),1"}).stdout.strip() == "2"
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_TASKS_PER_NODE"}
-    out = subprocess.run(["bash", "-c", f"source {COMMON}; pn_cpu_procs"], env=env,
-                         capture_output=True, text=True)
-    assert out.stdout.strip() == "1"
+    assert bash("pn_cpu_procs").stdout.strip() == "1"
 
 
 def test_first_stop_signal_is_forwarded_once():
@@ -72,7 +76,7 @@ def test_first_stop_signal_is_forwarded_once():
             "print('ready', flush=True); time.sleep(4); print('got', len(n))")
     proc = subprocess.Popen(
         ["bash", "-c", f"source {COMMON}; pn_trap_stop_signals\n"
-                       f"pn_run_step python3 -c \"{step}\"\necho rc=$? by=$PN_STOPPED_BY"],
+                       f"pn_run_step {sys.executable} -c \"{step}\"\necho rc=$? by=$PN_STOPPED_BY"],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
@@ -172,11 +176,8 @@ class LocalSlurm:
 
     @property
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in (
-                   "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        return {**env, "SLURM_CONF": str(self.conf), "PN_REPO": str(REPO),
-                "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        env = {k: v for k, v in train_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        return {**env, "SLURM_CONF": str(self.conf), "PN_REPO": str(REPO)}
 
     def run(self, *cmd: str, check=True) -> str:
         done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True,
@@ -249,7 +250,7 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
         return job
 
     def job(self, job: str) -> dict:
-        line = self.run("scontrol", "-o", "show", "job", job)
+        line = self.run("scontrol", "-o", "show", "job", job).splitlines()[0]
         return dict(re.findall(r"(\w+)=(\S*)", line))
 
     def wait_for(self, job: str, condition, what: str, timeout=300) -> dict:
