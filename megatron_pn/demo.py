@@ -33,8 +33,12 @@ SPEC_CHARS = 200_000  # a small specialization set per domain
 
 
 class Demo:
-    def __init__(self, out: Path, pretrain_steps: int):
+    def __init__(self, out: Path, pretrain_steps: int, generic_chars: int = GENERIC_CHARS,
+                 spec_chars: int = SPEC_CHARS, finetune_steps: int | None = None,
+                 domains=DOMAINS):
         self.out, self.pretrain_steps = out, pretrain_steps
+        self.generic_chars, self.spec_chars = generic_chars, spec_chars
+        self.finetune_steps, self.domains = finetune_steps, tuple(domains)
         self.timings: dict[str, float] = {}
         self.tokenizer = out / "tokenizer" / "spm"
 
@@ -91,14 +95,14 @@ class Demo:
 
     def prepare_data(self) -> dict:
         generic = self.subset(CORPUS / "generic" / "train.jsonl.gz",
-                              self.out / "corpus" / "generic.jsonl.gz", GENERIC_CHARS)
+                              self.out / "corpus" / "generic.jsonl.gz", self.generic_chars)
         self.run("1. SentencePiece tokenizer (4k vocabulary)", self.pn_data(
             "train-tokenizer", "--input", generic, "--vocab-size", "4096", "--output",
             self.tokenizer), Path(f"{self.tokenizer}.model"))
         data = {"generic": self.preprocess("generic", generic)}
-        for domain in DOMAINS:
+        for domain in self.domains:
             spec = self.subset(CORPUS / domain / "train.jsonl.gz",
-                               self.out / "corpus" / f"{domain}_train.jsonl.gz", SPEC_CHARS)
+                               self.out / "corpus" / f"{domain}_train.jsonl.gz", self.spec_chars)
             data[f"{domain}_train"] = self.preprocess(f"{domain}_train", spec)
             data[f"{domain}_valid"] = self.preprocess(f"{domain}_valid",
                                                       CORPUS / domain / "valid.jsonl.gz")
@@ -112,7 +116,7 @@ class Demo:
         self.run("3. k-means: 4 clusters", self.pn_data(
             "cluster", "--embeddings", embeddings, "--k", "4", "--output", clusters),
             clusters / "clusters.json")
-        for domain in DOMAINS:
+        for domain in self.domains:
             self.run(f"4. assign: {domain}", self.pn_data(
                 "assign", "--data-prefix", data[f"{domain}_train"], "--clusters", clusters,
                 "--output", self.out / "assign" / domain),
@@ -127,6 +131,7 @@ class Demo:
                  self.module("megatron_pn.train", "configs/tiny/pn.yaml",
                              f"data.blend_file={clusters / 'generic_blend.json'}",
                              f"data.tokenizer_model={self.tokenizer}.model",
+                             "data.split=80,20,0",  # every cluster keeps validation windows
                              f"train.steps={self.pretrain_steps}", "train.eval_interval=100",
                              "train.log_interval=50", "logging.progress_bar=true",
                              "logging.phase=pretrain", f"logging.run_dir={run_dir}",
@@ -153,7 +158,8 @@ class Demo:
             f"checkpoint.load={projected}", f"checkpoint.dir={spec / 'ft'}",
             f"data.blend=[{data[f'{domain}_train']}]",
             f"data.valid_blend=[{data[f'{domain}_valid']}]",
-            f"data.tokenizer_model={self.tokenizer}.model", f"logging.run_dir={spec / 'ft'}"),
+            f"data.tokenizer_model={self.tokenizer}.model", f"logging.run_dir={spec / 'ft'}",
+            *([f"train.steps={self.finetune_steps}"] if self.finetune_steps else [])),
             spec / "ft" / "best_checkpointed_iteration.txt")
         after = self.evaluate(f"6. {domain}: evaluate the fine-tuned expert", spec / "ft",
                               data[f"{domain}_valid"], spec / "eval_finetuned.json")
@@ -197,14 +203,22 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "demo_out"), help="working directory")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="PN pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="fine-tuning step cap (default: configs/finetune/tiny.yaml's)")
+    parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated domains")
+    parser.add_argument("--generic-chars", type=int, default=GENERIC_CHARS,
+                        help="characters of generic text used")
+    parser.add_argument("--spec-chars", type=int, default=SPEC_CHARS,
+                        help="characters of each domain's specialization set")
     args = parser.parse_args(argv)
     start = time.time()
-    demo = Demo(Path(args.out), args.pretrain_steps)
+    demo = Demo(Path(args.out), args.pretrain_steps, args.generic_chars, args.spec_chars,
+                args.finetune_steps, args.domains.split(","))
     data = demo.prepare_data()
     clusters = demo.cluster(data)
     pn_ckpt = demo.pretrain(clusters)
-    results = [demo.specialize(domain, pn_ckpt, data) for domain in DOMAINS]
-    hf_dir = demo.export(DOMAINS[0])
+    results = [demo.specialize(domain, pn_ckpt, data) for domain in demo.domains]
+    hf_dir = demo.export(demo.domains[0])
     report(results, demo, hf_dir, time.time() - start)
     return 0
 

@@ -257,10 +257,13 @@ class Trainer:
                 self._print(f"early stopping at step {self.step}: no validation improvement in "
                             f"{t.early_stopping_patience} evaluations (best "
                             f"{self.early_stopping['best']:.4f})")
+            improved = False
             if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
-                self._validate()  # the final model is always evaluated
+                improved = self._validate()  # the final model is always evaluated
             if ckpt.dir and ckpt.save_at_end and checkpoint.latest_step(ckpt.dir) != self.step:
                 self.save()
+            if ckpt.dir and improved and ckpt.keep_best and ckpt.save_at_end:
+                checkpoint.mark_best(ckpt.dir, self.step)
         self._record_cost(first_step, tokens_per_step)
         self.metrics.close()
         return self.step
