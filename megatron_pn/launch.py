@@ -11,8 +11,9 @@ one per visible GPU; on a machine without GPUs, `--cpu-procs` (default 1) gloo p
 Stop signals. torchrun forwards SIGTERM to its workers but dies on SIGUSR1 (its default action),
 leaving the workers orphaned. So torchrun runs here with SIGUSR1 added to the signals it
 handles: on SIGUSR1 or SIGTERM it forwards that signal to every worker, waits up to
-`--stop-timeout` seconds for them to save a checkpoint and exit, then exits non-zero. The batch
-script decides from the signal it saw, not from that exit code, whether to requeue.
+`--stop-timeout` seconds for them to save a checkpoint and exit, and the launcher exits
+128 + the signal number: the batch script tells such a stop from a crash even when the signal
+reached only the job step.
 
 `finished` exits 0 when the run's checkpoint directory holds a checkpoint at `train.steps`,
 1 when it does not (yet), 2 on a bad config.
@@ -178,7 +179,7 @@ def finished(train_args: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_pn.launch", description=__doc__.split("\n\n")[0],
+        prog="python -m megatron_pn.launch", description=__doc__,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train", help="run torchrun + pn-train on this node",

@@ -6,8 +6,8 @@
 #   2. train.exit_duration_minutes from the job's time left minus PN_EXIT_MARGIN;
 #   3. one srun task per node running megatron_pn.launch (torchrun, c10d rendezvous);
 #   4. the first SIGUSR1/SIGTERM the batch shell gets (--signal=B:USR1@..., scancel --batch,
-#      preemption) is forwarded to the step as SIGUSR1: the trainer saves and stops;
-#   5. stopped by a signal or by the time limit, and not finished: scontrol requeue; the
+#      scancel, preemption) is forwarded to the step as SIGUSR1: the trainer saves and stops;
+#   5. stopped by SIGUSR1 or by the time limit, and not finished: scontrol requeue; the
 #      requeued job resumes from checkpoint.dir.
 
 # -- settings (environment variables; every one has a default) --------------------------------
@@ -177,27 +177,44 @@ pn_train_job() {
             --stop-timeout "$PN_STOP_TIMEOUT" "$1" "${limit[@]}" "${@:2}"
         pn_run_step "${PN_CMD[@]}"
         rc=$?
+        pn_log "training step ended with exit code $rc"
+    else
+        pn_log "stop signal before training started: not started"
     fi
-    pn_log "training step ended with exit code $rc"
     pn_requeue_if_stopped "$rc" "$@"
 }
 
-# Requeue when a signal or the time limit stopped an unfinished run, and end the job there;
-# else return the training's exit status.
-pn_requeue_if_stopped() {
-    local rc=$1 reason=""
-    shift
-    if [[ -n $PN_STOPPED_BY ]]; then
-        reason="SIG$PN_STOPPED_BY"
-    elif (( rc == 128 + 10 || rc == 128 + 15 )); then
-        # megatron_pn.launch's code for a stop signal that reached the step, not this shell
-        # (scancel --signal=USR1 without --batch, --signal without B:, SLURM's own SIGTERM).
-        reason="a signal to the training step (exit code $rc)"
+# Why training stopped early, when it should be requeued: SIGUSR1 (to this shell, or to the
+# step only: the launcher then exits 128 + 10) or the time limit (train.exit_duration_minutes).
+pn_requeue_reason() {
+    local rc=$1
+    if [[ $PN_STOPPED_BY == USR1 ]]; then
+        echo "SIGUSR1"
+    elif [[ -n $PN_STOPPED_BY ]]; then
+        return 0  # SIGTERM, forwarded to the step as SIGUSR1
+    elif (( rc == 128 + 10 )); then
+        echo "SIGUSR1 to the training step"
     elif (( rc == 0 )) && pn_near_time_limit; then
-        reason="the time limit"
+        echo "the time limit"
     fi
+}
+
+# Requeue a run that a SIGUSR1 or the time limit stopped before its end, and end the job
+# there; else return the training's exit status. SIGTERM saves a checkpoint but requeues
+# nothing: it comes from scancel (SLURM then refuses to start the job again), the hard time
+# limit, or a preemption, after which SLURM requeues the job itself.
+pn_requeue_if_stopped() {
+    local rc=$1 reason
+    shift
+    reason=$(pn_requeue_reason "$rc")
     if [[ -z $reason ]]; then
-        if (( rc == 0 )); then pn_log "done"; else pn_log "training failed (exit code $rc): not requeued"; fi
+        if [[ -n $PN_STOPPED_BY ]] || (( rc == 128 + 15 )); then
+            pn_log "stopped by SIGTERM with a checkpoint: not requeued here (resubmit to resume)"
+        elif (( rc == 0 )); then
+            pn_log "done"
+        else
+            pn_log "training failed (exit code $rc): not requeued"
+        fi
         return "$rc"
     fi
     pn_run_once "$PN_PYTHON" -m megatron_pn.launch finished "$@"

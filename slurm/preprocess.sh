@@ -11,7 +11,9 @@
 # sbatch; SBATCH_PARTITION / SBATCH_ACCOUNT and PN_SBATCH_ARGS apply to both) and prints
 # their ids. Shard i writes PREFIX-shard-IIII-of-NNNN.*; the shards are kept after the merge
 # (delete them once PREFIX is checked). pn-data preprocess resumes a killed shard, so the
-# shard jobs are requeueable.
+# shard jobs are requeueable. Shards are byte ranges of the inputs cut at JSONL lines, Parquet
+# row groups or whole compressed files: give many .gz/.zst files (or plain JSONL / Parquet) to
+# spread the work; a single .gz file all lands in one shard.
 #
 # example:
 #   bash slurm/preprocess.sh 64 --input data/raw/c4 --tokenizer-model data/tokenizer.model \

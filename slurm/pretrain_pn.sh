@@ -8,9 +8,10 @@
 # Every #SBATCH default below is for 8-GPU nodes and can be overridden on the sbatch command
 # line, e.g. sbatch --nodes=4 --time=24:00:00 -p gpu -A myproject slurm/pretrain_pn.sh.
 # One srun task per node runs torchrun (one process per GPU; on a CPU-only cluster
-# --ntasks-per-node=N gloo processes). A SIGUSR1 300 s before the time limit, a preemption
-# (SIGTERM) or `scancel --signal=USR1 --batch JOB` makes the trainer save a checkpoint; the job
-# then requeues itself and resumes from checkpoint.dir. Variables: see slurm/README.md.
+# --ntasks-per-node=N gloo processes). Before its time limit (train.exit_duration_minutes, then
+# SIGUSR1 300 s before it) or on `scancel --signal=USR1 --batch JOB` the trainer saves a
+# checkpoint and the job requeues itself; the requeued job resumes from checkpoint.dir. SIGTERM
+# (scancel, preemption) saves too; a preempted job is requeued by SLURM. See slurm/README.md.
 #
 # examples:
 #   sbatch --nodes=2 slurm/pretrain_pn.sh configs/paper/pn32.yaml parallel.tensor=2

@@ -119,14 +119,17 @@ def test_requeue_decision(stand_ins):
     assert "returned=1" in out and not requeued  # a crash is not retried
     out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", env=far)
     assert requeued and "returned" not in out  # the job ends right after the requeue
-    out, requeued = requeue_decision(stand_ins, 138, env=far)  # the signal reached the step only
+    out, requeued = requeue_decision(stand_ins, 138, env=far)  # USR1 reached the step only
     assert requeued
     out, requeued = requeue_decision(stand_ins, 0, env=near)  # train.exit_duration_minutes
     assert requeued and "the time limit" in out
-    out, requeued = requeue_decision(stand_ins, 1, stopped_by="TERM", finished=0, env=far)
+    out, requeued = requeue_decision(stand_ins, 1, stopped_by="USR1", finished=0, env=far)
     assert "returned=0" in out and not requeued  # stopped after the last step: done
     out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", restarts=3, env=far)
     assert "returned=1" in out and not requeued and "PN_MAX_REQUEUES" in out
+    for stopped_by, rc in (("TERM", 138), ("", 143)):  # scancel, hard limit, preemption
+        out, requeued = requeue_decision(stand_ins, rc, stopped_by=stopped_by, env=far)
+        assert f"returned={rc}" in out and not requeued and "SIGTERM" in out
 
 
 # -- a real SLURM on localhost -----------------------------------------------------------------
