@@ -41,6 +41,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     def __init__(self, cfg: Config):
         self.start_time = time.time()
+        # Handlers first: a stop signal during the (minutes-long) start-up must not kill us.
+        self._stop_requested = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
         validate_config(cfg, self.env.world_size, self.device_type)
@@ -90,9 +94,6 @@ class Trainer:
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
             cfg.logging.wandb_mode, cfg.logging.wandb_project,
         )
-        self._stop_requested = False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._request_stop)
 
     # -- set-up ---------------------------------------------------------------------------------
 
