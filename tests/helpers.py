@@ -146,3 +146,18 @@ def tiny_pn_overrides(blend_file: Path, run_dir: Path, **extra) -> list[str]:
               "logging.run_dir": run_dir, "logging.tensorboard": "false",
               "train.eval_interval": 0, **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def perturbed_model(cfg, seed: int = 0):
+    """The config's model (in a megatron world of one) with every weight perturbed, so that
+    norm weights and biases matter too; eval mode."""
+    import torch
+
+    from megatron_pn.model import build_gpt, transformer_config
+
+    model = build_gpt(cfg, transformer_config(cfg, "cpu")).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model

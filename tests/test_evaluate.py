@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import perturbed_model as build
 from helpers import EOD, real_text_documents, write_byte_dataset
 from megatron_pn.config import load_config
 from megatron_pn.evaluate import document_windows, main
@@ -34,18 +35,6 @@ def data(tmp_path_factory):
 
 def config(path=SLM, *overrides):
     return load_config([path], ["model.vocab_size=257", "data.eod_id=256", *overrides])
-
-
-def build(cfg, seed=0):
-    """The config's model with every weight perturbed (so norms and biases matter too)."""
-    from megatron_pn.model import build_gpt, transformer_config
-
-    model = build_gpt(cfg, transformer_config(cfg, "cpu")).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def save(model, cfg, path):

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from helpers import perturbed_model as build
 from helpers import (read_metrics, real_text_documents, run_train, tiny_overrides,
                      train_env, write_byte_dataset)
 from megatron_pn.config import load_config
@@ -32,18 +33,6 @@ VARIANTS = {
 
 def config(path=SLM, *overrides, vocab=257):
     return load_config([path], [f"model.vocab_size={vocab}", "data.eod_id=256", *overrides])
-
-
-def build(cfg, seed=0):
-    """The config's model with every weight perturbed (norm weights and biases matter too)."""
-    from megatron_pn.model import build_gpt, transformer_config
-
-    model = build_gpt(cfg, transformer_config(cfg, "cpu")).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def tokens(batch=3, seq=64, vocab=257, seed=0):
