@@ -30,6 +30,7 @@ CORPUS = REPO / "data" / "corpus"
 DOMAINS = ("bible", "python_docs", "postgres_docs", "manpages", "fortunes")
 GENERIC_CHARS = 4_000_000  # ~1.2M tokens: ~1,200 embedding windows
 SPEC_CHARS = 200_000  # a small specialization set per domain
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Demo:
@@ -49,8 +50,10 @@ class Demo:
             return
         print(f"\n=== {title}\n$ {' '.join(map(str, cmd))}", flush=True)
         start = time.time()
-        # (library deprecation warnings are noise for someone watching the demo)
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        # Each step is a fresh job: no launcher variables of ours (RANK, MASTER_PORT, ...)
+        # leak into it; library deprecation warnings are noise for someone watching the demo.
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        env["PYTHONWARNINGS"] = "ignore"
         subprocess.run([str(c) for c in cmd], cwd=REPO, check=True, env=env)
         key = title.split(":")[0]
         self.timings[key] = self.timings.get(key, 0.0) + time.time() - start
