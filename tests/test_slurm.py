@@ -353,12 +353,14 @@ def test_preempted_job_requeues_and_resumes_to_the_same_losses(slurm, blend, uni
                    "training step 3")
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # as --signal=B:USR1@300 would
     slurm.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "requeue")
-    # SLURM holds a requeued job for 120 s (BeginTime); start it now.
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    # SLURM holds a requeued job for 120 s (BeginTime); start it sooner, but not within the
+    # second of the requeue: slurmd takes a credential issued in that second as revoked
+    # ("Killing non-startable batch job: Job credential revoked").
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
     info = slurm.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
 
     log = job_log(run_dir)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log + slurm.logs()
     assert "SIGUSR1 received" in log and "requeueing job" in log
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
     assert 3 <= resumed < STEPS
