@@ -22,6 +22,7 @@ with tensor parallelism (every rank reads the same batches).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -273,9 +274,12 @@ def check_expert(m, expert: int | None, checkpoint, purpose: str,
 
 def route(m, args, sets: list[HeldOut]) -> dict:
     """Each window's expert (PN): --expert for all, or its cluster from --cluster-ids-from."""
-    check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
-                 "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
-                 other_routing=bool(args.cluster_ids_from))
+    if args.only_cluster is None:
+        check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
+                     "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
+                     other_routing=bool(args.cluster_ids_from))
+    if args.only_cluster is not None:
+        return only_cluster(m, args, sets)
     if m.type != "pn":
         return {}
     if args.expert is not None:
@@ -292,6 +296,26 @@ def route(m, args, sets: list[HeldOut]) -> dict:
             raise ToolError(f"--cluster-ids-from {directory}: cluster {held.cluster_ids.max()} "
                             f"but the model has {m.num_experts} experts")
     return {"cluster_ids_from": dirs}
+
+
+def only_cluster(m, args, sets: list[HeldOut]) -> dict:
+    """Keep the windows of one cluster (e.g. an SLM-mix expert on its own cluster); a PN model
+    computes them with that cluster's expert."""
+    cluster = args.only_cluster
+    dirs = split_list(args.cluster_ids_from or "")
+    if len(dirs) != len(sets):
+        raise ToolError(f"--only-cluster needs --cluster-ids-from with one directory per --data "
+                        f"prefix ({len(sets)})")
+    for held, directory in zip(sets, dirs):
+        keep = window_clusters(directory, held) == cluster
+        if not keep.any():
+            raise ToolError(f"--only-cluster {cluster}: no window of {held.prefix} is in that "
+                            f"cluster ({directory})")
+        held.windows = held.windows[keep]
+        if m.type == "pn":
+            check_expert(m, cluster, args.checkpoint, "")
+            held.cluster_ids = np.full(len(held.windows), cluster, dtype=np.int64)
+    return {"cluster_ids_from": dirs, "only_cluster": cluster}
 
 
 def evaluate(args, env) -> dict:
@@ -313,6 +337,7 @@ def evaluate(args, env) -> dict:
         "seq_length": m.seq_length, "precision": args.precision, "eod_id": eod,
         "max_tokens": args.max_tokens, "expert": routing.get("expert"),
         "cluster_ids_from": routing.get("cluster_ids_from"),
+        "only_cluster": routing.get("only_cluster"),
         "datasets": results, "macro_average": macro_average(results),
     }
 
@@ -324,11 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(every token predicted once, EOD included, in non-overlapping windows of the model's "
         "context) and their macro-average: mean NLL over datasets, then exp.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint",
                         help="checkpoint directory (its best iteration if it keeps one, else its "
                         "latest) or one iter_NNNNNNN")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data",
                         help="comma-separated indexed dataset prefixes (PREFIX.bin/.idx)")
+    parser.add_argument("--batch", metavar="JOBS.json",
+                        help="run many evaluations in this one process: a JSON list of objects "
+                        "whose keys are this command's options (checkpoint, data, output "
+                        "required; e.g. expert, max_tokens); those whose output exists are "
+                        "skipped")
     parser.add_argument("--names", help="comma-separated names, one per prefix (default: the "
                         "prefixes' file names)")
     route = parser.add_mutually_exclusive_group()
@@ -337,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--cluster-ids-from", metavar="ASSIGN_DIR[,...]", help="PN checkpoints: "
                        "compute each window with its cluster's expert, from `pn-data assign` "
                        "output on each set (one directory per prefix)")
+    parser.add_argument("--only-cluster", type=int, metavar="I", help="with "
+                        "--cluster-ids-from: evaluate only the windows of cluster I (a PN model "
+                        "computes them with expert I; e.g. an SLM-mix expert on its cluster)")
     parser.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of "
                         "each set (its first documents)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -351,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args) -> None:
+    if args.batch is None and not (args.checkpoint and args.data):
+        raise ToolError("give --checkpoint and --data (or --batch JOBS.json)")
+    if args.only_cluster is not None and not args.cluster_ids_from:
+        raise ToolError("--only-cluster needs --cluster-ids-from")
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -359,11 +396,51 @@ def check_arguments(args) -> None:
         check_writable(args.output, args.overwrite)
 
 
+def batch_jobs(parser: argparse.ArgumentParser, path: str) -> list[argparse.Namespace]:
+    """The evaluations of a --batch file, as this command's arguments, checked up front."""
+    try:
+        jobs = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ToolError(f"--batch {path}: {err}") from err
+    if not isinstance(jobs, list):
+        raise ToolError(f"--batch {path}: expected a JSON list of evaluations")
+    known = vars(parser.parse_args([]))
+    parsed = []
+    for i, job in enumerate(jobs):
+        unknown = set(job) - set(known) if isinstance(job, dict) else {"(not an object)"}
+        if unknown or not all(job.get(k) for k in ("checkpoint", "data", "output")):
+            raise ToolError(f"--batch {path}: entry {i} needs checkpoint, data and output and "
+                            f"only pn-eval options (unknown: {sorted(unknown)})")
+        args = argparse.Namespace(**{**known, **job, "quiet": True, "batch": None})
+        # an existing output is skipped (run_batch), not an error
+        check_arguments(argparse.Namespace(**{**vars(args), "overwrite": True}))
+        parsed.append(args)
+    return parsed
+
+
+def run_batch(jobs: list[argparse.Namespace], env) -> None:
+    """Evaluate each job whose output does not exist yet (a re-run continues)."""
+    for args in jobs:
+        if Path(args.output).exists() and not args.overwrite:
+            continue
+        report = evaluate(args, env)
+        if env.rank == 0:
+            atomic_write_json(args.output, report, overwrite=True)
+            print(f"{args.output}: " + ", ".join(
+                f"{r['name']} ppl {r['ppl']:.2f}" for r in report["datasets"]), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
         check_arguments(args)
+        if args.batch:
+            jobs = batch_jobs(parser, args.batch)
+            with inference_world() as env:
+                run_batch(jobs, env)
+            return 0
         with inference_world() as env:
             report = evaluate(args, env)
         if rank == 0:

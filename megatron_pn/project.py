@@ -28,7 +28,7 @@ import torch
 
 from megatron_pn import checkpoint
 from megatron_pn.config import Config
-from megatron_pn.fileio import check_writable
+from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.standalone import ToolError
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
@@ -192,6 +192,8 @@ def project(args) -> dict:
                   "seconds": time.time() - start}
         checkpoint.save(args.output, 0, [dense], extra={"config": dense_cfg.to_dict(),
                                                         "projection": record})
+        if env.rank == 0:  # the choice, readable without loading the checkpoint
+            atomic_write_json(Path(args.output) / "projection.json", record)
     return record
 
 

@@ -197,6 +197,38 @@ def test_pn_cluster_ids_from_assignments(pn_checkpoint, data, tmp_path, capsys):
     assert report["cluster_ids_from"] == [str(assign)]
 
 
+def test_batch_of_one_cluster_evaluations_pools_to_the_routed_set(pn_checkpoint, data,
+                                                                   dense_checkpoint, tmp_path,
+                                                                   capsys):
+    """--batch runs many evaluations in one process; --only-cluster I keeps cluster I's windows
+    (computed by expert I): pooled over the clusters they are the routed whole set."""
+    _, _, ckpt = pn_checkpoint
+    assign = write_assignments(tmp_path / "assign", data["small"])
+    whole, _ = run_eval(["--checkpoint", ckpt, "--data", data["small"], "--cluster-ids-from",
+                         assign], capsys, tmp_path)
+    jobs = [{"checkpoint": str(ckpt), "data": str(data["small"]), "output":
+             str(tmp_path / f"c{e}.json"), "cluster_ids_from": str(assign), "only_cluster": e}
+            for e in range(3)]
+    jobs.append({"checkpoint": str(dense_checkpoint), "data": str(data["small"]),
+                 "output": str(tmp_path / "dense.json"), "max_tokens": 500})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    assert main(["--batch", str(tmp_path / "jobs.json")]) == 0
+    parts = [json.loads((tmp_path / f"c{e}.json").read_text())["datasets"][0] for e in range(3)]
+    assert all(p["tokens"] > 0 for p in parts)
+    assert sum(p["tokens"] for p in parts) == whole["datasets"][0]["tokens"]
+    pooled = sum(p["nll"] * p["tokens"] for p in parts) / sum(p["tokens"] for p in parts)
+    assert pooled == pytest.approx(whole["datasets"][0]["nll"], rel=1e-6)
+    assert json.loads((tmp_path / "dense.json").read_text())["datasets"][0]["tokens"] == 500
+    # a re-run skips finished evaluations
+    (tmp_path / "dense.json").write_text("{}")
+    assert main(["--batch", str(tmp_path / "jobs.json")]) == 0
+    assert (tmp_path / "dense.json").read_text() == "{}"
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps([{**jobs[0], "expertt": 1}]))
+    assert "entry 0 needs checkpoint, data and output and only pn-eval options (unknown: " \
+           "['expertt'])" in error_of(["--batch", tmp_path / "bad.json"], capsys)
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 def error_of(args, capsys) -> str:

@@ -99,6 +99,8 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
     assert code == 0
     saved = checkpoint.saved_config(projected)
     assert saved.model.type == "dense" and saved.model.num_experts == 0
+    record = json.loads((projected / "projection.json").read_text())
+    assert (record["strategy"], record["expert"]) == ("most-frequent", 3)
     # A model-only checkpoint as checkpoint.dir is a starting point, not a run to resume.
     start = run_train(["configs/tiny/slm.yaml", *tiny_overrides(spec_train, tmp_path / "as_dir",
                        **{"checkpoint.dir": projected, "train.steps": 1,

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_pn.experiment.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""An experiment config (configs/experiments/*.yaml): the corpus, the methods and their
+pretraining budgets, the specialization grid. Loaded from YAML with dotted overrides, checked
+before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_pn.config import ConfigError, parse_override
+
+METHODS = ("slm", "llm", "pn", "mix", "is", "distill")
+LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",
+          "distill": "SLM-d"}
+
+
+@dataclass
+class Method:
+    config: str = ""  # pn-train model config (distill: the student's; its teacher is the llm)
+    budgets: list = field(default_factory=list)  # pretraining steps, one run each (mix: per expert)
+    procs: int = 1  # processes per pretraining run (torchrun locally, tasks under SLURM)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    corpus: str = "data/corpus"  # DIR/<domain>/{train,valid,test}.jsonl.gz and DIR/generic/...
+    domains: list = field(default_factory=list)
+    generic_chars: int = 4_000_000  # characters of generic train text used (its first documents)
+    vocab_size: int = 4096  # SentencePiece vocabulary trained on that text
+    spec_sizes: dict = field(default_factory=dict)  # name -> characters of a domain's train split
+    test_max_tokens: int | None = None  # evaluate at most this many tokens of each test set
+    clusters: dict = field(default_factory=lambda: {"pn": 4, "is": 16})  # k for PN/mix, SLM-is
+    methods: dict = field(default_factory=dict)  # method -> Method
+    finetune_config: str = "configs/finetune/tiny.yaml"
+    finetune_steps: dict = field(default_factory=dict)  # spec size name -> step cap
+    distill: dict = field(default_factory=lambda: {"weight": 0.5, "temperature": 1.0})
+    strategies: bool = True  # Table 5: every selection strategy, largest PN budget, first size
+    pretrain_overrides: list = field(default_factory=list)  # pn-train overrides, every pretraining
+    finetune_overrides: list = field(default_factory=list)  # ... every fine-tuning run
+    slurm: dict = field(default_factory=dict)  # kind -> sbatch options (--executor slurm)
+
+    @property
+    def smallest_size(self) -> str:
+        return min(self.spec_sizes, key=self.spec_sizes.get)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment config {path} not found (see configs/experiments/)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        _merge(raw, parse_override(text))
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    methods = raw.pop("methods", {}) or {}
+    cfg = ExperimentConfig(**raw)
+    for name, spec in methods.items():
+        if name not in METHODS:
+            raise ConfigError(f"{path}: methods.{name}: unknown method; valid: {', '.join(METHODS)}")
+        fields = {f.name for f in dataclasses.fields(Method)}
+        if set(spec or {}) - fields:
+            raise ConfigError(f"{path}: methods.{name}: unknown keys "
+                              f"{sorted(set(spec) - fields)}; valid: {sorted(fields)}")
+        cfg.methods[name] = Method(**(spec or {}))
+    check(cfg, path)
+    return cfg
+
+
+def check(cfg: ExperimentConfig, path: Path) -> None:
+    def fail(what: str):
+        raise ConfigError(f"{path}: {what}")
+
+    if not cfg.domains:
+        fail("domains: list at least one domain (a directory of the corpus)")
+    for domain in ["generic", *cfg.domains]:
+        for split in ("train", "valid", "test"):
+            if not (Path(cfg.corpus) / domain / f"{split}.jsonl.gz").is_file():
+                fail(f"{cfg.corpus}/{domain}/{split}.jsonl.gz not found (corpus: {cfg.corpus})")
+    if not cfg.spec_sizes or any(int(v) <= 0 for v in cfg.spec_sizes.values()):
+        fail("spec_sizes: give name: characters (> 0) for each specialization set size")
+    if set(cfg.finetune_steps) != set(cfg.spec_sizes):
+        fail(f"finetune_steps: give a step cap for each spec size {sorted(cfg.spec_sizes)}")
+    if not cfg.methods:
+        fail(f"methods: list at least one of {', '.join(METHODS)}")
+    for name, method in cfg.methods.items():
+        if name != "distill" and (not method.budgets or min(method.budgets) <= 0):
+            fail(f"methods.{name}.budgets: give pretraining steps (> 0), one run each")
+        if not Path(method.config).is_file():
+            fail(f"methods.{name}.config: {method.config} not found")
+    if set(cfg.methods) - {"llm"} and "slm" not in cfg.methods:
+        fail("methods.slm is needed: its config is the dense shape every small model (a "
+             "projected or SLM-mix expert, SLM-is, SLM-d) is fine-tuned in")
+    if "distill" in cfg.methods and not {"slm", "llm"} <= set(cfg.methods):
+        fail("methods.distill needs methods slm (the student) and llm (the teacher)")
+    if "distill" in cfg.methods and (len(cfg.methods["slm"].budgets)
+                                     != len(cfg.methods["llm"].budgets)):
+        fail("methods.distill pairs the i-th slm budget (student) with the i-th llm budget "
+             "(teacher): give slm and llm as many budgets")
+    if set(cfg.clusters) != {"pn", "is"}:
+        fail("clusters: give k for 'pn' (PN and SLM-mix) and 'is' (SLM-is)")

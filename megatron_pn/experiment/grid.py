@@ -1,0 +1,353 @@
+"""The experiment as a graph of steps, each one of the project's commands.
+
+    data      tokenizer, indexed datasets, embeddings, k-means (k_pn, k_is), assignments,
+              importance blends
+    pretrain  one run per method and budget (SLM-mix: one per expert; SLM-is: one per domain,
+              spec size and budget)
+    project   SLM-pn: the expert of the spec set (pn-project), SLM-mix: link to the expert of
+              the spec set's most frequent cluster
+    finetune  every (method, budget, domain, spec size): lr / 3, early stopping, best kept;
+              SLM-d distills the fine-tuned LLM of the same budget index into the SLM
+    eval      test perplexity before and after fine-tuning, generic perplexity (pn-eval --batch)
+
+Layout under the output directory (what report.py reads):
+    pretrain/<method>/b<B>/ckpt        (mix: .../ckpt/expert_NNNN; is: pretrain/is/<d>_<s>/b<B>)
+    spec/<method>/b<B>/<d>_<s>/{source,ft,eval_before.json,eval_after.json}
+    pretrain/<method>/b<B>/eval_generic*.json
+    strategies/<d>_<s>/<strategy>/...  (Table 5)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_pn.experiment.config import ExperimentConfig
+
+STRATEGIES = ("most-frequent", "best-loss", "soft")
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str  # data | pretrain | project | finetune | eval
+    done: Path  # exists once the step finished (every tool writes its outputs atomically)
+    cmd: list = field(default_factory=list)  # argv; empty for an eval (batched: eval_job)
+    deps: list = field(default_factory=list)  # names of steps that must finish first
+    procs: int = 1  # processes (torchrun --nproc-per-node locally; tasks under SLURM)
+    eval_job: dict | None = None  # one entry of a `pn-eval --batch` file
+
+
+def python(module: str, *args, procs: int = 1) -> list[str]:
+    if procs == 1:
+        return [sys.executable, "-m", module, *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+            "-m", module, *map(str, args)]
+
+
+def best_or_latest(ckpt: Path) -> Path:
+    """The file a finished training run leaves: best (fine-tuning) or latest (pretraining)."""
+    return ckpt / "latest_checkpointed_iteration.txt"
+
+
+class Grid:
+    def __init__(self, cfg: ExperimentConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.steps: dict[str, Step] = {}
+        self.tokenizer = out / "tokenizer" / "spm"
+
+    def add(self, step: Step) -> str:
+        if step.name not in self.steps:
+            self.steps[step.name] = step
+        return step.name
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def corpus_file(self, domain: str, split: str) -> Path:
+        return Path(self.cfg.corpus) / domain / f"{split}.jsonl.gz"
+
+    def subset_file(self, name: str) -> Path:
+        """Inputs cut to a size (first documents): made by runner.prepare_subsets."""
+        return self.out / "corpus" / f"{name}.jsonl.gz"
+
+    def dataset(self, name: str, source: Path) -> tuple[str, Path]:
+        prefix = self.out / "data" / name
+        step = self.add(Step(f"data/preprocess/{name}", "data", Path(f"{prefix}.idx"), python(
+            "data_tools", "preprocess", "--input", source, "--tokenizer-model",
+            f"{self.tokenizer}.model", "--output-prefix", prefix, "--workers", 1),
+            deps=["data/tokenizer"]))
+        return step, prefix
+
+    def build_data(self) -> None:
+        cfg = self.cfg
+        self.add(Step("data/tokenizer", "data", Path(f"{self.tokenizer}.model"), python(
+            "data_tools", "train-tokenizer", "--input", self.subset_file("generic"),
+            "--vocab-size", cfg.vocab_size, "--output", self.tokenizer)))
+        self.data = {"generic": self.dataset("generic", self.subset_file("generic")),
+                     "generic_test": self.dataset("generic_test",
+                                                  self.corpus_file("generic", "test"))}
+        for d in cfg.domains:
+            for split in ("valid", "test"):
+                self.data[f"{d}_{split}"] = self.dataset(f"{d}_{split}",
+                                                         self.corpus_file(d, split))
+            for size in cfg.spec_sizes:
+                self.data[f"{d}_{size}"] = self.dataset(f"{d}_{size}",
+                                                        self.subset_file(f"{d}_{size}"))
+        embeddings = self.out / "embeddings" / "generic"
+        self.add(Step("data/embed", "data", embeddings / "meta.json", python(
+            "data_tools", "embed", "--data-prefix", self.data["generic"][1], "--tokenizer-model",
+            f"{self.tokenizer}.model", "--output", embeddings), [self.data["generic"][0]]))
+        for use, k in cfg.clusters.items():
+            self.add(Step(f"data/cluster/{use}", "data", self.clusters(use) / "clusters.json",
+                          python("data_tools", "cluster", "--embeddings", embeddings, "--k", k,
+                                 "--output", self.clusters(use)), ["data/embed"]))
+        self.assign("pn", "generic_test")
+        for d in cfg.domains:
+            for size in cfg.spec_sizes:
+                for use in cfg.clusters:
+                    self.assign(use, f"{d}_{size}")
+                if "is" in cfg.methods:
+                    self.importance(d, size)
+
+    def clusters(self, use: str) -> Path:
+        return self.out / "clusters" / use
+
+    def assign_dir(self, use: str, name: str) -> Path:
+        return self.out / "assign" / use / name
+
+    def assign(self, use: str, name: str) -> str:
+        target = self.assign_dir(use, name)
+        step, prefix = self.data[name]
+        return self.add(Step(f"data/assign/{use}/{name}", "data", target / "histogram.json",
+                             python("data_tools", "assign", "--data-prefix", prefix,
+                                    "--clusters", self.clusters(use), "--output", target),
+                             [step, f"data/cluster/{use}"]))
+
+    def importance_file(self, d: str, size: str) -> Path:
+        return self.out / "importance" / f"{d}_{size}.json"
+
+    def importance(self, d: str, size: str) -> str:
+        method = self.cfg.methods["is"]
+        tokens = max(method.budgets) * self.tokens_per_step(method.config)
+        return self.add(Step(f"data/importance/{d}_{size}", "data", self.importance_file(d, size),
+                             python("data_tools", "importance", "--generic", self.clusters("is"),
+                                    "--spec", self.assign_dir("is", f"{d}_{size}"),
+                                    "--target-tokens", tokens,
+                                    "--output", self.importance_file(d, size)),
+                             [f"data/assign/is/{d}_{size}"]))
+
+    @staticmethod
+    def tokens_per_step(config: str) -> int:
+        from megatron_pn.config import load_config
+
+        train_cfg = load_config([config])
+        return train_cfg.train.global_batch_size * train_cfg.model.seq_length
+
+    # -- pretraining ---------------------------------------------------------------------------
+
+    def pretrain_dir(self, method: str, budget: int, tag: str = "") -> Path:
+        return self.out / "pretrain" / method / (f"{tag}/" if tag else "") / f"b{budget}"
+
+    def pretrain(self, method: str, budget: int, data: list, deps: list, tag: str = "",
+                 expert: int | None = None) -> str:
+        spec = self.cfg.methods[method]
+        run = self.pretrain_dir(method, budget, tag)
+        ckpt = run / "ckpt"
+        args = [spec.config, *data, f"data.tokenizer_model={self.tokenizer}.model",
+                f"model.vocab_size={self.cfg.vocab_size}", f"train.steps={budget}",
+                "train.eval_interval=0", "logging.phase=pretrain", f"logging.run_dir={run}",
+                f"checkpoint.dir={ckpt}", *self.cfg.pretrain_overrides]
+        done = best_or_latest(ckpt)
+        name = f"pretrain/{method}/{tag + '/' if tag else ''}b{budget}"
+        if expert is not None:
+            args.append(f"data.expert={expert}")
+            done = best_or_latest(ckpt / f"expert_{expert:04d}")
+            name += f"/expert_{expert:04d}"
+        return self.add(Step(name, "pretrain", done, python("megatron_pn.train", *args,
+                                                            procs=spec.procs), deps, spec.procs))
+
+    def build_pretraining(self) -> None:
+        cfg, generic = self.cfg, self.data["generic"]
+        blend_pn = self.clusters("pn") / "generic_blend.json"
+        for method in ("slm", "llm"):
+            for b in cfg.methods.get(method, _NONE).budgets:
+                self.pretrain(method, b, [f"data.blend=[{generic[1]}]"], [generic[0]])
+        for b in cfg.methods.get("pn", _NONE).budgets:
+            # every cluster keeps validation windows: split documents 80/20 within clusters
+            self.pretrain("pn", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
+                          ["data/cluster/pn"])
+        for b in cfg.methods.get("mix", _NONE).budgets:
+            for e in range(cfg.clusters["pn"]):
+                self.pretrain("mix", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
+                              ["data/cluster/pn"], expert=e)
+        for b in cfg.methods.get("is", _NONE).budgets:
+            for d in cfg.domains:
+                for size in cfg.spec_sizes:
+                    self.pretrain("is", b, [f"data.blend_file={self.importance_file(d, size)}"],
+                                  [f"data/importance/{d}_{size}"], tag=f"{d}_{size}")
+
+    # -- specialization ------------------------------------------------------------------------
+
+    def spec_dir(self, method: str, budget: int, d: str, size: str) -> Path:
+        return self.out / "spec" / method / f"b{budget}" / f"{d}_{size}"
+
+    def source(self, method: str, b: int, d: str, size: str) -> tuple[Path, list]:
+        """The checkpoint a fine-tuning starts from, and the steps that make it."""
+        if method in ("slm", "llm"):
+            ckpt = self.pretrain_dir(method, b) / "ckpt"
+            return ckpt, [f"pretrain/{method}/b{b}"]
+        if method == "is":
+            return (self.pretrain_dir("is", b, f"{d}_{size}") / "ckpt",
+                    [f"pretrain/is/{d}_{size}/b{b}"])
+        if method == "pn":
+            return self.projection(b, d, size, "most-frequent",
+                                   self.spec_dir("pn", b, d, size) / "source")
+        if method == "mix":
+            target = self.spec_dir("mix", b, d, size) / "source"
+            experts = self.pretrain_dir("mix", b) / "ckpt"
+            deps = [f"pretrain/mix/b{b}/expert_{e:04d}" for e in range(self.cfg.clusters["pn"])]
+            step = self.add(Step(f"project/mix/b{b}/{d}_{size}", "project",
+                                 target / "expert.json", python(
+                                     "megatron_pn.experiment", "pick-mix-expert", "--experts",
+                                     experts, "--spec-data", self.assign_dir("pn", f"{d}_{size}"),
+                                     "--output", target),
+                                 [*deps, f"data/assign/pn/{d}_{size}"]))
+            return target / "expert", [step]
+        raise ValueError(method)
+
+    def projection(self, b: int, d: str, size: str, strategy: str, target: Path):
+        ckpt = self.pretrain_dir("pn", b) / "ckpt"
+        step = self.add(Step(f"project/pn/b{b}/{d}_{size}/{strategy}", "project",
+                             target / "projection.json", python(
+                                 "megatron_pn.project", "--checkpoint", ckpt, "--spec-data",
+                                 self.assign_dir("pn", f"{d}_{size}"), "--strategy", strategy,
+                                 "--output", target),
+                             [f"pretrain/pn/b{b}", f"data/assign/pn/{d}_{size}"]))
+        return target, [step]
+
+    def finetune(self, name: str, run: Path, source: Path, deps: list, d: str, size: str,
+                 extra: tuple = (), *, config: str) -> str:
+        cfg = self.cfg
+        args = [config, cfg.finetune_config, f"checkpoint.load={source}", f"checkpoint.dir={run / 'ckpt'}",
+                f"data.blend=[{self.data[f'{d}_{size}'][1]}]",
+                f"data.valid_blend=[{self.data[f'{d}_valid'][1]}]",
+                f"data.tokenizer_model={self.tokenizer}.model",
+                f"model.vocab_size={cfg.vocab_size}", f"logging.run_dir={run}",
+                f"train.steps={cfg.finetune_steps[size]}", *cfg.finetune_overrides, *extra]
+        return self.add(Step(name, "finetune", run / "ckpt" / "best_checkpointed_iteration.txt",
+                             python("megatron_pn.train", *args),
+                             [*deps, self.data[f"{d}_{size}"][0], self.data[f"{d}_valid"][0]]))
+
+    def evaluation(self, name: str, checkpoint: Path, data: str, output: Path, deps: list,
+                   **options) -> str:
+        step, prefix = self.data[data]
+        job = {"checkpoint": str(checkpoint), "data": str(prefix), "names": data,
+               "output": str(output), "max_tokens": self.cfg.test_max_tokens, **options}
+        return self.add(Step(name, "eval", output, deps=[*deps, step], eval_job=job))
+
+    def model_config(self, method: str) -> str:
+        return self.cfg.methods["llm" if method == "llm" else "slm"].config
+
+    def build_specialization(self) -> None:
+        cfg = self.cfg
+        for method in ("slm", "llm", "pn", "mix", "is"):
+            for b in cfg.methods.get(method, _NONE).budgets:
+                for d in cfg.domains:
+                    for size in cfg.spec_sizes:
+                        self.specialize(method, b, d, size)
+        if "distill" in cfg.methods:
+            for b_slm, b_llm in zip(cfg.methods["slm"].budgets, cfg.methods["llm"].budgets):
+                for d in cfg.domains:
+                    for size in cfg.spec_sizes:
+                        self.distill(b_slm, b_llm, d, size)
+
+    def specialize(self, method: str, b: int, d: str, size: str) -> None:
+        spec = self.spec_dir(method, b, d, size)
+        source, deps = self.source(method, b, d, size)
+        key = f"{method}/b{b}/{d}_{size}"
+        self.evaluation(f"eval/before/{key}", source, f"{d}_test", spec / "eval_before.json", deps)
+        ft = self.finetune(f"finetune/{key}", spec / "ft", source, deps, d, size,
+                           config=self.model_config(method))
+        self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
+                        spec / "eval_after.json", [ft])
+
+    def distill(self, b_slm: int, b_llm: int, d: str, size: str) -> None:
+        spec = self.spec_dir("distill", b_slm, d, size)
+        student = self.pretrain_dir("slm", b_slm) / "ckpt"
+        teacher = self.spec_dir("llm", b_llm, d, size) / "ft" / "ckpt"
+        key = f"distill/b{b_slm}/{d}_{size}"
+        options = (f"distill.teacher={teacher}", f"distill.weight={cfg_value(self.cfg, 'weight')}",
+                   f"distill.temperature={cfg_value(self.cfg, 'temperature')}")
+        ft = self.finetune(f"finetune/{key}", spec / "ft", student,
+                           [f"pretrain/slm/b{b_slm}", f"finetune/llm/b{b_llm}/{d}_{size}"], d, size,
+                           options, config=self.model_config("slm"))
+        self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
+                        spec / "eval_after.json", [ft])
+
+    def build_generic_evals(self) -> None:
+        cfg = self.cfg
+        for method in ("slm", "llm", "pn", "mix"):
+            for b in cfg.methods.get(method, _NONE).budgets:
+                run = self.pretrain_dir(method, b)
+                if method in ("slm", "llm"):
+                    self.evaluation(f"eval/generic/{method}/b{b}", run / "ckpt", "generic_test",
+                                    run / "eval_generic.json", [f"pretrain/{method}/b{b}"])
+                    continue
+                # PN and SLM-mix: each generic window computed by its cluster's expert
+                assign = str(self.assign_dir("pn", "generic_test"))
+                for e in range(cfg.clusters["pn"]):
+                    ckpt = run / "ckpt" / (f"expert_{e:04d}" if method == "mix" else "")
+                    deps = [f"pretrain/{method}/b{b}" + (f"/expert_{e:04d}" if method == "mix"
+                                                         else ""), "data/assign/pn/generic_test"]
+                    self.evaluation(f"eval/generic/{method}/b{b}/cluster_{e:04d}", ckpt,
+                                    "generic_test", run / f"eval_generic_cluster_{e:04d}.json",
+                                    deps, cluster_ids_from=assign, only_cluster=e)
+
+    # -- Table 5: expert selection strategies --------------------------------------------------
+
+    def build_strategies(self) -> None:
+        cfg = self.cfg
+        if not cfg.strategies or "pn" not in cfg.methods:
+            return
+        b, size = max(cfg.methods["pn"].budgets), cfg.smallest_size
+        for d in cfg.domains:
+            root = self.out / "strategies" / f"{d}_{size}"
+            choices = [*STRATEGIES[1:], *(f"cluster={e}" for e in range(cfg.clusters["pn"]))]
+            for strategy in choices:
+                spec = root / strategy.replace("=", "_")
+                source, deps = self.projection(b, d, size, strategy, spec / "source")
+                key = f"strategies/{d}_{size}/{strategy}"
+                self.evaluation(f"eval/before/{key}", source, f"{d}_test",
+                                spec / "eval_before.json", deps)
+                if strategy == "best-loss":
+                    continue  # its expert is one of the cluster=I runs
+                ft = self.finetune(f"finetune/{key}", spec / "ft", source, deps, d, size,
+                                   config=self.model_config("pn"))
+                self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
+                                spec / "eval_after.json", [ft])
+
+    def build(self) -> dict[str, Step]:
+        self.build_data()
+        self.build_pretraining()
+        self.build_generic_evals()
+        self.build_specialization()
+        self.build_strategies()
+        return self.steps
+
+
+class _NoMethod:
+    budgets: list = []
+
+
+_NONE = _NoMethod()
+
+
+def cfg_value(cfg: ExperimentConfig, key: str):
+    return cfg.distill.get(key, {"weight": 0.5, "temperature": 1.0}[key])
+
+
+def build_grid(cfg: ExperimentConfig, out: Path) -> Grid:
+    grid = Grid(cfg, out)
+    grid.build()
+    return grid

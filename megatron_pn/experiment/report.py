@@ -1,0 +1,464 @@
+"""From an experiment's outputs to results.json, tables.md (Tables 8 and 5 of the paper) and the
+plots (Figs. 4 and 6).
+
+Costs are device-hours from each run's cost.json. Per method:
+  C_generic  SLM, LLM, SLM-pn: the pretraining run; SLM-mix: the sum over its experts;
+             SLM-d: the SLM's plus the LLM's; SLM-is: 0 (nothing is shared across domains).
+  C_spec     the fine-tuning run (per domain and spec size), plus: SLM-pn the projection,
+             SLM-is its own pretraining, SLM-d the teacher's (LLM) fine-tuning.
+Perplexities are macro-averages over domains (mean NLL per token, then exp) on each domain's
+test split; generic perplexity is on the generic test split (SLM-pn, SLM-mix: each window by
+its cluster's expert).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from megatron_pn.costs import interpolate_at_cost, total_cost
+from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
+from megatron_pn.experiment.runner import step_env
+from megatron_pn.fileio import atomic_write_json, atomic_write_text
+
+GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains (Table 8)
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def device_hours(run_dir: Path) -> float | None:
+    log = read_json(run_dir / "cost.json")
+    return None if log is None else log["total_device_hours"]
+
+
+def test_nll(path: Path) -> float | None:
+    result = read_json(path)
+    return None if result is None else result["datasets"][0]["nll"]
+
+
+def best_valid_loss(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines())
+              if r.get("split") == "valid"]
+    return min(losses) if losses else None
+
+
+def pooled_nll(paths: list[Path]) -> float | None:
+    """Token-weighted NLL over evaluations of disjoint window sets (one per cluster)."""
+    parts = [read_json(p) for p in paths if p.is_file()]
+    if not parts or len(parts) < len(paths):
+        return None
+    sets = [p["datasets"][0] for p in parts]
+    return sum(s["nll"] * s["tokens"] for s in sets) / sum(s["tokens"] for s in sets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting
+
+
+class Collector:
+    def __init__(self, cfg: ExperimentConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        from megatron_pn.experiment.grid import Grid
+
+        self.grid = Grid(cfg, out)
+
+    def generic_cost(self, method: str, i: int) -> float | None:
+        methods = self.cfg.methods
+        if method == "is":
+            return 0.0
+        if method == "distill":
+            parts = [self.generic_cost("slm", i), self.generic_cost("llm", i)]
+            return None if None in parts else sum(parts)
+        run = self.grid.pretrain_dir(method, methods[method].budgets[i])
+        if method == "mix":
+            parts = [device_hours(run / f"expert_{e:04d}") for e in range(self.cfg.clusters["pn"])]
+            return None if None in parts else sum(parts)
+        return device_hours(run)
+
+    def generic_nll(self, method: str, b: int) -> float | None:
+        run = self.grid.pretrain_dir(method, b)
+        if method in ("slm", "llm"):
+            return test_nll(run / "eval_generic.json")
+        if method in ("pn", "mix"):
+            return pooled_nll([run / f"eval_generic_cluster_{e:04d}.json"
+                               for e in range(self.cfg.clusters["pn"])])
+        return None
+
+    def spec_cost(self, method: str, i: int, d: str, size: str) -> float | None:
+        budgets = self.cfg.methods[method].budgets if method != "distill" else \
+            self.cfg.methods["slm"].budgets
+        b = budgets[i]
+        spec = self.grid.spec_dir(method, b, d, size)
+        parts = [device_hours(spec / "ft")]
+        if method == "pn":
+            projection = read_json(spec / "source" / "projection.json")
+            parts.append(None if projection is None else projection["seconds"] / 3600)
+        if method == "is":
+            parts.append(device_hours(self.grid.pretrain_dir("is", b, f"{d}_{size}")))
+        if method == "distill":
+            b_llm = self.cfg.methods["llm"].budgets[i]
+            parts.append(device_hours(self.grid.spec_dir("llm", b_llm, d, size) / "ft"))
+        return None if None in parts else sum(parts)
+
+    def method_rows(self, method: str) -> list[dict]:
+        cfg = self.cfg
+        budgets = cfg.methods["slm" if method == "distill" else method].budgets
+        rows = []
+        for i, b in enumerate(budgets):
+            row = {"method": method, "budget": b, "generic_cost": self.generic_cost(method, i),
+                   "generic_nll": self.generic_nll(method, b), "sizes": {}}
+            for size in cfg.spec_sizes:
+                per_domain = {}
+                for d in cfg.domains:
+                    spec = self.grid.spec_dir(method, b, d, size)
+                    per_domain[d] = {
+                        "nll_before": test_nll(spec / "eval_before.json"),
+                        "nll_after": test_nll(spec / "eval_after.json"),
+                        "spec_cost": self.spec_cost(method, i, d, size),
+                        "ft_steps": _steps(spec / "ft")}
+                row["sizes"][size] = {"domains": per_domain, **macro(per_domain)}
+            rows.append(row)
+        return rows
+
+    def strategies(self) -> dict | None:
+        cfg = self.cfg
+        if not cfg.strategies or "pn" not in cfg.methods:
+            return None
+        size, k = cfg.smallest_size, cfg.clusters["pn"]
+        table = {}
+        for d in cfg.domains:
+            root = self.out / "strategies" / f"{d}_{size}"
+            cluster = {e: root / f"cluster_{e}" for e in range(k)}
+            hist = read_json(self.grid.assign_dir("pn", f"{d}_{size}") / "histogram.json")
+            chosen = read_json(root / "best-loss" / "source" / "projection.json")
+            if hist is None or chosen is None:
+                continue
+            frequent = int(np.argmax(hist["tokens"]))
+            valid = {e: best_valid_loss(cluster[e] / "ft") for e in range(k)}
+            oracle = min((e for e in valid if valid[e] is not None), key=valid.get, default=None)
+            entry = lambda before, after: {"nll_before": test_nll(before),  # noqa: E731
+                                           "nll_after": test_nll(after)}
+            table[d] = {
+                "most-frequent": entry(cluster[frequent] / "eval_before.json",
+                                       cluster[frequent] / "eval_after.json"),
+                "best-loss": entry(root / "best-loss" / "eval_before.json",
+                                   cluster[chosen["expert"]] / "eval_after.json"),
+                "soft": entry(root / "soft" / "eval_before.json", root / "soft" / "eval_after.json"),
+                "fine-tune all, keep best": entry(
+                    cluster[oracle] / "eval_before.json" if oracle is not None else Path("-"),
+                    cluster[oracle] / "eval_after.json" if oracle is not None else Path("-")),
+                "experts": {"most-frequent": frequent, "best-loss": chosen["expert"],
+                            "fine-tune all, keep best": oracle}}
+        return {"size": size, "budget": max(cfg.methods["pn"].budgets), "k": k, "domains": table}
+
+    def collect(self) -> dict:
+        methods = {m: self.method_rows(m) for m in self.cfg.methods}
+        return {"name": self.cfg.name, "domains": self.cfg.domains,
+                "spec_sizes": {s: self.spec_tokens(s) for s in self.cfg.spec_sizes},
+                "device": self.device(), "methods": methods, "strategies": self.strategies(),
+                "parameters": self.parameters(), "throughput": self.throughput()}
+
+    def spec_tokens(self, size: str) -> int | None:
+        counts = [read_json(Path(f"{self.grid.out / 'data' / f'{d}_{size}'}.json"))
+                  for d in self.cfg.domains]
+        tokens = [c.get("tokens") for c in counts if c]
+        return int(np.mean(tokens)) if tokens else None
+
+    def device(self) -> str | None:
+        for log in sorted(self.out.glob("pretrain/*/b*/cost.json")):
+            return read_json(log)["runs"][0]["device"]
+        return None
+
+    def throughput(self) -> dict:
+        """Tokens per device-second of each method's pretraining runs (from the cost logs)."""
+        speeds = {}
+        for method in GENERIC_METHODS:
+            logs = [read_json(p) for p in self.out.glob(f"pretrain/{method}/b*/**/cost.json")]
+            tokens = sum(log["total_tokens"] for log in logs if log)
+            hours = sum(log["total_device_hours"] for log in logs if log)
+            if hours:
+                speeds[method] = tokens / (hours * 3600)
+        return speeds
+
+    def parameters(self) -> dict:
+        """(pretraining, inference) parameter counts from `pn-train --dry-run`."""
+        counts = {}
+        for method, spec in self.cfg.methods.items():
+            config = self.cfg.methods["slm"].config if method in ("is", "distill") else spec.config
+            total, expert = dry_run_counts(config, self.cfg.vocab_size)
+            if method == "mix":
+                total, expert = total * self.cfg.clusters["pn"], total
+            counts[method] = {"pretrain": total, "inference": expert or total}
+        return counts
+
+
+def _steps(run_dir: Path) -> int | None:
+    log = read_json(run_dir / "cost.json")
+    return None if log is None else sum(r["steps"] for r in log["runs"])
+
+
+def macro(per_domain: dict) -> dict:
+    """Macro-averages over the domains (None until every domain has its number)."""
+    def mean(key):
+        values = [v[key] for v in per_domain.values()]
+        return None if not values or None in values else float(np.mean(values))
+
+    return {"nll_before": mean("nll_before"), "nll_after": mean("nll_after"),
+            "spec_cost": mean("spec_cost")}
+
+
+def dry_run_counts(config: str, vocab_size: int) -> tuple[int, int | None]:
+    out = subprocess.run([sys.executable, "-m", "megatron_pn.train", config,
+                          f"model.vocab_size={vocab_size}", "--dry-run"],
+                         capture_output=True, text=True, check=True,
+                         env=step_env(None))
+    total = int(re.search(r"total ([\d,]+)", out.stdout).group(1).replace(",", ""))
+    expert = re.search(r"per expert[^:]*: ([\d,]+)", out.stdout)
+    return total, int(expert.group(1).replace(",", "")) if expert else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def ppl(nll: float | None) -> str:
+    return "–" if nll is None else f"{math.exp(nll):.1f}"
+
+
+UNIT = ("device-seconds", 3600.0)  # set by write_report from the largest cost
+
+
+def fmt_cost(hours: float | None) -> str:
+    return "–" if hours is None else f"{hours * UNIT[1]:.3g}"
+
+
+def choose_unit(results: dict) -> None:
+    """Device-seconds for small runs, device-hours (the paper's GPU-hours) beyond an hour."""
+    global UNIT
+    costs = [r["generic_cost"] or 0 for rows in results["methods"].values() for r in rows]
+    UNIT = ("device-hours", 1.0) if max(costs, default=0) >= 1 else ("device-seconds", 3600.0)
+
+
+def common_cost_range(results: dict) -> tuple[float, float] | None:
+    ranges = []
+    for method in GENERIC_METHODS:
+        costs = [r["generic_cost"] for r in results["methods"].get(method, [])
+                 if r["generic_cost"]]
+        if costs:
+            ranges.append((min(costs), max(costs)))
+    if not ranges:
+        return None
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return (low, high) if low <= high else None
+
+
+def at_cost(rows: list[dict], value, target: float) -> float | None:
+    """A row value interpolated at pretraining cost `target` (log-cost), None if unmeasured."""
+    points = [(r["generic_cost"], value(r)) for r in rows]
+    points = [(c, v) for c, v in points if c and v is not None]
+    if len(points) < 2:
+        return None
+    costs, values = zip(*points)
+    try:
+        return interpolate_at_cost(costs, values, target)
+    except ValueError:
+        return None
+
+
+def table8(results: dict, target: float | None) -> str:
+    sizes = list(results["spec_sizes"])
+    first = sizes[0]
+    span = common_cost_range(results)
+    if target is None and span is None:
+        return ("Table 8: the methods' pretraining costs do not overlap; measure more budgets "
+                "(or pass --target-cost).\n")
+    if target is None:
+        target = math.sqrt(span[0] * span[1])
+    header = ["method", "generic ppl", f"spec ppl no ft ({first})",
+              *(f"spec ppl ft {s}" for s in sizes)]
+    lines = [f"Table 8 (interpolated at {fmt_cost(target)} {UNIT[0]} of pretraining; "
+             f"macro-averaged test perplexity over {len(results['domains'])} domains)", "",
+             "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for method in GENERIC_METHODS:
+        rows = results["methods"].get(method)
+        if not rows:
+            continue
+        cells = [at_cost(rows, lambda r: r["generic_nll"], target),
+                 at_cost(rows, lambda r: r["sizes"][first]["nll_before"], target),
+                 *(at_cost(rows, lambda r, s=s: r["sizes"][s]["nll_after"], target)
+                   for s in sizes)]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(ppl(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budgets_table(results: dict) -> str:
+    sizes = list(results["spec_sizes"])
+    header = ["method", "budget (steps)", "C_generic", "generic ppl",
+              *(f"no ft {s}" for s in sizes), *(f"ft {s}" for s in sizes),
+              *(f"C_spec {s}" for s in sizes)]
+    lines = [f"All runs (macro-averaged test perplexity; costs in {UNIT[0]}, C_spec per "
+             "domain)", "", "| " + " | ".join(header) + " |",
+             "|---" + "|---:" * (len(header) - 1) + "|"]
+    for method, rows in results["methods"].items():
+        for r in rows:
+            cells = [fmt_cost(r["generic_cost"]), ppl(r["generic_nll"]),
+                     *(ppl(r["sizes"][s]["nll_before"]) for s in sizes),
+                     *(ppl(r["sizes"][s]["nll_after"]) for s in sizes),
+                     *(fmt_cost(r["sizes"][s]["spec_cost"]) for s in sizes)]
+            lines.append(f"| {LABELS[method]} | {r['budget']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table5(results: dict) -> str:
+    strategies = results.get("strategies")
+    if not strategies or not strategies["domains"]:
+        return ""
+    names = ["most-frequent", "best-loss", "soft", "fine-tune all, keep best"]
+    cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "soft": "1x",
+            "fine-tune all, keep best": f"{strategies['k']}x"}
+    lines = [f"Table 5 (expert selection; SLM-pn at {strategies['budget']} steps, spec set "
+             f"{strategies['size']}; macro-averaged test perplexity over "
+             f"{len(strategies['domains'])} domains)", "",
+             "| strategy | fine-tuning cost | ppl before ft | ppl after ft |", "|---|---|---:|---:|"]
+    for name in names:
+        before = [d[name]["nll_before"] for d in strategies["domains"].values()]
+        after = [d[name]["nll_after"] for d in strategies["domains"].values()]
+        mean = lambda v: None if None in v else float(np.mean(v))  # noqa: E731
+        lines.append(f"| {name} | {cost[name]} | {ppl(mean(before))} | {ppl(mean(after))} |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(results: dict) -> str:
+    """C_total(N) = C_generic + N * C_spec at each method's largest budget, and break-evens."""
+    size = list(results["spec_sizes"])[0]
+    lines = [f"Total cost for N domains (largest budget of each method, spec set {size}; "
+             f"{UNIT[0]})", "", "| method | C_generic | C_spec | N=1 | N=10 | N=100 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method, rows in results["methods"].items():
+        last = rows[-1]
+        generic, spec = last["generic_cost"], last["sizes"][size]["spec_cost"]
+        if generic is None or spec is None:
+            continue
+        totals = total_cost(generic, spec, np.array([1, 10, 100]))
+        lines.append(f"| {LABELS[method]} | {fmt_cost(generic)} | {fmt_cost(spec)} | "
+                     + " | ".join(fmt_cost(t) for t in totals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_fig4(results: dict, path: Path) -> None:
+    """Spec perplexity (no ft, and after ft per spec size) against pretraining cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results["spec_sizes"])
+    panels = [("no fine-tuning", sizes[0], "nll_before"),
+              *((f"fine-tuned on {s}", s, "nll_after") for s in sizes)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, size, key) in zip(axes[0], panels):
+        for method, rows in results["methods"].items():
+            if method == "is" and key == "nll_before":
+                continue
+            points = [(_x_cost(method, r, size), r["sizes"][size][key]) for r in rows]
+            points = [(c * UNIT[1], math.exp(v)) for c, v in points if c and v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=LABELS[method])
+        ax.set(title=title, xscale="log", xlabel=f"pretraining cost ({UNIT[0]})",
+               ylabel="macro-avg spec perplexity")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Specialized perplexity vs pretraining cost (SLM-is: its per-domain "
+                 "pretraining)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _x_cost(method: str, row: dict, size: str) -> float | None:
+    if method == "is":  # no shared pretraining: its per-domain pretraining cost
+        spec = row["sizes"][size]["spec_cost"]
+        return spec
+    return row["generic_cost"]
+
+
+def plot_fig6(results: dict, path: Path) -> None:
+    """C_total(N) = C_generic + N * C_spec against the number of domains N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = list(results["spec_sizes"])[0]
+    n = np.logspace(0, 3, 50)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, rows in results["methods"].items():
+        last = rows[-1]
+        generic, spec = last["generic_cost"], last["sizes"][size]["spec_cost"]
+        if generic is not None and spec is not None:
+            ax.plot(n, total_cost(generic, spec, n) * UNIT[1], label=LABELS[method])
+    ax.set(xscale="log", yscale="log", xlabel="number of domains N",
+           ylabel=f"total cost ({UNIT[0]})",
+           title=f"C_total(N) = C_generic + N C_spec (largest budgets, {size})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None) -> str:
+    cached = read_json(out / "results.json") or {}
+    collector = Collector(cfg, out)
+    if cached.get("parameters"):
+        collector.parameters = lambda: cached["parameters"]
+    results = collector.collect()
+    choose_unit(results)
+    atomic_write_json(out / "results.json", results)
+    text = "\n".join([f"# Experiment {cfg.name}: results", "",
+                      f"Device: {results['device']}. Spec-set sizes (mean tokens): " + ", ".join(
+                          f"{s} {t}" for s, t in results["spec_sizes"].items()), "",
+                      table8(results, target), budgets_table(results), table5(results),
+                      cost_table(results)])
+    atomic_write_text(out / "tables.md", text)
+    plot_fig4(results, out / "fig4_spec_ppl_vs_cost.png")
+    plot_fig6(results, out / "fig6_total_cost.png")
+    print(text)
+    print(f"results: {out / 'results.json'}; plots: {out / 'fig4_spec_ppl_vs_cost.png'}, "
+          f"{out / 'fig6_total_cost.png'}")
+    return text
+
+
+def report_main(out: Path, target: float | None) -> int:
+    meta = read_json(out / "experiment.json")
+    if meta is None:
+        raise FileNotFoundError(f"{out / 'experiment.json'} not found: not the output directory "
+                                "of `pn-experiment run`")
+    cfg = load_experiment(meta["config"], meta["overrides"])
+    write_report(out, cfg, target)
+    return 0

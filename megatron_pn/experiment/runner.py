@@ -1,0 +1,233 @@
+"""Running the step graph: locally (a pool of processes on this machine) or on SLURM (one job
+per step, chained with --dependency=afterok). Finished steps (their `done` file exists) are
+skipped, so a re-run continues where a killed one stopped."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_pn.experiment.grid import Grid, Step
+from megatron_pn.fileio import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+EVAL_BATCH = 64  # evaluations per pn-eval process
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def first_documents(source: Path, target: Path, max_chars: int) -> Path:
+    """The first documents of a JSONL.gz file, up to max_chars of text (deterministic)."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kept, chars = [], 0
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        for line in f:
+            kept.append(line)
+            chars += len(json.loads(line)["text"])
+            if chars >= max_chars:
+                break
+    tmp = target.with_name(target.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        f.writelines(kept)
+    tmp.rename(target)
+    return target
+
+
+def prepare_subsets(grid: Grid) -> None:
+    cfg = grid.cfg
+    first_documents(grid.corpus_file("generic", "train"), grid.subset_file("generic"),
+                    cfg.generic_chars)
+    for d in cfg.domains:
+        for size, chars in cfg.spec_sizes.items():
+            first_documents(grid.corpus_file(d, "train"), grid.subset_file(f"{d}_{size}"), chars)
+
+
+def step_env(threads: int | None) -> dict:
+    """A fresh job's environment: no launcher variables of a parent torchrun, quiet warnings."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env["PYTHONWARNINGS"] = "ignore"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def log_path(out: Path, name: str) -> Path:
+    return out / "logs" / (name.replace("/", "__").replace("=", "_") + ".log")
+
+
+def pending(steps: dict[str, Step]) -> dict[str, Step]:
+    return {name: s for name, s in steps.items() if not s.done.exists()}
+
+
+def eval_batch_cmd(out: Path, steps: list[Step]) -> tuple[list[str], Path]:
+    """One pn-eval process for many evaluations (loading megatron-core once)."""
+    batch = out / "logs" / f"eval_batch_{time.time_ns()}.json"
+    atomic_write_json(batch, [s.eval_job for s in steps])
+    return [sys.executable, "-m", "megatron_pn.evaluate", "--batch", str(batch)], batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Local
+
+
+class LocalRunner:
+    """Up to `slots` processes at a time (a torchrun step of N processes takes N slots)."""
+
+    def __init__(self, grid: Grid, slots: int, quiet: bool = False):
+        self.grid, self.out, self.slots, self.quiet = grid, grid.out, slots, quiet
+        self.threads = max(1, (os.cpu_count() or 1) // slots)
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        todo = pending(self.grid.steps)
+        done = set(self.grid.steps) - set(todo)
+        running: dict[subprocess.Popen, tuple[list[Step], Path]] = {}
+        failed: list[tuple[Step, Path]] = []
+        bar = tqdm(total=len(todo), desc="experiment steps", unit="step", dynamic_ncols=True,
+                   disable=self.quiet)
+        while todo or running:
+            if not failed:
+                self._launch_ready(todo, done, running)
+            if not running:
+                if failed or todo:
+                    break
+                continue
+            proc = self._wait_any(running)
+            steps, log = running.pop(proc)
+            for step in steps:
+                todo.pop(step.name, None)
+                if proc.returncode == 0 and step.done.exists():
+                    done.add(step.name)
+                    bar.update(1)
+                else:
+                    failed.append((step, log))
+            bar.set_postfix_str(", ".join(s[0].name for s, _ in running.values())[:60])
+        bar.close()
+        if failed:
+            raise StepFailed(self._failure_report(failed))
+        if todo:
+            raise StepFailed(f"{len(todo)} steps could not start: their dependencies are missing "
+                             f"({', '.join(sorted(todo)[:5])} ...)")
+
+    def _launch_ready(self, todo, done, running) -> None:
+        busy = {s.name for steps, _ in running.values() for s in steps}
+        used = sum(max(s.procs for s in steps) for steps, _ in running.values())
+        ready = [s for name, s in todo.items()
+                 if name not in busy and all(d in done for d in s.deps)]
+        evals = [s for s in ready if s.eval_job is not None]
+        others = [s for s in ready if s.eval_job is None]
+        # Pretraining first (everything waits on it), then the rest in graph order.
+        others.sort(key=lambda s: s.kind != "pretrain")
+        if evals:
+            others.insert(0, None)  # one batch of every ready evaluation
+        for step in others:
+            need = 1 if step is None else step.procs
+            if used + need > self.slots and used > 0:
+                continue
+            if step is None:
+                batch = evals[:EVAL_BATCH]
+                cmd, _ = eval_batch_cmd(self.out, batch)
+                running[self._start(cmd, f"eval_batch_{batch[0].name}")] = (
+                    batch, log_path(self.out, f"eval_batch_{batch[0].name}"))
+            else:
+                running[self._start(step.cmd, step.name)] = ([step], log_path(self.out, step.name))
+            used += need
+
+    def _start(self, cmd: list[str], name: str) -> subprocess.Popen:
+        log = log_path(self.out, name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                    env=step_env(self.threads))
+
+    @staticmethod
+    def _wait_any(running) -> subprocess.Popen:
+        while True:
+            for proc in running:
+                if proc.poll() is not None:
+                    return proc
+            time.sleep(0.2)
+
+    @staticmethod
+    def _failure_report(failed) -> str:
+        lines = []
+        for step, log in failed[:3]:
+            tail = log.read_text().splitlines()[-15:] if log.exists() else []
+            lines += [f"step {step.name} failed (log: {log}):", *("    " + t for t in tail)]
+        more = len(failed) - 3
+        return "\n".join(lines + ([f"... and {more} more"] if more > 0 else []))
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM
+
+
+class SlurmRunner:
+    """Submits every pending step as a SLURM job, after the jobs of its pending dependencies.
+
+    Training steps go through slurm/pretrain.sh (multi-node torchrun, requeue on time limits);
+    data, projection and evaluation steps are single-task jobs (`sbatch --wrap`). sbatch options
+    per step kind come from the experiment's `slurm:` section (e.g. pretrain: [--nodes=4]).
+    """
+
+    def __init__(self, grid: Grid, sbatch: str = "sbatch"):
+        self.grid, self.out, self.sbatch = grid, grid.out, sbatch
+
+    def run(self) -> dict[str, str]:
+        todo = pending(self.grid.steps)
+        jobs: dict[str, str] = {}
+        for name in self._order(todo):
+            step = todo[name]
+            after = [jobs[d] for d in step.deps if d in jobs]
+            jobs[name] = self._submit(step, after)
+        atomic_write_json(self.out / "slurm_jobs.json", jobs)
+        return jobs
+
+    def _order(self, todo: dict[str, Step]) -> list[str]:
+        order, seen = [], set()
+
+        def visit(name: str) -> None:
+            if name in seen or name not in todo:
+                return
+            seen.add(name)
+            for dep in todo[name].deps:
+                visit(dep)
+            order.append(name)
+
+        for name in todo:
+            visit(name)
+        return order
+
+    def _submit(self, step: Step, after: list[str]) -> str:
+        options = [f"--job-name=pn-{step.kind}", "--parsable",
+                   f"--output={log_path(self.out, step.name)}.%j",
+                   *map(str, self.grid.cfg.slurm.get(step.kind, []))]
+        if after:
+            options.append("--dependency=afterok:" + ":".join(after))
+        if step.eval_job is not None:
+            cmd, _ = eval_batch_cmd(self.out, [step])
+            argv = [*options, "--wrap", shlex.join(cmd)]
+        elif step.kind in ("pretrain", "finetune"):
+            train_args = step.cmd[step.cmd.index("megatron_pn.train") + 1:]
+            argv = [*options, str(REPO / "slurm" / "pretrain.sh"), *train_args]
+        else:
+            argv = [*options, "--wrap", shlex.join(step.cmd)]
+        out = subprocess.run([self.sbatch, *argv], cwd=REPO, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise StepFailed(f"sbatch for step {step.name} failed: {out.stderr.strip()}")
+        return out.stdout.strip().split(";")[0]

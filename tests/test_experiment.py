@@ -1,0 +1,252 @@
+"""pn-experiment and pn-plan: the step graph, the local and SLURM runners, the tables on
+constructed numbers (interpolation at equal cost, Table 5 from its runs), the planner's choice —
+and a smoke run of the whole comparison on a cut-down corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import REPO
+from megatron_pn.experiment.config import load_experiment
+from megatron_pn.experiment.grid import Step, build_grid
+from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
+from megatron_pn.plan import main as pn_plan
+from megatron_pn.plan import plan
+
+TINY = REPO / "configs" / "experiments" / "tiny.yaml"
+
+
+@pytest.fixture
+def one_domain(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(TINY, ["domains=[bible]"])
+    return cfg, build_grid(cfg, tmp_path / "out")
+
+
+# -- the graph ---------------------------------------------------------------------------------
+
+def topological(steps: dict) -> list[str]:
+    order, state = [], {}
+
+    def visit(name):
+        assert state.get(name) != "visiting", f"cycle through {name}"
+        if state.get(name) == "done":
+            return
+        state[name] = "visiting"
+        for dep in steps[name].deps:
+            visit(dep)
+        state[name] = "done"
+        order.append(name)
+
+    for name in steps:
+        visit(name)
+    return order
+
+
+def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
+    cfg, grid = one_domain
+    steps = grid.steps
+    for step in steps.values():
+        assert set(step.deps) <= set(steps), f"{step.name}: unknown deps"
+    assert len(topological(steps)) == len(steps)
+    kinds = [s.kind for s in steps.values()]
+    k, sizes = cfg.clusters["pn"], len(cfg.spec_sizes)
+    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: 3 budgets x 1 domain x sizes
+    assert kinds.count("pretrain") == 3 * 3 + 3 * k + 3 * sizes
+    # five methods x 3 budgets x sizes, SLM-d x 3 x sizes, Table 5: soft + one per expert
+    assert kinds.count("finetune") == 5 * 3 * sizes + 3 * sizes + 1 + k
+    # a fine-tuning run starts from a checkpoint one of its dependencies writes
+    for step in steps.values():
+        if step.kind == "finetune":
+            load = next(a for a in step.cmd if a.startswith("checkpoint.load="))
+            source = Path(load.split("=", 1)[1])
+            made = [steps[d].done.parent for d in step.deps]
+            assert source in made or source.parent in made, step.name  # mix: source/expert
+    distill = steps["finetune/distill/b400/bible_s50k"]
+    assert "finetune/llm/b200/bible_s50k" in distill.deps  # the teacher of the same index
+    assert any(a.startswith("distill.teacher=") and "spec/llm/b200/bible_s50k/ft/ckpt" in a
+               for a in distill.cmd)
+
+
+def test_bad_experiment_configs_name_the_field(tmp_path, monkeypatch):
+    from megatron_pn.config import ConfigError
+
+    monkeypatch.chdir(REPO)
+    for override, message in [("domains=[atlantis]", "atlantis/train.jsonl.gz not found"),
+                              ("spec_sizes={s1m: 1000000}", "finetune_steps: give a step cap"),
+                              ("methods.slm.budgets=[]", "methods.slm.budgets"),
+                              ("speling=1", "unknown keys ['speling']")]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_experiment(TINY, [override])
+
+
+# -- the runners -------------------------------------------------------------------------------
+
+def shell_step(name, tmp, deps=(), code=0, kind="data"):
+    done = tmp / f"{name}.done"
+    script = f"import sys; print('running {name}'); sys.exit({code}) if {code} else " \
+             f"open({str(done)!r}, 'w').write('ok')"
+    return Step(name, kind, done, [sys.executable, "-c", script], list(deps))
+
+
+def test_local_runner_runs_in_dependency_order_and_stops_at_a_failure(tmp_path):
+    steps = {s.name: s for s in [
+        shell_step("a", tmp_path), shell_step("b", tmp_path, ["a"]),
+        shell_step("bad", tmp_path, ["a"], code=3), shell_step("after_bad", tmp_path, ["bad"])]}
+    grid = SimpleNamespace(steps=steps, out=tmp_path / "out")
+    with pytest.raises(StepFailed) as err:
+        LocalRunner(grid, slots=2, quiet=True).run()
+    assert "step bad failed" in str(err.value) and "running bad" in str(err.value)
+    assert steps["a"].done.exists() and not steps["after_bad"].done.exists()
+    # a re-run skips what is done; fixed, it finishes
+    steps["bad"] = shell_step("bad", tmp_path, ["a"])
+    LocalRunner(grid, slots=1, quiet=True).run()
+    assert all(s.done.exists() for s in steps.values())
+
+
+def test_slurm_runner_chains_pending_steps_with_afterok(one_domain, tmp_path):
+    cfg, grid = one_domain
+    record = tmp_path / "sbatch.log"
+    fake = tmp_path / "sbatch"
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {record}\nwc -l < {record}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    tokenizer = grid.steps["data/tokenizer"].done  # a finished step is not submitted
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_text("")
+    jobs = SlurmRunner(grid, sbatch=str(fake)).run()
+    lines = record.read_text().splitlines()
+    assert len(jobs) == len(lines) == len(grid.steps) - 1 and "data/tokenizer" not in jobs
+    by_id = dict(zip(map(str, range(1, len(lines) + 1)), lines))
+    for name, job in jobs.items():
+        step, argv = grid.steps[name], by_id[job]
+        pending = {jobs[d] for d in step.deps if d in jobs}
+        chained = [a.split(":")[1:] for a in argv.split() if a.startswith("--dependency=")]
+        assert set(*chained or [[]]) == pending, name
+        if step.kind in ("pretrain", "finetune"):
+            assert "slurm/pretrain.sh " in argv and "megatron_pn.train" not in argv
+        elif step.kind == "eval":
+            assert "--wrap" in argv and "megatron_pn.evaluate --batch" in argv
+    preprocess = by_id[jobs["data/preprocess/generic"]]
+    assert "--dependency" not in preprocess  # its only dependency (the tokenizer) is done
+
+
+# -- tables and the planner on constructed numbers -----------------------------------------------
+
+def method_rows(method, costs, nlls, spec_cost, generic_nll=None):
+    """Rows of results.json: one budget per cost, the same spec cost and NLL at every size."""
+    return [{"method": method, "budget": i, "generic_cost": c,
+             "generic_nll": generic_nll or nll, "sizes": {
+                 "small": {"nll_before": nll + 1, "nll_after": nll, "spec_cost": spec_cost}}}
+            for i, (c, nll) in enumerate(zip(costs, nlls))]
+
+
+def constructed_results():
+    return {"domains": ["a", "b"], "spec_sizes": {"small": 1000}, "methods": {
+        # generic pretraining shared by all domains, cheap specialization
+        "pn": method_rows("pn", [10, 20, 40], [3.0, 2.8, 2.6], 0.1),
+        "slm": method_rows("slm", [5, 10, 20, 40], [3.3, 3.1, 2.9, 2.8], 0.1),
+        # nothing shared, expensive per domain
+        "is": method_rows("is", [0, 0, 0], [2.5, 2.4, 2.3], 30.0),
+        "llm": method_rows("llm", [20, 40, 80], [2.2, 2.0, 1.9], 0.3)},
+        "parameters": {"pn": {"inference": 100}, "slm": {"inference": 100},
+                       "is": {"inference": 100}, "llm": {"inference": 600}}}
+
+
+def test_table8_interpolates_every_method_at_the_same_pretraining_cost():
+    from megatron_pn.experiment.report import common_cost_range, table8
+
+    results = constructed_results()
+    del results["methods"]["is"]
+    assert common_cost_range(results) == (20, 40)
+    text = table8(results, target=20 * math.sqrt(2))  # half-way between 20 and 40 in log-cost
+
+    def cells(label):
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    # generic, no ft (NLL + 1), ft: SLM-pn 2.7 (between 2.8 and 2.6), SLM 2.85, LLM 2.1
+    assert cells("SLM-pn")[1:] == [f"{math.exp(v):.1f}" for v in (2.7, 3.7, 2.7)]
+    assert cells("SLM")[3] == f"{math.exp(2.85):.1f}" and cells("LLM")[3] == f"{math.exp(2.1):.1f}"
+
+
+def test_plan_prefers_shared_pretraining_for_many_domains_and_respects_inference_budget():
+    results = constructed_results()
+    few = plan(results, domains=1, size="small", inference_budget=100, budget=41.0)
+    # one domain: SLM-is (0 + 30.1 at its largest budget = 30) is affordable and best (2.3)
+    assert few["recommendation"] == "is"
+    many = plan(results, domains=100, size="small", inference_budget=100, budget=60.0)
+    # 100 domains: SLM-is costs 3000 even at its smallest budget; SLM-pn's 40 + 10 = 50 <= 60
+    # reaches 2.6, the SLM at 50 reaches 2.8: SLM-pn
+    by_method = {r["method"]: r for r in many["rows"]}
+    assert by_method["is"]["nll"] is None and many["recommendation"] == "pn"
+    assert by_method["pn"]["nll"] == pytest.approx(2.6) and by_method["slm"]["nll"] == 2.8
+    assert [e["method"] for e in many["excluded"]] == ["llm"]  # 600 > 100 parameters
+    unlimited = plan(results, domains=100, size="small", inference_budget=None, budget=120.0)
+    assert unlimited["recommendation"] == "llm"  # 80 + 30 = 110 <= 120: NLL 1.9
+
+
+def test_plan_command_prints_the_numbers_and_explains_bad_input(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(constructed_results()))
+    assert pn_plan(["--results", str(path), "--domains", "100", "--spec-size", "800",
+                    "--inference-budget", "0.1k", "--budget", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "recommendation: SLM-pn" in out and "over the inference budget" in out
+    assert "| SLM-pn | 100 | 20, 30, 50 |" in out  # C_total(100) at its three budgets
+    assert pn_plan(["--results", str(tmp_path / "none.json"), "--domains", "1",
+                    "--spec-size", "small"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert pn_plan(["--results", str(path), "--domains", "1", "--spec-size", "small",
+                    "--inference-budget", "lots"]) == 2
+    assert "cannot read 'lots'" in capsys.readouterr().err
+
+
+# -- the whole comparison, cut down ---------------------------------------------------------------
+
+SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
+         "spec_sizes={s20k: 20000}", "test_max_tokens=2000", "clusters={pn: 2, is: 3}",
+         "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
+         "train.eval_steps=1,train.log_interval=1000]",
+         "methods.slm.budgets=[8,16]", "methods.llm.budgets=[4,8]", "methods.pn.budgets=[8,16]",
+         "methods.mix.budgets=[4]", "methods.is.budgets=[8]"]
+
+
+@pytest.mark.slow
+def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys):
+    from megatron_pn.experiment.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "exp"
+    assert main(["run", str(TINY), *SMOKE, "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for method, rows in results["methods"].items():
+        for row in rows:
+            cell = row["sizes"]["s20k"]
+            assert cell["nll_after"] is not None and cell["spec_cost"] > 0, (method, row)
+            if method != "distill":
+                assert cell["nll_before"] is not None, (method, row)
+            if method in ("slm", "llm", "pn", "mix"):
+                assert row["generic_nll"] is not None and row["generic_cost"] > 0
+    assert results["parameters"]["mix"]["pretrain"] == 2 * results["parameters"]["slm"]["pretrain"]
+    assert results["parameters"]["pn"]["inference"] == results["parameters"]["slm"]["inference"]
+    strategies = results["strategies"]["domains"]["fortunes"]
+    assert all(strategies[s]["nll_after"] is not None
+               for s in ("most-frequent", "best-loss", "soft", "fine-tune all, keep best"))
+    tables = (out / "tables.md").read_text()
+    assert "Table 8" in tables and "Table 5" in tables and "| SLM-pn |" in tables
+    for png in ("fig4_spec_ppl_vs_cost.png", "fig6_total_cost.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a re-run has nothing left to do
+    capsys.readouterr()
+    assert main(["list", str(TINY), *SMOKE, "--out", str(out)]) == 0
+    steps = len(build_grid(load_experiment(TINY, SMOKE), out).steps)
+    assert f"{steps} of {steps} steps done" in capsys.readouterr().out
+    assert pn_plan(["--results", str(out / "results.json"), "--domains", "10",
+                    "--spec-size", "s20k"]) == 0
