@@ -125,9 +125,6 @@ def embed_in_memory(data, windows, sp, model, batch_size, desc="embed") -> np.nd
 
     out = np.zeros((len(windows), model.get_embedding_dimension()), dtype=np.float16)
 
-    def write(rows, vectors):
-        out[rows] = vectors
-
     with tqdm(total=len(windows), unit="win", desc=desc, smoothing=0.1) as progress:
         for rows in chunks_longest_first(windows):
             encode_rows(rows, windows, data, sp, model, batch_size, write, progress)
@@ -190,9 +187,6 @@ def embed_to_dir(args, data, windows, sp, model, partial: Path, resume: bool) ->
     out = open_embedding_file(partial / EMBEDDINGS_FILE, (len(windows), dim), resume, done_dir)
     np.save(partial / WINDOWS_FILE, windows)  # deterministic: rewriting it on resume is harmless
 
-    def write(rows, vectors):
-        out[rows] = vectors
-
     chunks = chunks_longest_first(windows)
     markers = [done_dir / f"{chunk_id:06d}" for chunk_id in range(len(chunks))]
     done = sum(len(rows) for rows, marker in zip(chunks, markers) if marker.exists())
@@ -201,7 +195,8 @@ def embed_to_dir(args, data, windows, sp, model, partial: Path, resume: bool) ->
         for rows, marker in zip(chunks, markers):
             if marker.exists():
                 continue
-            encode_rows(rows, windows, data, sp, model, args.batch_size, write, progress)
+            encode_rows(rows, windows, data, sp, model, args.batch_size, out.__setitem__,
+                        progress)
             out.flush()
             marker.touch()  # only after the rows are on disk
     del out

@@ -16,21 +16,20 @@ demo_out/ and skipped on a re-run. The corpus is cut to sizes that keep the demo
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_pn.experiment.runner import first_documents, step_env
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
 DOMAINS = ("bible", "python_docs", "postgres_docs", "manpages", "fortunes")
 GENERIC_CHARS = 4_000_000  # ~1.2M tokens: ~1,200 embedding windows
 SPEC_CHARS = 200_000  # a small specialization set per domain
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Demo:
@@ -52,9 +51,7 @@ class Demo:
         start = time.time()
         # Each step is a fresh job: no launcher variables of ours (RANK, MASTER_PORT, ...)
         # leak into it; library deprecation warnings are noise for someone watching the demo.
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        env["PYTHONWARNINGS"] = "ignore"
-        subprocess.run([str(c) for c in cmd], cwd=REPO, check=True, env=env)
+        subprocess.run([str(c) for c in cmd], cwd=REPO, check=True, env=step_env(None))
         key = title.split(":")[0]
         self.timings[key] = self.timings.get(key, 0.0) + time.time() - start
 
@@ -71,24 +68,6 @@ class Demo:
 
     # -- data -----------------------------------------------------------------------------------
 
-    def subset(self, source: Path, target: Path, max_chars: int) -> Path:
-        """The first documents of a split, up to max_chars (deterministic)."""
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        kept, chars = [], 0
-        with gzip.open(source, "rt", encoding="utf-8") as f:
-            for line in f:
-                kept.append(line)
-                chars += len(json.loads(line)["text"])
-                if chars >= max_chars:
-                    break
-        tmp = target.with_suffix(".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            f.writelines(kept)
-        tmp.rename(target)
-        return target
-
     def preprocess(self, name: str, source: Path) -> Path:
         prefix = self.out / "data" / name
         self.run(f"2. indexed dataset: {name}", self.pn_data(
@@ -97,14 +76,14 @@ class Demo:
         return prefix
 
     def prepare_data(self) -> dict:
-        generic = self.subset(CORPUS / "generic" / "train.jsonl.gz",
+        generic = first_documents(CORPUS / "generic" / "train.jsonl.gz",
                               self.out / "corpus" / "generic.jsonl.gz", self.generic_chars)
         self.run("1. SentencePiece tokenizer (4k vocabulary)", self.pn_data(
             "train-tokenizer", "--input", generic, "--vocab-size", "4096", "--output",
             self.tokenizer), Path(f"{self.tokenizer}.model"))
         data = {"generic": self.preprocess("generic", generic)}
         for domain in self.domains:
-            spec = self.subset(CORPUS / domain / "train.jsonl.gz",
+            spec = first_documents(CORPUS / domain / "train.jsonl.gz",
                                self.out / "corpus" / f"{domain}_train.jsonl.gz", self.spec_chars)
             data[f"{domain}_train"] = self.preprocess(f"{domain}_train", spec)
             data[f"{domain}_valid"] = self.preprocess(f"{domain}_valid",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,13 +68,11 @@ def train_command(args: list[str], nproc: int = 1) -> list[str]:
             "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
 
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def train_env(extra=None) -> dict:
     """This environment without launcher variables an in-process test may have set."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    return {**env, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra or {})}
+    from megatron_pn.experiment.runner import step_env
+
+    return {**step_env(threads=1), **(extra or {})}
 
 
 def start_train(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subprocess.Popen:
