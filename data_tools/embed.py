@@ -127,7 +127,7 @@ def embed_in_memory(data, windows, sp, model, batch_size, desc="embed") -> np.nd
 
     with tqdm(total=len(windows), unit="win", desc=desc, smoothing=0.1) as progress:
         for rows in chunks_longest_first(windows):
-            encode_rows(rows, windows, data, sp, model, batch_size, write, progress)
+            encode_rows(rows, windows, data, sp, model, batch_size, out.__setitem__, progress)
     return out
 
 
