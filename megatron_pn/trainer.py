@@ -266,6 +266,8 @@ class Trainer:
             if ckpt.dir and improved and ckpt.keep_best and ckpt.save_at_end:
                 checkpoint.mark_best(ckpt.dir, self.step)
         self._record_cost(first_step, tokens_per_step)
+        if early_stopped or self.step >= t.steps:
+            self._mark_finished("early stopping" if early_stopped else "train.steps")
         self.metrics.close()
         return self.step
 
@@ -314,6 +316,14 @@ class Trainer:
         log["total_device_hours"] = sum(r["device_hours"] for r in log["runs"])
         log["total_tokens"] = sum(r["tokens"] for r in log["runs"])
         atomic_write_json(path, log)
+
+    def _mark_finished(self, reason: str) -> None:
+        """run_dir/finished.json: the run is over (pipelines wait on this file; a killed or
+        stopped run has none, so its rerun resumes)."""
+        if self.is_logging_rank:
+            atomic_write_json(Path(self.cfg.logging.run_dir) / "finished.json",
+                              {"step": self.step, "reason": reason,
+                               "best_step": self.early_stopping["best_step"]})
 
     def _log_train(self, loss, grad_norm, tokens_per_s, peak) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_lr(self.engine.optimizer.param_groups[0]),

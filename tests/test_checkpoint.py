@@ -3,6 +3,8 @@ loading into another TP layout, atomic saves."""
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import signal
 import time
@@ -48,7 +50,9 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert not (killed / "finished.json").exists()
     run_train(args)  # resumes from step 6 by itself
+    assert json.loads((killed / "finished.json").read_text())["reason"] == "train.steps"
 
     assert losses(killed) == losses(reference)  # exact, every step
     assert len(losses(reference)) == 10
@@ -102,6 +106,7 @@ def test_time_limit_saves_and_exits(dataset, tmp_path):
         "checkpoint.dir": run_dir / "ckpt"})])
     saved = int((run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
     assert saved == max(read_metrics(run_dir)) < 100000
+    assert not (run_dir / "finished.json").exists()  # stopped, not over: a rerun resumes
 
 
 @pytest.mark.slow

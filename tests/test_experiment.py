@@ -250,3 +250,34 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
     assert f"{steps} of {steps} steps done" in capsys.readouterr().out
     assert pn_plan(["--results", str(out / "results.json"), "--domains", "10",
                     "--spec-size", "s20k"]) == 0
+
+
+def test_paper_scale_experiment_submits_multi_node_training_jobs(tmp_path, monkeypatch):
+    """configs/experiments/paper.yaml on a stand-in corpus: every step becomes a SLURM job with
+    the resources of its kind; training goes through slurm/pretrain.sh."""
+    import gzip
+
+    monkeypatch.chdir(REPO)
+    corpus = tmp_path / "corpus"
+    domains = ["generic", "arxiv", "europarl", "freelaw", "gutenberg", "opensubtitles",
+               "openwebtext2", "pubmed_abstracts", "stackexchange", "wikipedia"]
+    for d in domains:
+        (corpus / d).mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            with gzip.open(corpus / d / f"{split}.jsonl.gz", "wt") as f:
+                f.write(json.dumps({"text": f"{d} {split}"}) + "\n")
+    cfg = load_experiment(REPO / "configs" / "experiments" / "paper.yaml", [f"corpus={corpus}"])
+    grid = build_grid(cfg, tmp_path / "out")
+    assert sum(s.kind == "pretrain" for s in grid.steps.values()) == (
+        3 * 3 + 3 * 16 + 3 * 9 * 3)  # slm/llm/pn, 16 mix experts, SLM-is per domain and size
+    record, fake = tmp_path / "sbatch.log", tmp_path / "sbatch"
+    fake.write_text(f"#!/bin/bash\necho \"$*\" >> {record}\nwc -l < {record}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    jobs = SlurmRunner(grid, sbatch=str(fake)).run()
+    lines = dict(zip(map(str, range(1, len(jobs) + 1)), record.read_text().splitlines()))
+    pn = lines[jobs["pretrain/pn/b420000"]]
+    assert "--nodes=4 --gpus-per-node=8" in pn and "slurm/pretrain.sh configs/paper/pn16.yaml" in pn
+    assert "train.steps=420000" in pn and "data.blend_file=" in pn
+    finetune = lines[jobs["finetune/pn/b420000/arxiv_1m"]]
+    assert "--gpus-per-node=1" in finetune and "configs/finetune/paper_1m.yaml" in finetune
+    assert "train.steps=2000" in finetune

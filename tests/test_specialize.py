@@ -124,6 +124,8 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
     assert all(losses[s] >= losses[best] for s in losses if s > best)
     assert last - best == 2  # two evaluations without improvement
     assert checkpoint.resolve(run_dir / "ckpt") == checkpoint.iteration_dir(run_dir / "ckpt", best)
+    assert json.loads((run_dir / "finished.json").read_text()) == {
+        "step": last, "reason": "early stopping", "best_step": best}
     cost = json.loads((run_dir / "cost.json").read_text())
     assert cost["runs"][-1]["phase"] == "finetune" and cost["total_device_hours"] > 0
 

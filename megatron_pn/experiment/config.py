@@ -29,7 +29,9 @@ class ExperimentConfig:
     name: str = "experiment"
     corpus: str = "data/corpus"  # DIR/<domain>/{train,valid,test}.jsonl.gz and DIR/generic/...
     domains: list = field(default_factory=list)
-    generic_chars: int = 4_000_000  # characters of generic train text used (its first documents)
+    generic_chars: int | None = 4_000_000  # generic train text used: its first documents up to
+    #                                        this many characters (None: all of it)
+    data_workers: int = 1  # pn-data preprocess --workers
     vocab_size: int = 4096  # SentencePiece vocabulary trained on that text
     spec_sizes: dict = field(default_factory=dict)  # name -> characters of a domain's train split
     test_max_tokens: int | None = None  # evaluate at most this many tokens of each test set

@@ -46,9 +46,9 @@ def python(module: str, *args, procs: int = 1) -> list[str]:
             "-m", module, *map(str, args)]
 
 
-def best_or_latest(ckpt: Path) -> Path:
-    """The file a finished training run leaves: best (fine-tuning) or latest (pretraining)."""
-    return ckpt / "latest_checkpointed_iteration.txt"
+def finished(run_dir: Path) -> Path:
+    """The file pn-train writes when a run is over (train.steps reached or early stopping)."""
+    return run_dir / "finished.json"
 
 
 class Grid:
@@ -75,7 +75,8 @@ class Grid:
         prefix = self.out / "data" / name
         step = self.add(Step(f"data/preprocess/{name}", "data", Path(f"{prefix}.idx"), python(
             "data_tools", "preprocess", "--input", source, "--tokenizer-model",
-            f"{self.tokenizer}.model", "--output-prefix", prefix, "--workers", 1),
+            f"{self.tokenizer}.model", "--output-prefix", prefix, "--workers",
+            self.cfg.data_workers),
             deps=["data/tokenizer"]))
         return step, prefix
 
@@ -158,11 +159,11 @@ class Grid:
                 f"model.vocab_size={self.cfg.vocab_size}", f"train.steps={budget}",
                 "train.eval_interval=0", "logging.phase=pretrain", f"logging.run_dir={run}",
                 f"checkpoint.dir={ckpt}", *self.cfg.pretrain_overrides]
-        done = best_or_latest(ckpt)
+        done = finished(run)
         name = f"pretrain/{method}/{tag + '/' if tag else ''}b{budget}"
-        if expert is not None:
+        if expert is not None:  # SLM-mix appends expert_NNNN to the run and checkpoint dirs
             args.append(f"data.expert={expert}")
-            done = best_or_latest(ckpt / f"expert_{expert:04d}")
+            done = finished(run / f"expert_{expert:04d}")
             name += f"/expert_{expert:04d}"
         return self.add(Step(name, "pretrain", done, python("megatron_pn.train", *args,
                                                             procs=spec.procs), deps, spec.procs))
@@ -235,7 +236,7 @@ class Grid:
                 f"data.tokenizer_model={self.tokenizer}.model",
                 f"model.vocab_size={cfg.vocab_size}", f"logging.run_dir={run}",
                 f"train.steps={cfg.finetune_steps[size]}", *cfg.finetune_overrides, *extra]
-        return self.add(Step(name, "finetune", run / "ckpt" / "best_checkpointed_iteration.txt",
+        return self.add(Step(name, "finetune", finished(run),
                              python("megatron_pn.train", *args),
                              [*deps, self.data[f"{d}_{size}"][0], self.data[f"{d}_valid"][0]]))
 

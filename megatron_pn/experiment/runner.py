@@ -26,21 +26,26 @@ class StepFailed(RuntimeError):
     pass
 
 
-def first_documents(source: Path, target: Path, max_chars: int) -> Path:
-    """The first documents of a JSONL.gz file, up to max_chars of text (deterministic)."""
+def first_documents(source: Path, target: Path, max_chars: int | None) -> Path:
+    """The first documents of a JSONL.gz file, up to max_chars of text (deterministic);
+    max_chars None: the whole file (linked, not copied)."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    kept, chars = [], 0
-    with gzip.open(source, "rt", encoding="utf-8") as f:
+    tmp = target.with_name(target.name + ".tmp")
+    if max_chars is None:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(source).resolve())
+        tmp.rename(target)
+        return target
+    chars = 0
+    with gzip.open(source, "rt", encoding="utf-8") as f, \
+            gzip.open(tmp, "wt", encoding="utf-8") as out:
         for line in f:
-            kept.append(line)
+            out.write(line)
             chars += len(json.loads(line)["text"])
             if chars >= max_chars:
                 break
-    tmp = target.with_name(target.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        f.writelines(kept)
     tmp.rename(target)
     return target
 
