@@ -120,7 +120,8 @@ def plan(results: dict, domains: int, size: str, inference_budget: float | None,
             "inference_budget": inference_budget, "rows": rows,
             "excluded": [{"method": o.method, "inference_params": o.inference_params}
                          for o in excluded],
-            "recommendation": best["method"] if best else None}
+            "recommendation": best["method"] if best else None,
+            "throughput": results.get("throughput", {})}
 
 
 def render(result: dict, unit: str) -> str:
@@ -137,6 +138,10 @@ def render(result: dict, unit: str) -> str:
     for r in result["excluded"]:
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['inference_params']:,} | "
                      "over the inference budget | | |")
+    if result.get("throughput"):
+        lines += ["", "pretraining throughput in the cost logs (tokens per device-second): "
+                  + ", ".join(f"{LABELS.get(m, m)} {v:,.0f}"
+                              for m, v in result["throughput"].items())]
     choice = result["recommendation"]
     lines += ["", f"recommendation: {LABELS.get(choice, choice)}" if choice else
               "recommendation: none affordable: raise --budget"]
