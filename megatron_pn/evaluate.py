@@ -228,10 +228,11 @@ def evaluate_set(loaded: LoadedModel, held: HeldOut, eod: int, batch_size: int,
             loss, tokens = batch_loss(loaded, window_batch(held, rows, eod), ids)
             total, count = total + loss, count + tokens
             bar.update(tokens)
-    nll = total / count
+    nll = total / count if count else None  # only with --only-cluster: a cluster may be absent
     return {"name": held.name, "prefix": held.prefix, "tokens": count,
             "documents": int(len(np.unique(held.windows[:, 0]))),
-            "windows": int(len(held.windows)), "nll": nll, "ppl": perplexity(nll)}
+            "windows": int(len(held.windows)), "nll": nll,
+            "ppl": None if nll is None else perplexity(nll)}
 
 
 def perplexity(nll: float) -> float:
@@ -240,16 +241,24 @@ def perplexity(nll: float) -> float:
 
 def macro_average(results: list[dict]) -> dict:
     """The paper's macro-averaged perplexity: mean of the per-domain NLLs, then exp."""
-    nll = float(np.mean([r["nll"] for r in results]))
+    values = [r["nll"] for r in results if r["nll"] is not None]
+    if not values:
+        return {"nll": None, "ppl": None}
+    nll = float(np.mean(values))
     return {"nll": nll, "ppl": perplexity(nll)}
 
 
 def markdown_table(results: list[dict], macro: dict) -> str:
+    def number(value, digits):
+        return "–" if value is None else f"{value:.{digits}f}"
+
     lines = ["| dataset | tokens | NLL | perplexity |", "|---|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['tokens']:,} | {r['nll']:.4f} | {r['ppl']:.2f} |")
+        lines.append(f"| {r['name']} | {r['tokens']:,} | {number(r['nll'], 4)} | "
+                     f"{number(r['ppl'], 2)} |")
     if len(results) > 1:
-        lines.append(f"| macro-average | | {macro['nll']:.4f} | {macro['ppl']:.2f} |")
+        lines.append(f"| macro-average | | {number(macro['nll'], 4)} | "
+                     f"{number(macro['ppl'], 2)} |")
     return "\n".join(lines)
 
 
@@ -306,12 +315,8 @@ def only_cluster(m, args, sets: list[HeldOut]) -> dict:
     if len(dirs) != len(sets):
         raise ToolError(f"--only-cluster needs --cluster-ids-from with one directory per --data "
                         f"prefix ({len(sets)})")
-    for held, directory in zip(sets, dirs):
-        keep = window_clusters(directory, held) == cluster
-        if not keep.any():
-            raise ToolError(f"--only-cluster {cluster}: no window of {held.prefix} is in that "
-                            f"cluster ({directory})")
-        held.windows = held.windows[keep]
+    for held, directory in zip(sets, dirs):  # a cluster absent from a set: 0 tokens, no NLL
+        held.windows = held.windows[window_clusters(directory, held) == cluster]
         if m.type == "pn":
             check_expert(m, cluster, args.checkpoint, "")
             held.cluster_ids = np.full(len(held.windows), cluster, dtype=np.int64)
@@ -418,16 +423,28 @@ def batch_jobs(parser: argparse.ArgumentParser, path: str) -> list[argparse.Name
     return parsed
 
 
-def run_batch(jobs: list[argparse.Namespace], env) -> None:
-    """Evaluate each job whose output does not exist yet (a re-run continues)."""
+def run_batch(jobs: list[argparse.Namespace], env) -> int:
+    """Evaluate each job whose output does not exist yet (a re-run continues); a job with bad
+    input is reported and skipped. Returns the number of failed jobs."""
+    failed = 0
     for args in jobs:
         if Path(args.output).exists() and not args.overwrite:
             continue
-        report = evaluate(args, env)
+        try:
+            report = evaluate(args, env)
+        except Exception as err:
+            if not is_user_error(err):
+                raise
+            failed += 1
+            if env.rank == 0:
+                print(f"pn-eval: error: {args.output}: {err}", file=sys.stderr, flush=True)
+            continue
         if env.rank == 0:
             atomic_write_json(args.output, report, overwrite=True)
             print(f"{args.output}: " + ", ".join(
-                f"{r['name']} ppl {r['ppl']:.2f}" for r in report["datasets"]), flush=True)
+                f"{r['name']} ppl {r['ppl'] or float('nan'):.2f} ({r['tokens']} tokens)"
+                for r in report["datasets"]), flush=True)
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch:
             jobs = batch_jobs(parser, args.batch)
             with inference_world() as env:
-                run_batch(jobs, env)
-            return 0
+                return 2 if run_batch(jobs, env) else 0
         with inference_world() as env:
             report = evaluate(args, env)
         if rank == 0:

@@ -223,7 +223,17 @@ def test_batch_of_one_cluster_evaluations_pools_to_the_routed_set(pn_checkpoint,
     (tmp_path / "dense.json").write_text("{}")
     assert main(["--batch", str(tmp_path / "jobs.json")]) == 0
     assert (tmp_path / "dense.json").read_text() == "{}"
-    capsys.readouterr()
+    # a cluster absent from the set: 0 tokens, no NLL; a failing job does not stop the others
+    more = [{**jobs[0], "only_cluster": 3, "output": str(tmp_path / "c3.json")},
+            {**jobs[3], "expert": 1, "output": str(tmp_path / "wrong.json")},
+            {**jobs[3], "output": str(tmp_path / "after.json")}]
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    assert main(["--batch", str(tmp_path / "more.json")]) == 2
+    absent = json.loads((tmp_path / "c3.json").read_text())["datasets"][0]
+    assert (absent["tokens"], absent["nll"]) == (0, None)
+    assert not (tmp_path / "wrong.json").exists() and (tmp_path / "after.json").exists()
+    assert "wrong.json: expert routing (--expert, --cluster-ids-from) applies to PN" in \
+        capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps([{**jobs[0], "expertt": 1}]))
     assert "entry 0 needs checkpoint, data and output and only pn-eval options (unknown: " \
            "['expertt'])" in error_of(["--batch", tmp_path / "bad.json"], capsys)

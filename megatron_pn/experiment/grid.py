@@ -185,7 +185,9 @@ class Grid:
         for b in cfg.methods.get("is", _NONE).budgets:
             for d in cfg.domains:
                 for size in cfg.spec_sizes:
-                    self.pretrain("is", b, [f"data.blend_file={self.importance_file(d, size)}"],
+                    # the resampled generic set replaces the config's data.blend
+                    self.pretrain("is", b, ["data.blend=[]",
+                                            f"data.blend_file={self.importance_file(d, size)}"],
                                   [f"data/importance/{d}_{size}"], tag=f"{d}_{size}")
 
     # -- specialization ------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def pooled_nll(paths: list[Path]) -> float | None:
     parts = [read_json(p) for p in paths if p.is_file()]
     if not parts or len(parts) < len(paths):
         return None
-    sets = [p["datasets"][0] for p in parts]
+    sets = [p["datasets"][0] for p in parts if p["datasets"][0]["tokens"]]  # absent clusters
     return sum(s["nll"] * s["tokens"] for s in sets) / sum(s["tokens"] for s in sets)
 
 

@@ -114,7 +114,9 @@ class LocalRunner:
             steps, log = running.pop(proc)
             for step in steps:
                 todo.pop(step.name, None)
-                if proc.returncode == 0 and step.done.exists():
+                # an evaluation's output is written atomically: it exists only if it succeeded
+                # (a batch fails as a whole when one of its evaluations fails)
+                if step.done.exists() and (proc.returncode == 0 or step.eval_job is not None):
                     done.add(step.name)
                     bar.update(1)
                 else:
