@@ -148,7 +148,13 @@ class Grid:
     # -- pretraining ---------------------------------------------------------------------------
 
     def pretrain_dir(self, method: str, budget: int, tag: str = "") -> Path:
-        return self.out / "pretrain" / method / (f"{tag}/" if tag else "") / f"b{budget}"
+        base = self.out / "pretrain" / method
+        return (base / tag if tag else base) / f"b{budget}"
+
+    def budgets(self, method: str) -> list:
+        """The method's pretraining budgets ([] when the experiment leaves it out)."""
+        spec = self.cfg.methods.get(method)
+        return spec.budgets if spec else []
 
     def pretrain(self, method: str, budget: int, data: list, deps: list, tag: str = "",
                  expert: int | None = None) -> str:
@@ -172,17 +178,17 @@ class Grid:
         cfg, generic = self.cfg, self.data["generic"]
         blend_pn = self.clusters("pn") / "generic_blend.json"
         for method in ("slm", "llm"):
-            for b in cfg.methods.get(method, _NONE).budgets:
+            for b in self.budgets(method):
                 self.pretrain(method, b, [f"data.blend=[{generic[1]}]"], [generic[0]])
-        for b in cfg.methods.get("pn", _NONE).budgets:
+        for b in self.budgets("pn"):
             # every cluster keeps validation windows: split documents 80/20 within clusters
             self.pretrain("pn", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
                           ["data/cluster/pn"])
-        for b in cfg.methods.get("mix", _NONE).budgets:
+        for b in self.budgets("mix"):
             for e in range(cfg.clusters["pn"]):
                 self.pretrain("mix", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
                               ["data/cluster/pn"], expert=e)
-        for b in cfg.methods.get("is", _NONE).budgets:
+        for b in self.budgets("is"):
             for d in cfg.domains:
                 for size in cfg.spec_sizes:
                     # the resampled generic set replaces the config's data.blend
@@ -255,7 +261,7 @@ class Grid:
     def build_specialization(self) -> None:
         cfg = self.cfg
         for method in ("slm", "llm", "pn", "mix", "is"):
-            for b in cfg.methods.get(method, _NONE).budgets:
+            for b in self.budgets(method):
                 for d in cfg.domains:
                     for size in cfg.spec_sizes:
                         self.specialize(method, b, d, size)
@@ -291,7 +297,7 @@ class Grid:
     def build_generic_evals(self) -> None:
         cfg = self.cfg
         for method in ("slm", "llm", "pn", "mix"):
-            for b in cfg.methods.get(method, _NONE).budgets:
+            for b in self.budgets(method):
                 run = self.pretrain_dir(method, b)
                 if method in ("slm", "llm"):
                     self.evaluation(f"eval/generic/{method}/b{b}", run / "ckpt", "generic_test",
@@ -337,13 +343,6 @@ class Grid:
         self.build_specialization()
         self.build_strategies()
         return self.steps
-
-
-class _NoMethod:
-    budgets: list = []
-
-
-_NONE = _NoMethod()
 
 
 def cfg_value(cfg: ExperimentConfig, key: str):

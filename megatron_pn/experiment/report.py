@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron_pn.costs import interpolate_at_cost, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
+from megatron_pn.experiment.grid import Grid
 from megatron_pn.experiment.runner import step_env
 from megatron_pn.fileio import atomic_write_json, atomic_write_text
 
@@ -69,9 +70,7 @@ def pooled_nll(paths: list[Path]) -> float | None:
 class Collector:
     def __init__(self, cfg: ExperimentConfig, out: Path):
         self.cfg, self.out = cfg, out
-        from megatron_pn.experiment.grid import Grid
-
-        self.grid = Grid(cfg, out)
+        self.grid = Grid(cfg, out)  # the layout of the outputs
 
     def generic_cost(self, method: str, i: int) -> float | None:
         methods = self.cfg.methods
