@@ -87,6 +87,15 @@ def test_bad_experiment_configs_name_the_field(tmp_path, monkeypatch):
             load_experiment(TINY, [override])
 
 
+def test_an_override_replaces_its_key_and_only_it(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(TINY, ["spec_sizes={a: 10}", "finetune_steps={a: 5}",
+                                 "methods.pn.budgets=[7]"])
+    assert cfg.spec_sizes == {"a": 10} and cfg.finetune_steps == {"a": 5}
+    assert cfg.methods["pn"].budgets == [7] and cfg.methods["pn"].config == "configs/tiny/pn.yaml"
+    assert cfg.methods["slm"].budgets == [100, 200, 400]
+
+
 # -- the runners -------------------------------------------------------------------------------
 
 def shell_step(name, tmp, deps=(), code=0, kind="data"):
@@ -214,7 +223,7 @@ SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "spec_sizes={s20k: 20000}", "test_max_tokens=2000", "clusters={pn: 2, is: 3}",
          "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
          "train.eval_steps=1,train.log_interval=1000]",
-         "methods.slm.budgets=[8,16]", "methods.llm.budgets=[4,8]", "methods.pn.budgets=[8,16]",
+         "methods.slm.budgets=[8]", "methods.llm.budgets=[4]", "methods.pn.budgets=[8]",
          "methods.mix.budgets=[4]", "methods.is.budgets=[8]"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_pn.config import ConfigError, parse_override
+from megatron_pn.config import ConfigError
 
 METHODS = ("slm", "llm", "pn", "mix", "is", "distill")
 LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",
@@ -50,13 +50,18 @@ class ExperimentConfig:
         return min(self.spec_sizes, key=self.spec_sizes.get)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
+def _set(raw: dict, text: str) -> None:
+    """Apply 'a.b.c=value': the value (YAML) replaces what a.b.c held, whatever its type."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected dotted.key=value")
+    key, value = text.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{text}': {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value != "" else None
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -65,7 +70,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
         raise ConfigError(f"experiment config {path} not found (see configs/experiments/)")
     raw = yaml.safe_load(path.read_text()) or {}
     for text in overrides:
-        _merge(raw, parse_override(text))
+        _set(raw, text)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     unknown = set(raw) - known
     if unknown:
