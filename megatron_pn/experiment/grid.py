@@ -176,18 +176,18 @@ class Grid:
 
     def build_pretraining(self) -> None:
         cfg, generic = self.cfg, self.data["generic"]
-        blend_pn = self.clusters("pn") / "generic_blend.json"
+        # One expert per cluster of the PN clustering, for SLM-pn and SLM-mix alike; documents
+        # split 80/20 within each cluster so that small clusters keep validation windows.
+        per_cluster = [f"data.blend_file={self.clusters('pn') / 'generic_blend.json'}",
+                       "data.split=80,20,0", f"model.num_experts={cfg.clusters['pn']}"]
         for method in ("slm", "llm"):
             for b in self.budgets(method):
                 self.pretrain(method, b, [f"data.blend=[{generic[1]}]"], [generic[0]])
         for b in self.budgets("pn"):
-            # every cluster keeps validation windows: split documents 80/20 within clusters
-            self.pretrain("pn", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
-                          ["data/cluster/pn"])
+            self.pretrain("pn", b, per_cluster, ["data/cluster/pn"])
         for b in self.budgets("mix"):
             for e in range(cfg.clusters["pn"]):
-                self.pretrain("mix", b, [f"data.blend_file={blend_pn}", "data.split=80,20,0"],
-                              ["data/cluster/pn"], expert=e)
+                self.pretrain("mix", b, per_cluster, ["data/cluster/pn"], expert=e)
         for b in self.budgets("is"):
             for d in cfg.domains:
                 for size in cfg.spec_sizes:
