@@ -45,8 +45,7 @@ class Option:
         if cost < self.totals[0]:
             return None, f"needs at least {self.totals[0]:.4g}"
         if cost >= self.totals[-1]:
-            note = "largest budget" + (" (more budget not measured)" if cost > self.totals[-1]
-                                       else "")
+            note = "largest budget" + ("; more not measured" if cost > self.totals[-1] else "")
             return self.nlls[-1], note
         value = float(np.interp(math.log(cost), np.log(self.totals), self.nlls))
         return value, "interpolated"
