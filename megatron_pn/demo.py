@@ -77,14 +77,15 @@ class Demo:
 
     def prepare_data(self) -> dict:
         generic = first_documents(CORPUS / "generic" / "train.jsonl.gz",
-                              self.out / "corpus" / "generic.jsonl.gz", self.generic_chars)
+                                  self.out / "corpus" / "generic.jsonl.gz", self.generic_chars)
         self.run("1. SentencePiece tokenizer (4k vocabulary)", self.pn_data(
             "train-tokenizer", "--input", generic, "--vocab-size", "4096", "--output",
             self.tokenizer), Path(f"{self.tokenizer}.model"))
         data = {"generic": self.preprocess("generic", generic)}
         for domain in self.domains:
             spec = first_documents(CORPUS / domain / "train.jsonl.gz",
-                               self.out / "corpus" / f"{domain}_train.jsonl.gz", self.spec_chars)
+                                   self.out / "corpus" / f"{domain}_train.jsonl.gz",
+                                   self.spec_chars)
             data[f"{domain}_train"] = self.preprocess(f"{domain}_train", spec)
             data[f"{domain}_valid"] = self.preprocess(f"{domain}_valid",
                                                       CORPUS / domain / "valid.jsonl.gz")

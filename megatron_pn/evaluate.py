@@ -283,12 +283,11 @@ def check_expert(m, expert: int | None, checkpoint, purpose: str,
 
 def route(m, args, sets: list[HeldOut]) -> dict:
     """Each window's expert (PN): --expert for all, or its cluster from --cluster-ids-from."""
-    if args.only_cluster is None:
-        check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
-                     "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
-                     other_routing=bool(args.cluster_ids_from))
     if args.only_cluster is not None:
         return only_cluster(m, args, sets)
+    check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
+                 "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
+                 other_routing=bool(args.cluster_ids_from))
     if m.type != "pn":
         return {}
     if args.expert is not None:
@@ -315,10 +314,11 @@ def only_cluster(m, args, sets: list[HeldOut]) -> dict:
     if len(dirs) != len(sets):
         raise ToolError(f"--only-cluster needs --cluster-ids-from with one directory per --data "
                         f"prefix ({len(sets)})")
+    if m.type == "pn":
+        check_expert(m, cluster, args.checkpoint, "")
     for held, directory in zip(sets, dirs):  # a cluster absent from a set: 0 tokens, no NLL
         held.windows = held.windows[window_clusters(directory, held) == cluster]
         if m.type == "pn":
-            check_expert(m, cluster, args.checkpoint, "")
             held.cluster_ids = np.full(len(held.windows), cluster, dtype=np.int64)
     return {"cluster_ids_from": dirs, "only_cluster": cluster}
 

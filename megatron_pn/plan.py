@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",
-          "distill": "SLM-d"}
+from megatron_pn.experiment.config import LABELS
+
 
 
 class PlanError(ValueError):

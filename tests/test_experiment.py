@@ -73,6 +73,21 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert "finetune/llm/b200/bible_s50k" in distill.deps  # the teacher of the same index
     assert any(a.startswith("distill.teacher=") and "spec/llm/b200/bible_s50k/ft/ckpt" in a
                for a in distill.cmd)
+    assert {"distill.weight=0.5", "distill.temperature=1.0"} <= set(distill.cmd)
+
+
+def test_only_the_clusterings_the_methods_use_are_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    dense = load_experiment(TINY, ["domains=[bible]",
+                                   "methods={slm: {config: configs/tiny/slm.yaml, budgets: [4]}}"])
+    assert not any(name.startswith(("data/embed", "data/cluster", "data/assign"))
+                   for name in build_grid(dense, tmp_path / "a").steps)
+    is_only = load_experiment(TINY, ["domains=[bible]", "methods={slm: {config: "
+                                     "configs/tiny/slm.yaml, budgets: [4]}, is: {config: "
+                                     "configs/tiny/slm.yaml, budgets: [4]}}"])
+    names = set(build_grid(is_only, tmp_path / "b").steps)
+    assert "data/cluster/is" in names and "data/cluster/pn" not in names
+    assert not any(name.startswith("data/assign/pn") for name in names)
 
 
 def test_bad_experiment_configs_name_the_field(tmp_path, monkeypatch):

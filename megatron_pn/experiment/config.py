@@ -39,7 +39,7 @@ class ExperimentConfig:
     methods: dict = field(default_factory=dict)  # method -> Method
     finetune_config: str = "configs/finetune/tiny.yaml"
     finetune_steps: dict = field(default_factory=dict)  # spec size name -> step cap
-    distill: dict = field(default_factory=lambda: {"weight": 0.5, "temperature": 1.0})
+    distill: dict = field(default_factory=dict)  # pn-train distill.* settings (else its own)
     strategies: bool = True  # Table 5: every selection strategy, largest PN budget, first size
     pretrain_overrides: list = field(default_factory=list)  # pn-train overrides, every pretraining
     finetune_overrides: list = field(default_factory=list)  # ... every fine-tuning run

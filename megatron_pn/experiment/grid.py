@@ -95,18 +95,25 @@ class Grid:
             for size in cfg.spec_sizes:
                 self.data[f"{d}_{size}"] = self.dataset(f"{d}_{size}",
                                                         self.subset_file(f"{d}_{size}"))
+        # the clusterings the methods use: PN's for SLM-pn and SLM-mix, SLM-is's own
+        uses = [use for use, users in (("pn", {"pn", "mix"}), ("is", {"is"}))
+                if users & set(cfg.methods)]
+        if not uses:
+            return
         embeddings = self.out / "embeddings" / "generic"
         self.add(Step("data/embed", "data", embeddings / "meta.json", python(
             "data_tools", "embed", "--data-prefix", self.data["generic"][1], "--tokenizer-model",
             f"{self.tokenizer}.model", "--output", embeddings), [self.data["generic"][0]]))
-        for use, k in cfg.clusters.items():
+        for use in uses:
             self.add(Step(f"data/cluster/{use}", "data", self.clusters(use) / "clusters.json",
-                          python("data_tools", "cluster", "--embeddings", embeddings, "--k", k,
-                                 "--output", self.clusters(use)), ["data/embed"]))
-        self.assign("pn", "generic_test")
+                          python("data_tools", "cluster", "--embeddings", embeddings, "--k",
+                                 cfg.clusters[use], "--output", self.clusters(use)),
+                          ["data/embed"]))
+        if "pn" in uses:
+            self.assign("pn", "generic_test")  # generic perplexity, window by window's expert
         for d in cfg.domains:
             for size in cfg.spec_sizes:
-                for use in cfg.clusters:
+                for use in uses:
                     self.assign(use, f"{d}_{size}")
                 if "is" in cfg.methods:
                     self.importance(d, size)
@@ -286,8 +293,8 @@ class Grid:
         student = self.pretrain_dir("slm", b_slm) / "ckpt"
         teacher = self.spec_dir("llm", b_llm, d, size) / "ft" / "ckpt"
         key = f"distill/b{b_slm}/{d}_{size}"
-        options = (f"distill.teacher={teacher}", f"distill.weight={cfg_value(self.cfg, 'weight')}",
-                   f"distill.temperature={cfg_value(self.cfg, 'temperature')}")
+        options = (f"distill.teacher={teacher}",
+                   *(f"distill.{key}={value}" for key, value in self.cfg.distill.items()))
         ft = self.finetune(f"finetune/{key}", spec / "ft", student,
                            [f"pretrain/slm/b{b_slm}", f"finetune/llm/b{b_llm}/{d}_{size}"], d, size,
                            options, config=self.model_config("slm"))
@@ -343,10 +350,6 @@ class Grid:
         self.build_specialization()
         self.build_strategies()
         return self.steps
-
-
-def cfg_value(cfg: ExperimentConfig, key: str):
-    return cfg.distill.get(key, {"weight": 0.5, "temperature": 1.0}[key])
 
 
 def build_grid(cfg: ExperimentConfig, out: Path) -> Grid:

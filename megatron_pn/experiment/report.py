@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
 from megatron_pn.experiment.grid import Grid
@@ -36,8 +37,11 @@ def read_json(path: Path) -> dict | None:
 
 
 def device_hours(run_dir: Path) -> float | None:
-    log = read_json(run_dir / "cost.json")
-    return None if log is None else log["total_device_hours"]
+    """A run's device-hours from its cost log; None while it has none (not run yet)."""
+    try:
+        return logged_device_hours(run_dir)
+    except FileNotFoundError:
+        return None
 
 
 def test_nll(path: Path) -> float | None:
@@ -235,18 +239,15 @@ def ppl(nll: float | None) -> str:
     return "–" if nll is None else f"{math.exp(nll):.1f}"
 
 
-UNIT = ("device-seconds", 3600.0)  # set by write_report from the largest cost
-
-
-def fmt_cost(hours: float | None) -> str:
-    return "–" if hours is None else f"{hours * UNIT[1]:.3g}"
-
-
-def choose_unit(results: dict) -> None:
-    """Device-seconds for small runs, device-hours (the paper's GPU-hours) beyond an hour."""
-    global UNIT
+def cost_unit(results: dict) -> tuple[str, float]:
+    """(name, factor from device-hours): device-seconds for small runs, device-hours (the
+    paper's GPU-hours) once a pretraining costs an hour."""
     costs = [r["generic_cost"] or 0 for rows in results["methods"].values() for r in rows]
-    UNIT = ("device-hours", 1.0) if max(costs, default=0) >= 1 else ("device-seconds", 3600.0)
+    return ("device-hours", 1.0) if max(costs, default=0) >= 1 else ("device-seconds", 3600.0)
+
+
+def fmt_cost(hours: float | None, unit: tuple[str, float]) -> str:
+    return "–" if hours is None else f"{hours * unit[1]:.3g}"
 
 
 def common_cost_range(results: dict) -> tuple[float, float] | None:
@@ -276,6 +277,7 @@ def at_cost(rows: list[dict], value, target: float) -> float | None:
 
 
 def table8(results: dict, target: float | None) -> str:
+    unit = cost_unit(results)
     sizes = list(results["spec_sizes"])
     first = sizes[0]
     span = common_cost_range(results)
@@ -286,7 +288,7 @@ def table8(results: dict, target: float | None) -> str:
         target = math.sqrt(span[0] * span[1])
     header = ["method", "generic ppl", f"spec ppl no ft ({first})",
               *(f"spec ppl ft {s}" for s in sizes)]
-    lines = [f"Table 8 (interpolated at {fmt_cost(target)} {UNIT[0]} of pretraining; "
+    lines = [f"Table 8 (interpolated at {fmt_cost(target, unit)} {unit[0]} of pretraining; "
              f"macro-averaged test perplexity over {len(results['domains'])} domains)", "",
              "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for method in GENERIC_METHODS:
@@ -302,19 +304,20 @@ def table8(results: dict, target: float | None) -> str:
 
 
 def budgets_table(results: dict) -> str:
+    unit = cost_unit(results)
     sizes = list(results["spec_sizes"])
     header = ["method", "budget (steps)", "C_generic", "generic ppl",
               *(f"no ft {s}" for s in sizes), *(f"ft {s}" for s in sizes),
               *(f"C_spec {s}" for s in sizes)]
-    lines = [f"All runs (macro-averaged test perplexity; costs in {UNIT[0]}, C_spec per "
+    lines = [f"All runs (macro-averaged test perplexity; costs in {unit[0]}, C_spec per "
              "domain)", "", "| " + " | ".join(header) + " |",
              "|---" + "|---:" * (len(header) - 1) + "|"]
     for method, rows in results["methods"].items():
         for r in rows:
-            cells = [fmt_cost(r["generic_cost"]), ppl(r["generic_nll"]),
+            cells = [fmt_cost(r["generic_cost"], unit), ppl(r["generic_nll"]),
                      *(ppl(r["sizes"][s]["nll_before"]) for s in sizes),
                      *(ppl(r["sizes"][s]["nll_after"]) for s in sizes),
-                     *(fmt_cost(r["sizes"][s]["spec_cost"]) for s in sizes)]
+                     *(fmt_cost(r["sizes"][s]["spec_cost"], unit) for s in sizes)]
             lines.append(f"| {LABELS[method]} | {r['budget']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -340,9 +343,10 @@ def table5(results: dict) -> str:
 
 def cost_table(results: dict) -> str:
     """C_total(N) = C_generic + N * C_spec at each method's largest budget, and break-evens."""
+    unit = cost_unit(results)
     size = list(results["spec_sizes"])[0]
     lines = [f"Total cost for N domains (largest budget of each method, spec set {size}; "
-             f"{UNIT[0]})", "", "| method | C_generic | C_spec | N=1 | N=10 | N=100 |",
+             f"{unit[0]})", "", "| method | C_generic | C_spec | N=1 | N=10 | N=100 |",
              "|---|---:|---:|---:|---:|---:|"]
     for method, rows in results["methods"].items():
         last = rows[-1]
@@ -350,8 +354,8 @@ def cost_table(results: dict) -> str:
         if generic is None or spec is None:
             continue
         totals = total_cost(generic, spec, np.array([1, 10, 100]))
-        lines.append(f"| {LABELS[method]} | {fmt_cost(generic)} | {fmt_cost(spec)} | "
-                     + " | ".join(fmt_cost(t) for t in totals) + " |")
+        cells = [fmt_cost(c, unit) for c in (generic, spec, *totals)]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +365,7 @@ def cost_table(results: dict) -> str:
 
 def plot_fig4(results: dict, path: Path) -> None:
     """Spec perplexity (no ft, and after ft per spec size) against pretraining cost."""
+    unit = cost_unit(results)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,10 +380,10 @@ def plot_fig4(results: dict, path: Path) -> None:
             if method == "is" and key == "nll_before":
                 continue
             points = [(_x_cost(method, r, size), r["sizes"][size][key]) for r in rows]
-            points = [(c * UNIT[1], math.exp(v)) for c, v in points if c and v is not None]
+            points = [(c * unit[1], math.exp(v)) for c, v in points if c and v is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=LABELS[method])
-        ax.set(title=title, xscale="log", xlabel=f"pretraining cost ({UNIT[0]})",
+        ax.set(title=title, xscale="log", xlabel=f"pretraining cost ({unit[0]})",
                ylabel="macro-avg spec perplexity")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
@@ -397,6 +402,7 @@ def _x_cost(method: str, row: dict, size: str) -> float | None:
 
 def plot_fig6(results: dict, path: Path) -> None:
     """C_total(N) = C_generic + N * C_spec against the number of domains N."""
+    unit = cost_unit(results)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,9 +415,9 @@ def plot_fig6(results: dict, path: Path) -> None:
         last = rows[-1]
         generic, spec = last["generic_cost"], last["sizes"][size]["spec_cost"]
         if generic is not None and spec is not None:
-            ax.plot(n, total_cost(generic, spec, n) * UNIT[1], label=LABELS[method])
+            ax.plot(n, total_cost(generic, spec, n) * unit[1], label=LABELS[method])
     ax.set(xscale="log", yscale="log", xlabel="number of domains N",
-           ylabel=f"total cost ({UNIT[0]})",
+           ylabel=f"total cost ({unit[0]})",
            title=f"C_total(N) = C_generic + N C_spec (largest budgets, {size})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -437,7 +443,6 @@ def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None) 
     if cached.get("parameters"):
         collector.parameters = lambda: cached["parameters"]
     results = collector.collect()
-    choose_unit(results)
     atomic_write_json(out / "results.json", results)
     text = "\n".join([f"# Experiment {cfg.name}: results", "",
                       f"Device: {results['device']}. Spec-set sizes (mean tokens): " + ", ".join(

@@ -76,11 +76,11 @@ def pending(steps: dict[str, Step]) -> dict[str, Step]:
     return {name: s for name, s in steps.items() if not s.done.exists()}
 
 
-def eval_batch_cmd(out: Path, steps: list[Step]) -> tuple[list[str], Path]:
+def eval_batch_cmd(out: Path, steps: list[Step]) -> list[str]:
     """One pn-eval process for many evaluations (loading megatron-core once)."""
     batch = out / "logs" / f"eval_batch_{time.time_ns()}.json"
     atomic_write_json(batch, [s.eval_job for s in steps])
-    return [sys.executable, "-m", "megatron_pn.evaluate", "--batch", str(batch)], batch
+    return [sys.executable, "-m", "megatron_pn.evaluate", "--batch", str(batch)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class LocalRunner:
             for step in steps:
                 todo.pop(step.name, None)
                 # an evaluation's output is written atomically: it exists only if it succeeded
-                # (a batch fails as a whole when one of its evaluations fails)
+                # (a batch exits 2 when one of its evaluations failed; the others count)
                 if step.done.exists() and (proc.returncode == 0 or step.eval_job is not None):
                     done.add(step.name)
                     bar.update(1)
@@ -136,21 +136,19 @@ class LocalRunner:
                  if name not in busy and all(d in done for d in s.deps)]
         evals = [s for s in ready if s.eval_job is not None]
         others = [s for s in ready if s.eval_job is None]
-        # Pretraining first (everything waits on it), then the rest in graph order.
+        # One batch of the ready evaluations, then pretraining (everything waits on it), then
+        # the rest in graph order.
         others.sort(key=lambda s: s.kind != "pretrain")
-        if evals:
-            others.insert(0, None)  # one batch of every ready evaluation
-        for step in others:
-            need = 1 if step is None else step.procs
+        jobs = ([evals[:EVAL_BATCH]] if evals else []) + [[s] for s in others]
+        for steps in jobs:
+            need = max(s.procs for s in steps)
             if used + need > self.slots and used > 0:
                 continue
-            if step is None:
-                batch = evals[:EVAL_BATCH]
-                cmd, _ = eval_batch_cmd(self.out, batch)
-                running[self._start(cmd, f"eval_batch_{batch[0].name}")] = (
-                    batch, log_path(self.out, f"eval_batch_{batch[0].name}"))
+            if steps[0].eval_job is not None:
+                name, cmd = f"eval_batch_{steps[0].name}", eval_batch_cmd(self.out, steps)
             else:
-                running[self._start(step.cmd, step.name)] = ([step], log_path(self.out, step.name))
+                name, cmd = steps[0].name, steps[0].cmd
+            running[self._start(cmd, name)] = (steps, log_path(self.out, name))
             used += need
 
     def _start(self, cmd: list[str], name: str) -> subprocess.Popen:
@@ -227,8 +225,7 @@ class SlurmRunner:
         if after:
             options.append("--dependency=afterok:" + ":".join(after))
         if step.eval_job is not None:
-            cmd, _ = eval_batch_cmd(self.out, [step])
-            argv = [*options, "--wrap", shlex.join(cmd)]
+            argv = [*options, "--wrap", shlex.join(eval_batch_cmd(self.out, [step]))]
         elif step.kind in ("pretrain", "finetune"):
             train_args = step.cmd[step.cmd.index("megatron_pn.train") + 1:]
             argv = [*options, str(REPO / "slurm" / "pretrain.sh"), *train_args]
