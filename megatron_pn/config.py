@@ -87,7 +87,8 @@ class DataConfig:
         "mix: train on this cluster's data only (run dirs get /expert_NNNN appended)", None)
     group_by_cluster: bool = _help(
         "pn: order each global batch by cluster so micro-batches hold one or two clusters "
-        "(same samples per step, fewer expert projections)", False)
+        "(same samples per step, fewer expert projections; the model groups any order itself)",
+        False)
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
     valid_blend: list = _help(
         "separate validation datasets (prefixes or [weight, prefix]); then all of data.blend "

@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
-from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, micro_batch_loader,
+from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro_batch_loader,
                               resolve_blend)
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
@@ -156,9 +156,8 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch, routing = next(data_iterator), {}
-        if self.is_pn:
-            batch, cluster_ids = group_by_cluster(batch, self.cluster_table)
-            routing["cluster_ids"] = cluster_ids.to(self.env.device)
+        if self.is_pn:  # PN: the expert of each row, on the host (the model groups the rows)
+            routing["cluster_ids"] = cluster_ids_of(batch, self.cluster_table)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         inputs = (batch["tokens"], batch["position_ids"], None)
         if self.teacher is not None and model.training:  # SLM-d (validation: plain loss)

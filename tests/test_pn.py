@@ -82,7 +82,8 @@ def test_mixed_cluster_micro_batch_equals_separate_passes(world):
     assert grads["expert_codes"][1].abs().sum() == 0  # expert 1 saw no data
 
 
-def test_gradients_match_autograd_of_the_unsharded_formula(world):
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gradients_match_autograd_of_the_unsharded_formula(world, batch_first):
     from megatron_pn.pn.layers import ExpertRouting
 
     model = build(tiny_cfg()).train()
@@ -91,8 +92,9 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world):
     x = torch.randn(5, 4, 64, requires_grad=True)  # [s, b, d]
     ids = torch.tensor([1, 1, 3, 3])
     routing = ExpertRouting.from_cluster_ids(ids, model.expert_codes)
-    with fc1.routed(routing):
-        y, _ = fc1(x)
+    with fc1.routed(routing, batch_first):
+        y, _ = fc1(x.transpose(0, 1) if batch_first else x)
+    y = y.transpose(0, 1) if batch_first else y
     upstream = torch.randn_like(y)
     params = [model.expert_codes, fc1.code_projection, fc1.bank]
     got = torch.autograd.grad((y * upstream).sum(), [x, *params])
@@ -106,6 +108,54 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world):
     assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
     for g, e, name in zip(got, expected, ["x", "E", "M", "T"]):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-6), name
+
+
+def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
+    """The model groups rows itself: a shuffled micro-batch gives the same per-row losses (in
+    the caller's order), logits and gradients as the same rows sorted by cluster."""
+    model = build(tiny_cfg()).train()
+    tokens, positions = inputs(batch=7)
+    ids = torch.tensor([3, 0, 2, 0, 3, 1, 2])
+    order = torch.argsort(ids, stable=True)
+    loss, grads = per_token_loss_and_grads(model, tokens, positions, ids.tolist())
+    sorted_loss = model(tokens[order], positions[order], None, labels=tokens[order],
+                        cluster_ids=ids[order])
+    model.zero_grad()
+    sorted_loss.sum().backward()
+    row_loss = model(tokens, positions, None, labels=tokens, cluster_ids=ids)
+    assert torch.allclose(row_loss[order], sorted_loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, sorted_loss.sum(), rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        scale = parameter.grad.abs().max()
+        assert torch.allclose(grads[name], parameter.grad, rtol=1e-4, atol=1e-6 * scale), name
+    with torch.no_grad():
+        logits = model(tokens, positions, None, cluster_ids=ids)
+        sorted_logits = model(tokens[order], positions[order], None, cluster_ids=ids[order])
+    assert torch.allclose(logits[order], sorted_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_gradient_accumulates_into_ddp_main_grad(world):
+    """Under megatron-core's DDP the bank gradient is added into `main_grad` in place, over
+    micro-batches, and equals autograd's gradient of the same micro-batches."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    cfg = tiny_cfg()
+    plain = build(cfg).train()
+    wrapped = build(cfg).train()
+    wrapped.load_state_dict(plain.state_dict())
+    ddp = DistributedDataParallel(wrapped.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), wrapped)
+    ddp.zero_grad_buffer()
+    for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # two micro-batches
+        tokens, positions = inputs(seed=seed)
+        for model in (plain, ddp):
+            model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
+    for name, parameter in plain.named_parameters():
+        main_grad = dict(wrapped.named_parameters())[name].main_grad
+        scale = parameter.grad.abs().max()
+        assert torch.allclose(main_grad, parameter.grad, rtol=1e-4, atol=1e-6 * scale), name
+    bank = wrapped.decoder.layers[0].mlp.linear_fc1.bank
+    assert bank.grad_added_to_main_grad and bank.grad is None
 
 
 def test_every_projected_expert_has_the_dense_init_std(world):
@@ -242,5 +292,20 @@ def test_routing_rejects_bad_cluster_ids():
         ExpertRouting.from_cluster_ids(torch.tensor([0, 4]), codes)
     with pytest.raises(ValueError, match="cluster id -1 is outside"):
         ExpertRouting.from_cluster_ids(torch.tensor([-1, 0]), codes)
-    with pytest.raises(ValueError, match="grouped by cluster"):
-        ExpertRouting.from_cluster_ids(torch.tensor([0, 1, 0]), codes)
+    with pytest.raises(ValueError, match="must be on the host"):
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 1], device="meta"), codes)
+
+
+def test_routing_groups_rows_on_the_host():
+    from megatron_pn.pn.layers import ExpertRouting
+
+    codes = torch.randn(4, 2)
+    routing = ExpertRouting.from_cluster_ids([2, 0, 2, 1, 0], codes)
+    assert routing.experts == (0, 1, 2) and routing.counts == (2, 1, 2)
+    assert routing.order.tolist() == [1, 4, 3, 0, 2]
+    rows = torch.arange(5) * 10
+    assert routing.group(rows).tolist() == [10, 40, 30, 0, 20]
+    assert routing.ungroup(routing.group(rows)).tolist() == rows.tolist()
+    assert torch.equal(routing.codes, codes[[0, 1, 2]])
+    already_grouped = ExpertRouting.from_cluster_ids(torch.tensor([1, 1, 3]), codes)
+    assert already_grouped.order is None and already_grouped.group(rows) is rows
