@@ -21,7 +21,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_optimizer,
+                                     get_standard_config_overrides)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint
@@ -62,12 +63,16 @@ class MegatronEngine:
             no_sync = [c.no_sync for c in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         t = cfg.train
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+        config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad, bf16=tconfig.bf16, params_dtype=tconfig.params_dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        ), self.model)
+        )
+        overrides = get_standard_config_overrides(config)  # no decay on biases and norms
+        if is_pn and t.pn_bank_lr_mult != 1.0:
+            overrides[ParamKey(name="*.bank")] = bank_lr(t)
+        self.optimizer = get_megatron_optimizer(config, self.model, overrides)
         use_fused_adam(self.optimizer)
         tconfig.grad_scale_func = self.optimizer.scale_loss
 
@@ -157,14 +162,28 @@ def _merged(base: dict, override: dict) -> dict:
     return out
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """As megatron-core: no weight decay on biases and 1-D parameters (norms)."""
-    decay, no_decay = [], []
+def bank_lr(train) -> dict:
+    """The LR schedule of a PN's banks: train.pn_bank_lr_mult x the run's (max_lr, min_lr are
+    what megatron-core's scheduler reads from a parameter group)."""
+    return {"max_lr": train.lr * train.pn_bank_lr_mult,
+            "min_lr": train.min_lr * train.pn_bank_lr_mult}
+
+
+def _param_groups(model: torch.nn.Module, train) -> list[dict]:
+    """As megatron-core: no weight decay on biases and 1-D parameters (norms); a PN's banks at
+    their own LR when train.pn_bank_lr_mult is set."""
+    decay, no_decay, banks = [], [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+        if p.ndim == 1 or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            (banks if name.endswith(".bank") and train.pn_bank_lr_mult != 1.0 else decay).append(p)
     # (wd_mult: megatron-core's LR/WD scheduler multiplies the scheduled decay by it)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
-                        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}) if g["params"]]
+    groups = ({"params": decay, "weight_decay": train.weight_decay, "wd_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+              {"params": banks, "weight_decay": train.weight_decay, "wd_mult": 1.0,
+               **bank_lr(train)})
+    return [g for g in groups if g["params"]]
 
 
 class DeepSpeedEngine:
@@ -175,7 +194,7 @@ class DeepSpeedEngine:
         t, module = cfg.train, chunks[0]
         num_microbatches = t.global_batch_size // (
             t.micro_batch_size * ps.get_data_parallel_world_size())
-        optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr,
+        optimizer = torch.optim.AdamW(_param_groups(module, t), lr=t.lr,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, mpu=_MegatronMPU(),

@@ -86,7 +86,8 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
 def pn_config(cfg: Config) -> PNConfig:
     m = cfg.model
     return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
-                    seed=cfg.train.seed)
+                    seed=cfg.train.seed, code_init=m.code_init,
+                    code_init_spread=m.code_init_spread)
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:

@@ -14,6 +14,7 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,13 +26,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
 from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro_batch_loader,
-                              resolve_blend)
+                              resolve_blend, token_ids)
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
 from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
 from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
+from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
 from megatron_pn.validation import validate_config
 
@@ -89,6 +91,7 @@ class Trainer:
         self.train_data, self.valid_data = build_datasets(
             cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
+        self.eval_sets = held_out_sets(cfg)
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
@@ -191,6 +194,17 @@ class Trainer:
         dist.broadcast(loss, src=self.env.world_size - 1)
         return loss.item()
 
+    @torch.no_grad()
+    def evaluate_sets(self) -> dict[str, dict]:
+        """train.eval_sets, each as pn-eval evaluates it (PN: with the set's expert)."""
+        loaded = SimpleNamespace(model=self.engine.model[0], device=self.env.device)
+        eod = token_ids(self.cfg.data, self.cfg.model.vocab_size).eod
+        self.engine.set_training(False)
+        results = {held.name: evaluate_set(loaded, held, eod, self.cfg.train.micro_batch_size)
+                   for held in self.eval_sets}
+        self.engine.set_training(True)
+        return results
+
     # -- the loop -------------------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
@@ -285,6 +299,9 @@ class Trainer:
 
     def _validate(self) -> bool:
         """Evaluate and log; True when the validation loss is the best so far."""
+        for name, result in self.evaluate_sets().items():
+            self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"]},
+                             f"eval/{name}")
         loss = self.evaluate()
         if loss is None:
             return False
@@ -335,6 +352,21 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.env.rank == 0:
             print(message, flush=True)
+
+
+def held_out_sets(cfg: Config) -> list:
+    """train.eval_sets as pn-eval's windows (every token predicted once, at most
+    train.eval_sets_max_tokens), each with its expert for a PN."""
+    from megatron_pn.evaluate import HeldOut, document_windows, open_dataset
+
+    sets = []
+    for name, prefix, *expert in cfg.train.eval_sets:
+        dataset = open_dataset(prefix)
+        windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
+                                   cfg.train.eval_sets_max_tokens)
+        cluster_ids = np.full(len(windows), expert[0], dtype=np.int64) if expert else None
+        sets.append(HeldOut(name, prefix, dataset, windows, cluster_ids))
+    return sets
 
 
 def finetuning_lr(cfg: Config) -> Config:

@@ -158,11 +158,13 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world):
     assert bank.grad_added_to_main_grad and bank.grad is None
 
 
-def test_every_projected_expert_has_the_dense_init_std(world):
+@pytest.mark.parametrize("code_init", ["random", "shared"])
+def test_every_projected_expert_has_the_dense_init_std(world, code_init):
     from megatron_pn.pn.projection import dense_state_dict
 
     cfg = tiny_cfg(**{"model.num_experts": 8, "model.bank_size": 6, "model.code_size": 4,
-                      "model.hidden_size": 128, "model.ffn_hidden_size": 512})
+                      "model.hidden_size": 128, "model.ffn_hidden_size": 512,
+                      "model.code_init": code_init})
     model = build(cfg)
     std = cfg.model.init_method_std
     for expert in range(8):
@@ -172,6 +174,55 @@ def test_every_projected_expert_has_the_dense_init_std(world):
             fc2 = state[f"decoder.layers.{layer}.mlp.linear_fc2.weight"]
             assert fc1.std().item() == pytest.approx(std, rel=0.03)
             assert fc2.std().item() == pytest.approx(std / math.sqrt(2 * 4), rel=0.03)
+
+
+def expert_distances(model, k) -> torch.Tensor:
+    """||W_i - W_j|| / ||W_i|| of layer 0's fc1 for every pair of experts."""
+    from megatron_pn.pn.projection import dense_state_dict
+
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    weights = torch.stack([dense_state_dict(model, i)[key].flatten() for i in range(k)])
+    return torch.cdist(weights, weights) / weights.norm(dim=1, keepdim=True)
+
+
+def test_shared_code_init_starts_experts_close_but_distinct(world):
+    """code_init=shared: experts start near one network (random codes: unrelated experts), are
+    identical with a spread of 0, and still get distinct gradients from their clusters."""
+    k = 4
+    distance = {init: expert_distances(build(tiny_cfg(**{"model.code_init": init})), k)
+                for init in ("random", "shared")}
+    off_diagonal = ~torch.eye(k, dtype=torch.bool)
+    assert distance["shared"][off_diagonal].max() < 0.3
+    assert distance["random"][off_diagonal].mean() > 0.7
+    same = build(tiny_cfg(**{"model.code_init": "shared", "model.code_init_spread": 0}))
+    assert expert_distances(same, k).max() < 1e-6
+
+    model = build(tiny_cfg(**{"model.code_init": "shared"})).train()
+    tokens, positions = inputs(batch=4)
+    _, grads = per_token_loss_and_grads(model, tokens, positions, [0, 1, 2, 3])
+    code_grads = grads["expert_codes"]
+    assert (code_grads.norm(dim=1) > 0).all()
+    assert torch.cdist(code_grads, code_grads)[off_diagonal].min() > 1e-3 * code_grads.norm()
+
+
+def test_bank_lr_mult_gives_the_banks_their_own_lr(world):
+    """train.pn_bank_lr_mult: the banks' parameter group (megatron-core's optimizer, and the
+    DeepSpeed engine's groups) has lr x mult for max_lr and min_lr; nothing else does."""
+    from megatron_pn.engines import MegatronEngine, _param_groups
+    from megatron_pn.model import build_model_chunks, transformer_config
+
+    cfg = tiny_cfg(**{"train.pn_bank_lr_mult": 0.25, "train.lr": 1e-3, "train.min_lr": 1e-4})
+    tconfig = transformer_config(cfg, "cpu")
+    engine = MegatronEngine(cfg, tconfig, build_model_chunks(cfg, tconfig), is_pn=True)
+    banks = {id(p) for n, p in engine.model[0].named_parameters() if n.endswith(".bank")}
+    deepspeed_groups = _param_groups(engine.model[0].module, cfg.train)
+    for groups in (engine.optimizer.param_groups, deepspeed_groups):
+        for group in groups:
+            is_bank = {id(p) in banks for p in group["params"]}
+            assert len(is_bank) == 1  # banks and other parameters are never in one group
+            expected = (2.5e-4, 2.5e-5) if is_bank.pop() else (1e-3, 1e-4)
+            assert (group.get("max_lr", 1e-3), group.get("min_lr", 1e-4)) == \
+                pytest.approx(expected)
 
 
 # -- multi-process training ---------------------------------------------------------------------
@@ -223,6 +274,27 @@ def test_slm_mix_expert_trains_on_its_cluster_only(pn_reference, tmp_path):
     assert (tmp_path / "ckpt" / "expert_0002" / "latest_checkpointed_iteration.txt").is_file()
 
 
+def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys):
+    """train.eval_sets: a held-out set evaluated with its expert at every eval_interval gives
+    the NLL pn-eval computes on the checkpoint of the same step."""
+    import json
+
+    from megatron_pn.evaluate import main as pn_eval
+
+    _, _, blend, root = pn_reference
+    prefix, run_dir, ckpt = root / "data" / "cluster_0001", tmp_path / "run", tmp_path / "ckpt"
+    run_train([PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
+        "train.steps": 2, "train.eval_interval": 2, "train.eval_sets": f"[[c1,{prefix},2]]",
+        "train.eval_sets_max_tokens": 700, "checkpoint.dir": ckpt})])
+    during = read_metrics(run_dir, "eval/c1")[2]
+    out = tmp_path / "eval.json"
+    assert pn_eval(["--checkpoint", str(ckpt), "--data", str(prefix), "--expert", "2",
+                    "--max-tokens", "700", "--output", str(out), "--quiet"]) == 0
+    after = json.loads(out.read_text())["datasets"][0]
+    assert after["tokens"] == 700
+    assert during["loss"] == pytest.approx(after["nll"], rel=1e-5)
+
+
 def test_slm_mix_job_config(pn_reference, tmp_path):
     from megatron_pn.mix import expert_job
 
@@ -264,6 +336,9 @@ def error_line(args, capsys) -> str:
     ("model.code_size=5", "model.code_size (m) 5 must be in [1, model.bank_size 3]"),
     ("model.bank_size=0", "model.bank_size (h) must be >= 1"),
     ("model.num_experts=0", "model.num_experts must be >= 1"),
+    ("model.code_init=orthogonal", "model.code_init must be random or shared"),
+    ("train.eval_sets=[[a,prefix,9]]", "train.eval_sets: expert 9 of a outside"),
+    ("train.eval_sets=[[a,prefix]]", "train.eval_sets: ['a', 'prefix'] should be [name, prefix, expert]"),
     ("model.num_experts=2", "data.cluster_ids: [2, 3] outside [0, model.num_experts = 2)"),
     ("model.add_bias_linear=true", "model.type pn needs model.add_bias_linear=false"),
     ("model.ffn_hidden_size=90 parallel.tensor=4",

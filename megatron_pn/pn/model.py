@@ -37,9 +37,21 @@ class PNGPTModel(GPTModel):
 
     @torch.no_grad()
     def _init_expert_codes(self) -> None:
-        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std)."""
-        codes = torch.randn(self.pn.num_experts, self.pn.code_size,
-                            generator=seeded_generator(self.pn.seed, "expert_codes"))
+        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std).
+
+        random: independent codes, so the experts' mixing vectors alpha = E[i] M are unrelated
+        (for h = 3, m = 2 they lie on one circle, some nearly opposite: W[j] ~ -W[i]).
+        shared: E[i] = c + spread * d[i] (then normalized) for one random unit code c and
+        random directions d[i]: every expert starts near the same network and what all
+        clusters share is learned once, in the shared direction.
+        """
+        generator = seeded_generator(self.pn.seed, "expert_codes")
+        k, m = self.pn.num_experts, self.pn.code_size
+        codes = torch.randn(k, m, generator=generator)
+        if self.pn.code_init == "shared":
+            shared = torch.randn(1, m, generator=generator)
+            directions = codes / codes.norm(dim=1, keepdim=True)
+            codes = shared / shared.norm() + self.pn.code_init_spread * directions
         self.expert_codes.copy_(codes / codes.norm(dim=1, keepdim=True))
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
