@@ -356,16 +356,20 @@ class Trainer:
 
 def held_out_sets(cfg: Config) -> list:
     """train.eval_sets as pn-eval's windows (every token predicted once, at most
-    train.eval_sets_max_tokens), each with its expert for a PN."""
-    from megatron_pn.evaluate import HeldOut, document_windows, open_dataset
+    train.eval_sets_max_tokens), routed to the set's expert or each window's cluster (PN)."""
+    from megatron_pn.evaluate import HeldOut, document_windows, open_dataset, window_clusters
 
     sets = []
-    for name, prefix, *expert in cfg.train.eval_sets:
+    for name, prefix, *route in cfg.train.eval_sets:
         dataset = open_dataset(prefix)
         windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
                                    cfg.train.eval_sets_max_tokens)
-        cluster_ids = np.full(len(windows), expert[0], dtype=np.int64) if expert else None
-        sets.append(HeldOut(name, prefix, dataset, windows, cluster_ids))
+        held = HeldOut(name, prefix, dataset, windows)
+        if route and isinstance(route[0], str):  # each window by its cluster (pn-data assign)
+            held.cluster_ids = window_clusters(route[0], held)
+        elif route:
+            held.cluster_ids = np.full(len(windows), route[0], dtype=np.int64)
+        sets.append(held)
     return sets
 
 

@@ -151,11 +151,11 @@ def validate_eval_sets(cfg: Config) -> None:
     if not sets:
         return
     _require(cfg.parallel.pipeline == 1, "train.eval_sets needs parallel.pipeline=1")
-    shape = "[name, prefix, expert]" if is_pn else "[name, prefix]"
+    shape = "[name, prefix, expert or assign dir]" if is_pn else "[name, prefix]"
     for entry in sets:
         _require(isinstance(entry, (list, tuple)) and len(entry) == (3 if is_pn else 2),
                  f"train.eval_sets: {entry!r} should be {shape}")
-        if is_pn:
+        if is_pn and not isinstance(entry[2], str):
             _require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,
                      f"train.eval_sets: expert {entry[2]!r} of {entry[0]} outside "
                      f"[0, model.num_experts = {cfg.model.num_experts})")

@@ -281,12 +281,23 @@ def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys)
 
     from megatron_pn.evaluate import main as pn_eval
 
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     _, _, blend, root = pn_reference
     prefix, run_dir, ckpt = root / "data" / "cluster_0001", tmp_path / "run", tmp_path / "ckpt"
+    assign = tmp_path / "assign"  # as `pn-data assign` writes it: every window in cluster 2
+    assign.mkdir()
+    dataset = IndexedDataset(str(prefix))
+    lengths = dataset.sequence_lengths.copy()  # (a view of the index: the dataset must live)
+    np.save(assign / "windows.npy", np.array([[d, 0, n - 1] for d, n in enumerate(lengths)]))
+    np.save(assign / "assignments.npy", np.full(len(lengths), 2, dtype=np.int32))
     run_train([PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
-        "train.steps": 2, "train.eval_interval": 2, "train.eval_sets": f"[[c1,{prefix},2]]",
+        "train.steps": 2, "train.eval_interval": 2,
+        "train.eval_sets": f"[[c1,{prefix},2],[c1_routed,{prefix},{assign}]]",
         "train.eval_sets_max_tokens": 700, "checkpoint.dir": ckpt})])
     during = read_metrics(run_dir, "eval/c1")[2]
+    assert read_metrics(run_dir, "eval/c1_routed")[2]["loss"] == during["loss"]
     out = tmp_path / "eval.json"
     assert pn_eval(["--checkpoint", str(ckpt), "--data", str(prefix), "--expert", "2",
                     "--max-tokens", "700", "--output", str(out), "--quiet"]) == 0
@@ -338,7 +349,7 @@ def error_line(args, capsys) -> str:
     ("model.num_experts=0", "model.num_experts must be >= 1"),
     ("model.code_init=orthogonal", "model.code_init must be random or shared"),
     ("train.eval_sets=[[a,prefix,9]]", "train.eval_sets: expert 9 of a outside"),
-    ("train.eval_sets=[[a,prefix]]", "train.eval_sets: ['a', 'prefix'] should be [name, prefix, expert]"),
+    ("train.eval_sets=[[a,prefix]]", "train.eval_sets: ['a', 'prefix'] should be [name, prefix, expert or assign dir]"),
     ("model.num_experts=2", "data.cluster_ids: [2, 3] outside [0, model.num_experts = 2)"),
     ("model.add_bias_linear=true", "model.type pn needs model.add_bias_linear=false"),
     ("model.ffn_hidden_size=90 parallel.tensor=4",
