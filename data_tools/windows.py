@@ -18,6 +18,7 @@ import numpy as np
 
 WINDOW_COLUMNS = ["doc", "start", "end"]
 DEFAULT_CONTEXT = 1024
+CHECK_ROWS = 1 << 20  # window rows checked at a time
 
 
 class IndexedTokens:
@@ -45,6 +46,16 @@ class IndexedTokens:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the .bin file, read (a copy), not mapped: passes over a
+        whole corpus then hold one block at a time, not the file's pages."""
+        return np.fromfile(self.prefix + ".bin", dtype=self.dtype, count=stop - start,
+                           offset=start * self.dtype.itemsize)
 
     def window(self, doc: int, start: int, end: int) -> np.ndarray:
         base = self.offsets[doc]
@@ -99,15 +110,16 @@ def window_token_counts(windows: np.ndarray) -> np.ndarray:
 
 
 def check_windows_fit(windows: np.ndarray, data: IndexedTokens, windows_path: str | Path) -> None:
-    """The window index must describe this dataset (it is a sidecar: same docs, same lengths)."""
-    if len(windows) == 0:
-        return
-    if windows[:, 0].max() >= len(data) or np.any(windows[:, 2] > data.lengths[windows[:, 0]]):
-        raise ValueError(
-            f"{windows_path} does not match {data.prefix}.idx ({len(data)} documents): a window "
-            f"points past the end of a document. The dataset changed after embedding; rerun "
-            f"`pn-data embed` on it (with --overwrite)."
-        )
+    """The window index must describe this dataset (it is a sidecar: same docs, same lengths).
+    Checked in blocks: `windows` may be a memory-mapped corpus-sized index."""
+    for start in range(0, len(windows), CHECK_ROWS):
+        block = np.asarray(windows[start : start + CHECK_ROWS])
+        if block[:, 0].max() >= len(data) or np.any(block[:, 2] > data.lengths[block[:, 0]]):
+            raise ValueError(
+                f"{windows_path} does not match {data.prefix}.idx ({len(data)} documents): a "
+                f"window points past the end of a document. The dataset changed after "
+                f"embedding; rerun `pn-data embed` on it (with --overwrite)."
+            )
 
 
 def file_sha256(path: str | Path) -> str:
