@@ -326,8 +326,8 @@ def load_embeddings(directory: str | Path):
 # ---------------------------------------------------------------- merge of shards
 
 # What every shard of one embedding run shares (a shard embedded otherwise cannot be merged).
-SHARED_KEYS = ("data_prefix", "num_docs", "num_windows_total", "context", "tokenizer_sha256",
-               "eod_id", "token_dtype", "model_name", "max_seq_length", "dtype")
+SHARED_KEYS = ("context", "tokenizer_sha256", "model_name", "max_seq_length", "dtype",
+               "data_prefix", "num_docs", "eod_id", "token_dtype", "num_windows_total")
 SHARD_KEYS = ("shard", "window_range", "num_windows_total")
 
 
