@@ -46,6 +46,7 @@ SECTION = "## Data steps at scale (synthetic windows)"
 EOD = 1
 VOCAB = 32000
 WRITE_DOCS = 1 << 20  # documents generated per write (bounds the set-up's memory)
+INPUT_FILE = "input.json"  # what build_input made, for --reuse-input
 
 
 # -------------------------------------------------------------------------- synthetic input
@@ -106,8 +107,18 @@ def build_input(args) -> dict:
     write_corpus(prefix, lengths, rng)
     windows = split_windows(lengths, args.window_tokens)
     write_embeddings(args.workdir / "embeddings", prefix, windows, args.dim, rng)
-    return {"documents": len(lengths), "windows": len(windows),
-            "tokens": int(lengths.sum() + len(lengths)), "seconds": time.perf_counter() - start}
+    built = {"documents": len(lengths), "windows": len(windows),
+             "tokens": int(lengths.sum() + len(lengths)), "seconds": time.perf_counter() - start}
+    (args.workdir / INPUT_FILE).write_text(json.dumps(built))
+    return built
+
+
+def reuse_input(args) -> dict:
+    """The input a --keep run left in --workdir (it must be of --windows windows)."""
+    built = json.loads((args.workdir / INPUT_FILE).read_text())
+    if built["windows"] != args.windows:
+        raise SystemExit(f"{args.workdir} holds {built['windows']} windows, not {args.windows}")
+    return built
 
 
 # -------------------------------------------------------------------------- steps
@@ -175,17 +186,31 @@ STEPS = {"assign": step_assign, "write": step_write, "resample": step_resample}
 def run_step(args, step: str, k: int) -> dict:
     """One step in a fresh process (its own peak RSS), or here with --in-process."""
     if args.in_process:
-        start = time.perf_counter()
-        STEPS[step](argparse.Namespace(**{**vars(args), "k": k}))
-        seconds, rss = time.perf_counter() - start, peak_rss_bytes()
+        result = timed(STEPS[step], argparse.Namespace(**{**vars(args), "k": k}))
     else:
         command = [sys.executable, __file__, "--step", step, "--k", str(k),
                    "--workdir", str(args.workdir)]
         out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
-        seconds, rss = result["seconds"], result["peak_rss"]
-    return {"step": step, "k": k, "seconds": seconds, "windows_per_s": args.windows / seconds,
-            "peak_rss_gib": rss / 2**30}
+    return {"step": step, "k": k, "seconds": result["seconds"],
+            "cpu_seconds": result["cpu_seconds"],
+            "windows_per_s": args.windows / result["seconds"],
+            "windows_per_cpu_s": args.windows / result["cpu_seconds"],
+            "peak_rss_gib": result["peak_rss"] / 2**30}
+
+
+def timed(function, args) -> dict:
+    """Wall and CPU seconds (user + system, this process's threads) of function(args), and
+    the peak RSS after it. CPU time does not depend on what else shares the machine."""
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    function(args)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu_start,
+            "peak_rss": peak_rss_bytes()}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -199,9 +224,7 @@ def peak_rss_bytes() -> int:
 
 
 def child_main(args) -> None:
-    start = time.perf_counter()
-    STEPS[args.step](args)
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes()}))
+    print(json.dumps(timed(STEPS[args.step], args)))
 
 
 # -------------------------------------------------------------------------- report
@@ -220,12 +243,15 @@ def markdown(args, built: dict, results: list[dict], load: tuple[float, float]) 
         f"{built['documents']:,} documents, {built['tokens']:,} tokens (EOD included), "
         f"{args.dim}-d float16 embeddings; built in {built['seconds']:.0f} s (not counted).",
         "",
-        "| step | k | seconds | windows/s | peak RSS (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| step | k | wall s | windows/s | CPU s | windows/CPU-s | peak RSS (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['step']} | {r['k']} | {r['seconds']:.1f} | {r['windows_per_s']:,.0f} | "
+              f"{r['cpu_seconds']:.1f} | {r['windows_per_cpu_s']:,.0f} | "
               f"{r['peak_rss_gib']:.2f} |" for r in results]
-    lines += ["", f"All steps: {total / 60:.1f} min, peak RSS {peak:.2f} GiB (goal for 20M "
+    cpu = sum(r["cpu_seconds"] for r in results)
+    lines += ["", f"All steps: {total / 60:.1f} min wall, {cpu / 60:.1f} CPU-min (so about "
+              f"{cpu / 120:.1f} min on 2 idle cores), peak RSS {peak:.2f} GiB (goal for 20M "
               f"windows on 2 cores: <= 15 min, <= 4 GiB).", ""]
     return "\n".join(lines)
 
@@ -249,6 +275,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=[32, 1024])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pn_data_scale"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--reuse-input", action="store_true", help="reuse the input a --keep "
+                        "run left in --workdir instead of building it")
     parser.add_argument("--in-process", action="store_true", help="run the steps in this "
                         "process (fast start; peak RSS is then cumulative)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -265,12 +293,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.step:
         return child_main(args)
-    if args.workdir.exists():
-        raise SystemExit(f"{args.workdir} exists; remove it or pass another --workdir")
-    args.workdir.mkdir(parents=True)
+    if args.workdir.exists() != args.reuse_input:
+        raise SystemExit(f"{args.workdir} exists; remove it or pass another --workdir" if
+                         args.workdir.exists() else f"{args.workdir} does not exist to reuse")
+    args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         load_before = os.getloadavg()[0]
-        built = build_input(args)
+        built = reuse_input(args) if args.reuse_input else build_input(args)
         print(f"built input: {built}", flush=True)
         results = []
         for k in args.ks:
