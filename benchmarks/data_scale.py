@@ -161,9 +161,9 @@ def step_write(args) -> None:
 def step_resample(args) -> None:
     """Importance weights against the generic histogram of k, then the blending index."""
     from data_tools.importance import importance_weights
-    from data_tools.windows import indexed_dataset_module
+    from data_tools.indexed import megatron_indexed_dataset
 
-    indexed_dataset_module()  # megatron-core's import, as the trainer pays it, before helpers
+    megatron_indexed_dataset()  # megatron-core's import, as the trainer pays it, before helpers
     from megatron.core.datasets import helpers
 
     generic = json.loads((args.workdir / f"k{args.k}" / "histogram.json").read_text())
@@ -250,9 +250,10 @@ def markdown(args, built: dict, results: list[dict], load: tuple[float, float]) 
               f"{r['cpu_seconds']:.1f} | {r['windows_per_cpu_s']:,.0f} | "
               f"{r['peak_rss_gib']:.2f} |" for r in results]
     cpu = sum(r["cpu_seconds"] for r in results)
-    lines += ["", f"All steps: {total / 60:.1f} min wall, {cpu / 60:.1f} CPU-min (so about "
-              f"{cpu / 120:.1f} min on 2 idle cores), peak RSS {peak:.2f} GiB (goal for 20M "
-              f"windows on 2 cores: <= 15 min, <= 4 GiB).", ""]
+    lines += ["", f"All steps: {total / 60:.1f} min wall, {cpu / 60:.1f} CPU-min (on 2 idle "
+              f"cores the wall time would lie between {cpu / 120:.1f} and {cpu / 60:.1f} min: "
+              f"assignment uses both cores, the writers one), peak RSS {peak:.2f} GiB (goal "
+              f"for 20M windows on 2 cores: <= 15 min, <= 4 GiB).", ""]
     return "\n".join(lines)
 
 

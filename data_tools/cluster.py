@@ -21,6 +21,12 @@ of its blend entry; `cluster_ids` maps it back to the cluster id.
 
 `assign` output directory: assignments.npy, windows.npy, histogram.json (same keys), and with
 --write-datasets the per-cluster datasets and clusters.json as above.
+
+Scale. k-means trains on a sample (256*k windows by default), whatever the corpus size. The
+assignment reads the embeddings ASSIGN_BATCH rows at a time and writes assignments.npy in place;
+the histogram and the cluster datasets are written in blocks (data_tools.per_cluster, whose
+docstring states the memory bound). `assign` embeds and assigns chunk by chunk, keeping no
+embedding matrix. Measured rates: benchmarks/RESULTS.md ("Data steps at scale").
 """
 
 from __future__ import annotations

@@ -7,9 +7,15 @@ Output directory (written as DIR.partial/ while running, renamed to DIR when com
 
 The Sentence-BERT model reads at most its own max_seq_length word pieces (256 for
 all-MiniLM-L6-v2) of each window; longer windows are embedded from their beginning.
-Windows are embedded longest first (batches of similar length pad little), in chunks; each chunk
-is flushed and then marked done, so a killed run resumes where it stopped when rerun with the
-same arguments.
+Windows are embedded longest first (batches of similar length pad little; fp16 on a GPU), in
+chunks; each chunk is flushed and then marked done, so a killed run resumes where it stopped
+when rerun with the same arguments.
+
+Sharding. `--shard i/n` embeds the i-th of n equal contiguous ranges of the window index (one
+GPU each: slurm/embed_cluster.sh); its meta.json adds "shard", "window_range" and
+"num_windows_total". `pn-data merge-embeddings` checks that the n shards are all there, once
+each, from one dataset, tokenizer, model and context, and concatenates them into the directory
+one run would have written (values equal up to fp16 rounding: the batches differ).
 """
 
 from __future__ import annotations

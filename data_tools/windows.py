@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.indexed import map_index
+
 WINDOW_COLUMNS = ["doc", "start", "end"]
 DEFAULT_CONTEXT = 1024
 CHECK_ROWS = 1 << 20  # window rows checked at a time
@@ -24,8 +26,9 @@ CHECK_ROWS = 1 << 20  # window rows checked at a time
 class IndexedTokens:
     """Read-only view of an indexed dataset: per-document lengths and a flat token memmap.
 
-    Uses megatron-core's index reader for the .idx file and maps the .bin file once, so that
-    gathering millions of windows needs no per-document Python call into IndexedDataset.
+    Maps the .idx arrays (megatron-core's layout; a test pins them against its reader) and the
+    .bin file once, so that gathering millions of windows needs no per-document Python call
+    into IndexedDataset and no per-document copy.
     """
 
     def __init__(self, prefix: str | Path):
@@ -37,11 +40,9 @@ class IndexedTokens:
                     f"{path} not found: --data-prefix must name a Megatron indexed dataset "
                     f"(PREFIX.bin + PREFIX.idx, as written by `pn-data preprocess`)"
                 )
-        index = indexed_dataset_module()._IndexReader(str(idx_path), multimodal=False)
-        self.dtype = np.dtype(index.dtype)
-        self.lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
-        self.offsets = np.asarray(index.sequence_pointers, dtype=np.int64) // self.dtype.itemsize
-        del index
+        dtype, self.lengths, byte_pointers = map_index(self.prefix)  # memory-mapped, int32
+        self.dtype = np.dtype(dtype)
+        self.offsets = _TokenOffsets(byte_pointers, self.dtype.itemsize)
         self.tokens = _map_tokens(bin_path, self.dtype)
 
     def __len__(self) -> int:
@@ -63,22 +64,21 @@ class IndexedTokens:
 
     def content_lengths(self, eod_id: int) -> np.ndarray:
         """Tokens per document without its trailing EOD (if the document ends with one)."""
-        lengths = self.lengths.copy()
+        lengths = self.lengths.astype(np.int64)
         nonempty = lengths > 0
         last = self.tokens[self.offsets[nonempty] + lengths[nonempty] - 1]
         lengths[np.flatnonzero(nonempty)[last == eod_id]] -= 1
         return lengths
 
 
-def indexed_dataset_module():
-    """megatron.core.datasets.indexed_dataset, imported without megatron-core's warnings about
-    missing GPU accelerators (Transformer Engine, apex), which data tools never use."""
-    import warnings
+class _TokenOffsets:
+    """offsets[docs]: token offset of documents in the .bin, from the index's byte pointers."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+    def __init__(self, byte_pointers: np.ndarray, itemsize: int):
+        self.byte_pointers, self.itemsize = byte_pointers, itemsize
+
+    def __getitem__(self, docs):
+        return self.byte_pointers[docs] // self.itemsize
 
 
 def _map_tokens(bin_path: Path, dtype: np.dtype) -> np.ndarray:

@@ -96,3 +96,15 @@ def test_too_low_open_file_limit_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="ulimit -n"):
         per_cluster.write_cluster_datasets(data, windows, np.zeros(len(windows), np.int32), 1024,
                                            EOD, tmp_path)
+
+
+def test_mapped_index_equals_megatron_cores_reader(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data = random_corpus(tmp_path, seed=5)
+    reference = IndexedDataset(str(tmp_path / "corpus"))
+    assert np.array_equal(data.lengths, reference.sequence_lengths)
+    docs = np.arange(len(data))
+    assert np.array_equal(data.offsets[docs] * 2, reference.index.sequence_pointers)
+    for doc in (0, 7, len(data) - 1):
+        assert np.array_equal(data.window(doc, 0, data.lengths[doc]), reference[doc])
