@@ -49,8 +49,12 @@ from data_tools.embed import (
     resolve_device,
     windows_of,
 )
-from data_tools.per_cluster import cluster_prefix_name, histogram, write_cluster_datasets
-from data_tools.per_cluster import TOKENS_NOTE
+from data_tools.per_cluster import (
+    TOKENS_NOTE,
+    cluster_prefix_name,
+    histogram,
+    write_cluster_datasets,
+)
 from data_tools.windows import (
     IndexedTokens,
     check_tokenizer_matches,
@@ -234,6 +238,10 @@ def checked_sample_size(args, num: int) -> int:
 def load_checked_embeddings(args):
     """(meta, embeddings, windows, data) of --embeddings, checked against the dataset."""
     meta, embeddings, windows = load_embeddings(args.embeddings)
+    if meta.get("num_windows_total", meta["num_windows"]) != meta["num_windows"]:
+        raise ValueError(f"{Path(args.embeddings) / 'meta.json'} is shard {meta['shard']} of "
+                         f"a sharded embedding: join the shards first with `pn-data "
+                         f"merge-embeddings` and cluster the merged directory")
     data = IndexedTokens(meta["data_prefix"])
     check_tokenizer_matches(meta["data_prefix"], meta["tokenizer_sha256"],
                             f"{Path(args.embeddings) / 'meta.json'}")

@@ -362,6 +362,8 @@ def test_merge_refuses_a_missing_or_duplicated_shard(corpus, shards, capsys):
     err = capsys.readouterr().err
     assert "shard 0/2 is given twice" in err and str(shards[0]) in err
     assert not out.exists()
+    assert run_cluster(shards[0], corpus["root"] / "clusters_of_a_shard") == 2
+    assert "merge-embeddings" in capsys.readouterr().err
 
 
 def test_merge_refuses_a_shard_of_another_context(corpus, shards, embedded, capsys):
