@@ -353,6 +353,30 @@ def test_two_shards_merged_equal_the_one_process_run(corpus, embedded, shards):
     assert run_cluster(merged, corpus["root"] / "clusters_of_merged") == 0
 
 
+def test_a_killed_shard_resumes_on_its_own(corpus, shards, monkeypatch):
+    out = corpus["root"] / "emb_shard_resumed"
+    monkeypatch.setattr(embed_mod, "CHUNK_WINDOWS", 16)
+    real_encode, calls = embed_mod.encode_rows, []
+
+    def encode_then_die(rows, *args):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(len(rows))
+        real_encode(rows, *args)
+
+    monkeypatch.setattr(embed_mod, "encode_rows", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(corpus, out, "--shard", "1/2")
+    monkeypatch.setattr(embed_mod, "encode_rows", lambda rows, *a: (calls.append(len(rows)),
+                                                                     real_encode(rows, *a)))
+    assert run_embed(corpus, out, "--shard", "1/2") == 0
+    meta, got, _ = embed_mod.load_embeddings(out)
+    assert sum(calls) == meta["num_windows"]  # the finished chunk was not embedded again
+    _, want, _ = embed_mod.load_embeddings(shards[1])
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-3, rtol=0)
+
+
 def test_merge_refuses_a_missing_or_duplicated_shard(corpus, shards, capsys):
     out = corpus["root"] / "emb_bad_merge"
     assert merge_embeddings(out, shards[0]) == 2
