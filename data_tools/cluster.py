@@ -32,6 +32,7 @@ embedding matrix. Measured rates: benchmarks/RESULTS.md ("Data steps at scale").
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -249,6 +250,15 @@ def load_checked_embeddings(args):
     return meta, embeddings, windows, data
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (c4's window index is 4 GB per clustering;
+    the tools replace files, never rewrite them in place), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def run_cluster(args) -> int:
     check_writable(args.output, args.overwrite)
     if args.gpu:
@@ -278,7 +288,7 @@ def run_cluster(args) -> int:
         np.save(tmp / "centroids.npy", centroids)
         params["centroids_sha256"] = file_sha256(tmp / "centroids.npy")
         atomic_write_json(tmp / "params.json", params)
-        shutil.copyfile(Path(args.embeddings) / meta["windows_file"], tmp / "windows.npy")
+        link_or_copy(Path(args.embeddings) / meta["windows_file"], tmp / "windows.npy")
         # written in place, batch by batch: memory stays flat however many windows there are
         assignments = np.lib.format.open_memmap(tmp / "assignments.npy", mode="w+",
                                                 dtype=np.int32, shape=(num,))
