@@ -21,6 +21,7 @@ from megatron_pn.plan import main as pn_plan
 from megatron_pn.plan import plan
 
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
+STUDY = REPO / "configs" / "experiments" / "pn_study.yaml"
 
 
 @pytest.fixture
@@ -74,6 +75,48 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert any(a.startswith("distill.teacher=") and "spec/llm/b200/bible_s50k/ft/ckpt" in a
                for a in distill.cmd)
     assert {"distill.weight=0.5", "distill.temperature=1.0"} <= set(distill.cmd)
+
+
+def test_learning_curve_runs_share_data_and_evaluation_schedule(tmp_path, monkeypatch):
+    """curves: one pretraining run per variant and seed on the PN clustering's data, evaluated
+    on the generic test set and each domain's valid set (a PN routed by their assignments)."""
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(STUDY, ["domains=[bible]", "curves.seeds=[3]"])
+    steps = build_grid(cfg, tmp_path / "out").steps
+    topological(steps)
+    runs = {n: s for n, s in steps.items() if n.startswith("curves/")}
+    assert sorted(runs) == sorted(f"curves/{v}/s3" for v in cfg.curves.variants)
+    for name, step in runs.items():
+        args = dict(a.split("=", 1) for a in step.cmd if "=" in a)
+        assert args["train.seed"] == "3" and args["train.steps"] == str(cfg.curves.steps)
+        assert args["data.blend_file"].endswith("clusters/pn/generic_blend.json")
+        sets = args["train.eval_sets"]
+        assert "generic_test" in sets and "bible_valid" in sets
+        is_pn = "/pn_" in name
+        assert ("assign/pn/bible_valid" in sets) == is_pn
+        assert ("model.num_experts" in args) == is_pn
+        assert {"data/assign/pn/generic_test", "data/assign/pn/bible_valid"} <= set(step.deps)
+
+
+def test_learning_curve_tables_average_seeds(tmp_path, monkeypatch):
+    from megatron_pn.experiment.curves import MACRO, read_curves, write_curves
+
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(STUDY, ["domains=[bible,fortunes]", "curves.steps=300",
+                                  "curves.eval_interval=150", "curves.seeds=[1,2]",
+                                  "curves.variants={slm: {config: configs/tiny/slm.yaml}}"])
+    for seed, scale in ((1, 1.0), (2, 2.0)):
+        run = tmp_path / "curves" / "slm" / f"s{seed}"
+        run.mkdir(parents=True)
+        records = [{"step": step, "split": f"eval/{name}", "loss": math.log(ppl * scale)}
+                   for step in (150, 300)
+                   for name, ppl in (("generic", 100), ("bible", 50), ("fortunes", 200))]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    curves = read_curves(tmp_path, cfg)
+    assert curves["slm"][MACRO][300] == pytest.approx([math.log(100), math.log(200)])
+    text = write_curves(tmp_path, cfg)
+    assert "| slm | 150.0 +- 50.0 | 150.0 +- 50.0 |" in text  # generic: ppl 100 and 200
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_only_the_clusterings_the_methods_use_are_built(tmp_path, monkeypatch):

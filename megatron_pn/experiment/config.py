@@ -5,6 +5,7 @@ before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,17 @@ class Method:
     config: str = ""  # pn-train model config (distill: the student's; its teacher is the llm)
     budgets: list = field(default_factory=list)  # pretraining steps, one run each (mix: per expert)
     procs: int = 1  # processes per pretraining run (torchrun locally, tasks under SLURM)
+
+
+@dataclass
+class Curves:
+    """Learning curves: pretraining runs evaluated on one shared schedule (issue 12's study)."""
+
+    steps: int = 3000  # pretraining steps of every run
+    eval_interval: int = 150  # steps between evaluations (generic test + each domain's valid)
+    eval_max_tokens: int = 8000  # tokens of each evaluated set
+    seeds: list = field(default_factory=lambda: [1, 2])  # one run per variant and seed
+    variants: dict = field(default_factory=dict)  # name -> {config, overrides: [...]}
 
 
 @dataclass
@@ -44,6 +56,7 @@ class ExperimentConfig:
     pretrain_overrides: list = field(default_factory=list)  # pn-train overrides, every pretraining
     finetune_overrides: list = field(default_factory=list)  # ... every fine-tuning run
     slurm: dict = field(default_factory=dict)  # kind -> sbatch options (--executor slurm)
+    curves: Curves | None = None  # learning curves of pretraining variants (see Curves)
 
     @property
     def smallest_size(self) -> str:
@@ -76,7 +89,14 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
     methods = raw.pop("methods", {}) or {}
+    curves = raw.pop("curves", None)
     cfg = ExperimentConfig(**raw)
+    if curves is not None:
+        fields = {f.name for f in dataclasses.fields(Curves)}
+        if not isinstance(curves, dict) or set(curves) - fields:
+            raise ConfigError(f"{path}: curves: unknown keys {sorted(set(curves or {}) - fields)}"
+                              f"; valid: {sorted(fields)}")
+        cfg.curves = Curves(**curves)
     for name, spec in methods.items():
         if name not in METHODS:
             raise ConfigError(f"{path}: methods.{name}: unknown method; valid: {', '.join(METHODS)}")
@@ -103,8 +123,10 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
         fail("spec_sizes: give name: characters (> 0) for each specialization set size")
     if set(cfg.finetune_steps) != set(cfg.spec_sizes):
         fail(f"finetune_steps: give a step cap for each spec size {sorted(cfg.spec_sizes)}")
-    if not cfg.methods:
-        fail(f"methods: list at least one of {', '.join(METHODS)}")
+    if not cfg.methods and not cfg.curves:
+        fail(f"methods: list at least one of {', '.join(METHODS)} (or give curves)")
+    if cfg.curves:
+        check_curves(cfg.curves, fail)
     for name, method in cfg.methods.items():
         if name != "distill" and (not method.budgets or min(method.budgets) <= 0):
             fail(f"methods.{name}.budgets: give pretraining steps (> 0), one run each")
@@ -121,3 +143,17 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
              "(teacher): give slm and llm as many budgets")
     if set(cfg.clusters) != {"pn", "is"}:
         fail("clusters: give k for 'pn' (PN and SLM-mix) and 'is' (SLM-is)")
+
+
+def check_curves(curves: Curves, fail) -> None:
+    if curves.steps <= 0 or not 0 < curves.eval_interval <= curves.steps:
+        fail("curves: steps > 0 and 0 < eval_interval <= steps")
+    if not curves.seeds or not curves.variants:
+        fail("curves: give seeds and at least one variant {name: {config, overrides}}")
+    for name, variant in curves.variants.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            fail(f"curves.variants.{name}: a name of letters, digits, '_', '.', '-' (a directory)")
+        if not isinstance(variant, dict) or set(variant) - {"config", "overrides"}:
+            fail(f"curves.variants.{name}: give {{config: FILE, overrides: [key=value, ...]}}")
+        if not Path(variant.get("config", "")).is_file():
+            fail(f"curves.variants.{name}.config: {variant.get('config')} not found")

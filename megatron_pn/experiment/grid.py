@@ -95,9 +95,10 @@ class Grid:
             for size in cfg.spec_sizes:
                 self.data[f"{d}_{size}"] = self.dataset(f"{d}_{size}",
                                                         self.subset_file(f"{d}_{size}"))
-        # the clusterings the methods use: PN's for SLM-pn and SLM-mix, SLM-is's own
-        uses = [use for use, users in (("pn", {"pn", "mix"}), ("is", {"is"}))
-                if users & set(cfg.methods)]
+        # the clusterings the methods use: PN's for SLM-pn, SLM-mix and curves, SLM-is's own
+        wanted = set(cfg.methods) | ({"curves"} if cfg.curves else set())
+        uses = [use for use, users in (("pn", {"pn", "mix", "curves"}), ("is", {"is"}))
+                if users & wanted]
         if not uses:
             return
         embeddings = self.out / "embeddings" / "generic"
@@ -343,13 +344,63 @@ class Grid:
                 self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
                                 spec / "eval_after.json", [ft])
 
+    # -- learning curves -----------------------------------------------------------------------
+
+    def curve_dir(self, variant: str, seed: int) -> Path:
+        return self.out / "curves" / variant / f"s{seed}"
+
+    def build_curves(self) -> None:
+        """Every variant x seed pretrained on the PN clustering's data (the same documents for
+        dense and PN models) and evaluated every eval_interval steps on the generic test set
+        and each domain's valid set; a PN routes each window to its cluster's expert."""
+        curves = self.cfg.curves
+        if not curves:
+            return
+        sets = {"generic": "generic_test", **{d: f"{d}_valid" for d in self.cfg.domains}}
+        deps = ["data/cluster/pn"]
+        for data in sets.values():
+            deps += [self.assign("pn", data), self.data[data][0]]
+        for variant, spec in curves.variants.items():
+            is_pn = load_model_type(spec["config"]) == "pn"
+            eval_sets = [[name, str(self.data[data][1]), *([str(self.assign_dir("pn", data))]
+                                                           if is_pn else [])]
+                         for name, data in sets.items()]
+            for seed in curves.seeds:
+                run = self.curve_dir(variant, seed)
+                args = [spec["config"], "data.blend=[]",
+                        f"data.blend_file={self.clusters('pn') / 'generic_blend.json'}",
+                        "data.split=80,20,0", f"data.tokenizer_model={self.tokenizer}.model",
+                        f"model.vocab_size={self.cfg.vocab_size}", f"train.steps={curves.steps}",
+                        f"train.seed={seed}", f"train.eval_interval={curves.eval_interval}",
+                        "train.eval_sets=" + yaml_flow(eval_sets),
+                        f"train.eval_sets_max_tokens={curves.eval_max_tokens}",
+                        "logging.phase=pretrain", f"logging.run_dir={run}", "checkpoint.dir=null",
+                        *([f"model.num_experts={self.cfg.clusters['pn']}"] if is_pn else []),
+                        *self.cfg.pretrain_overrides, *spec.get("overrides", [])]
+                self.add(Step(f"curves/{variant}/s{seed}", "pretrain", finished(run),
+                              python("megatron_pn.train", *args), deps))
+
     def build(self) -> dict[str, Step]:
         self.build_data()
+        self.build_curves()
         self.build_pretraining()
         self.build_generic_evals()
         self.build_specialization()
         self.build_strategies()
         return self.steps
+
+
+def load_model_type(config: str) -> str:
+    from megatron_pn.config import load_config
+
+    return load_config([config]).model.type
+
+
+def yaml_flow(value: list) -> str:
+    """A list of lists as one command-line YAML value: [[a,b],[c,d]]."""
+    if isinstance(value, list):
+        return "[" + ",".join(yaml_flow(v) for v in value) + "]"
+    return str(value)
 
 
 def build_grid(cfg: ExperimentConfig, out: Path) -> Grid:

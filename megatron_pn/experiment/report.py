@@ -438,6 +438,19 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None) -> str:
+    """tables.md, results.json and the figures of the methods; curves.md and curves.png of the
+    learning curves (when the experiment has them)."""
+    text = write_method_report(out, cfg, target) if cfg.methods else ""
+    if cfg.curves:
+        from megatron_pn.experiment.curves import write_curves
+
+        text += write_curves(out, cfg)
+        print(text)
+        print(f"curves: {out / 'curves.md'}, {out / 'curves.png'}")
+    return text
+
+
+def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) -> str:
     cached = read_json(out / "results.json") or {}
     collector = Collector(cfg, out)
     if cached.get("parameters"):
