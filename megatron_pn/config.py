@@ -60,7 +60,8 @@ class ModelConfig:
     code_init: str = _help(
         "pn: initial expert codes E: random (independent unit codes: experts start unrelated) "
         "or shared (one unit code plus a per-expert deviation of norm code_init_spread: the "
-        "experts start as one network and branch out)", "random")
+        "experts start as one network and branch out: better per step, docs/RESULTS.md)",
+        "shared")
     code_init_spread: float = _help("pn, code_init shared: size of each expert's deviation "
                                     "from the shared code (0: identical experts)", 0.1)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",

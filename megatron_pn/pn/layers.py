@@ -52,7 +52,7 @@ class PNConfig:
     bank_size: int  # h: matrices in each bank
     code_size: int  # m: length of an expert code
     seed: int = 1234  # initialization seed (banks are seeded per layer: layout-independent)
-    code_init: str = "random"  # E: independent unit codes, or "shared" (see PNGPTModel)
+    code_init: str = "shared"  # E: "shared" or independent unit codes "random" (see PNGPTModel)
     code_init_spread: float = 0.1  # shared: each code's deviation from the shared one
 
 
