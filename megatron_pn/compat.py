@@ -14,6 +14,9 @@ shared/ENVIRONMENT.md):
 
 With a GPU nothing here is active: `activate()` returns 'cuda' and changes nothing. No other
 module of the project touches `torch.cuda` internals on megatron-core's behalf.
+
+`fusion_settings` is the one place that decides which of megatron-core's fused kernels a device
+runs (`transformer_engine_available` the one place that probes for Transformer Engine).
 """
 
 from __future__ import annotations
@@ -110,6 +113,43 @@ def _patch_megatron_rng() -> None:
 
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine is an optional GPU accelerator: never required, detected here."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return True
+
+
+def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> dict:
+    """TransformerConfig flags of the fused kernels this device runs, off where inexact.
+
+    Without Transformer Engine or apex, megatron-core's fusions are `torch.compile`d
+    (`jit_fuser`): worth it on GPU, only compile time on CPU, where the plain torch ops run.
+    * SwiGLU / bias-GELU and bias-dropout-add: the same arithmetic in one kernel;
+    * cross-entropy: the fused one returns the logits' gradient in bf16, so only for bf16 runs
+      (whose logits are bf16 already); it saves the fp32 copy of the logits;
+    * RoPE: megatron-core's fused kernel is Transformer Engine's;
+    * masked softmax, persistent layer norm and gradient-accumulation fusion need apex or TE
+      kernels (and SDPA fuses the softmax): off.
+    """
+    gpu = device_type == "cuda"
+    te = gpu and transformer_engine_available()
+    return {
+        "bias_activation_fusion": gpu and activation_fusable,
+        "bias_dropout_fusion": gpu,
+        "cross_entropy_loss_fusion": gpu and bf16,
+        "cross_entropy_fusion_impl": "te" if te else "native",
+        "apply_rope_fusion": te,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
+        "gradient_accumulation_fusion": False,
+    }
 
 
 def activate() -> str:

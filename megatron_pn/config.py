@@ -59,6 +59,15 @@ class ModelConfig:
     code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
                                     False)
+    attention_backend: str = _help(
+        "sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels on GPU, "
+        "no [s, s] score matrix) or local (megatron-core's DotProductAttention)", "sdpa")
+    transformer_impl: str = _help(
+        "local (megatron-core's torch modules), transformer_engine (its TE layer spec; dense "
+        "models on a GPU with Transformer Engine; other parameter names: checkpoints and "
+        "pn-export-hf need local) or auto (TE where usable, for dense models)", "local")
+    fusions: bool = _help("megatron-core's fused kernels where this device runs them exactly "
+                          "enough (compat.fusion_settings; GPU only)", True)
     hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
     attention_dropout: float = _help("dropout on attention probabilities", 0.0)
 
@@ -94,7 +103,8 @@ class DataConfig:
         "trains and data.split is not used (dense models)", factory=list)
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
-    num_workers: int = _help("data loader worker processes", 0)
+    num_workers: int = _help("data loader worker processes per rank: they read the next "
+                             "micro-batches while the model computes (0: in the main process)", 2)
     cache_dir: str | None = _help("where megatron-core caches sample indices (default: run dir)", None)
 
 
