@@ -52,6 +52,8 @@ class MegatronEngine:
             clip_grad=t.clip_grad, bf16=tconfig.bf16, params_dtype=tconfig.params_dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         ), self.model)
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            use_fused_adam(inner.optimizer)
         tconfig.grad_scale_func = self.optimizer.scale_loss
 
     def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
@@ -91,6 +93,29 @@ class MegatronEngine:
         ckpt = self.cfg.checkpoint
         return checkpoint.save(root, step, self.model, self.optimizer, scheduler, extra,
                                ckpt.optimizer_format, ckpt.keep_last)
+
+
+def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Make torch's Adam(W) run its fused kernel (CUDA and CPU): one pass over all tensors.
+
+    Without Transformer Engine or apex, megatron-core builds torch's AdamW with the default
+    multi-tensor (foreach) kernels; TE's/apex's FusedAdam is left as it is. Set before every
+    step, because loading a checkpoint replaces the param groups (and their `fused` flag) and
+    may leave `step` counters on the host, where the fused kernel needs them on the device.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return
+    optimizer.register_step_pre_hook(_fused_adam_step)
+    _fused_adam_step(optimizer, (), {})
+
+
+def _fused_adam_step(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=False)
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step) and (step.device != param.device or step.dtype != torch.float32):
+            state["step"] = step.to(param.device, torch.float32)
 
 
 class _MegatronMPU:
@@ -160,6 +185,7 @@ class DeepSpeedEngine:
             t.micro_batch_size * ps.get_data_parallel_world_size())
         optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.lr,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        use_fused_adam(optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, mpu=_MegatronMPU(),
             config=deepspeed_config(cfg, num_microbatches, tconfig.bf16))
