@@ -164,16 +164,23 @@ def count_expert_parameters(chunks: list[torch.nn.Module]) -> int:
     return total
 
 
+FLOPS_FORMULA = (
+    "training FLOPs per token = 6 x (L x (2 d d_q + 2 d d_kv + c d f) + d V) + 6 x L x s x d_q, "
+    "Megatron-LM's count: 2 FLOPs per multiply-add, 3 passes (forward, data and weight "
+    "gradients); L layers, d model width, d_q = heads x head_dim, d_kv = query groups x "
+    "head_dim, f MLP width, c = 3 for SwiGLU (2 for GELU), V padded vocabulary, s sequence "
+    "length; the last term is causal attention (QK^T and AV over half the s x s scores)")
+
+
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in Megatron-LM's MFU:
-    2 FLOPs per multiply-add in every matmul, plus attention scores and the output layer."""
+    """Model FLOPs of training one token (FLOPS_FORMULA): the numerator of MFU. A PN model
+    counts as its expert shape (the projection is overhead, not model FLOPs)."""
     m = cfg.model
     d, s, layers = m.hidden_size, m.seq_length, m.num_layers
-    groups = m.num_query_groups or m.num_attention_heads
-    kv = d * groups / m.num_attention_heads
-    gated = ACTIVATIONS[m.activation][1]
-    attn = d * (d + 2 * kv) + d * d  # qkv + output projection
-    mlp = d * m.ffn_hidden_size * (3 if gated else 2)
-    scores = 2 * s * d  # QK^T and attention-weighted V
-    forward = 2 * layers * (attn + mlp + scores) + 2 * d * padded_vocab_size(m)
-    return 3 * forward
+    head_dim = d // m.num_attention_heads
+    d_q = head_dim * m.num_attention_heads
+    d_kv = head_dim * (m.num_query_groups or m.num_attention_heads)
+    c = 3 if ACTIVATIONS[m.activation][1] else 2
+    matmul_weights = layers * (2 * d * d_q + 2 * d * d_kv + c * d * m.ffn_hidden_size)
+    matmul_weights += d * padded_vocab_size(m)
+    return 6 * matmul_weights + 6 * layers * s * d_q

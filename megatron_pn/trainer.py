@@ -29,7 +29,8 @@ from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, mic
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
-from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
+from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
+                                 peak_memory)
 from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
@@ -331,7 +332,7 @@ class Trainer:
         if peak:
             achieved = flops_per_token(self.cfg) * tokens_per_s / self.env.world_size
             values["mfu"] = achieved / (peak * 1e12)
-        self.metrics.log(self.step, values, "train")
+        self.metrics.log(self.step, {**values, **peak_memory()}, "train")
 
     def _print(self, message: str) -> None:
         if self.env.rank == 0:
