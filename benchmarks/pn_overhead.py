@@ -1,8 +1,9 @@
 """Step time of a projected network (k=32, h=23) over the dense SLM of the same expert shape:
 same batch, same device, measured in the same run, printed as a ratio.
 
-    python benchmarks/pn_overhead.py              # CPU: a reduced size (d 256, 4 layers)
-    python benchmarks/pn_overhead.py --paper      # the paper's 126M expert shape (use a GPU)
+    python benchmarks/pn_overhead.py                  # CPU: a reduced size (d 256, 4 layers)
+    python benchmarks/pn_overhead.py --shape paper    # the paper's 126M expert shape (GPU default)
+    python benchmarks/pn_overhead.py --shape tiny     # seconds: a smoke run of the benchmark
 
 PN runs twice: with micro-batches that mix clusters (one projected matrix per distinct cluster
 in each micro-batch) and with `data.group_by_cluster` (micro-batches of one or two clusters).
@@ -28,9 +29,15 @@ from train_throughput import measure, random_dataset, write_section  # noqa: E40
 from megatron_pn.metrics import device_description  # noqa: E402
 
 SECTION = "## PN overhead"
-REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=4",
-           "model.num_layers=4", "model.seq_length=256", "model.vocab_size=8192",
-           "train.micro_batch_size=4", "train.global_batch_size=16"]
+SHAPES = {  # overrides of configs/paper/{slm,pn32}.yaml; paper: none
+    "paper": [],
+    "reduced": ["model.hidden_size=256", "model.ffn_hidden_size=688",
+                "model.num_attention_heads=4", "model.num_layers=4", "model.seq_length=256",
+                "model.vocab_size=8192", "train.micro_batch_size=4", "train.global_batch_size=16"],
+    "tiny": ["model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attention_heads=4",
+             "model.num_layers=2", "model.seq_length=64", "model.vocab_size=512",
+             "train.micro_batch_size=2", "train.global_batch_size=8"],
+}
 
 
 def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Path:
@@ -48,19 +55,21 @@ def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Pa
 def main() -> int:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--paper", action="store_true", default=on_gpu,
-                        help="the paper's SLM expert shape (default on GPU)")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="paper" if on_gpu else "reduced",
+                        help="paper: the paper's SLM expert shape (default on GPU); reduced: "
+                             "d 256, 4 layers (default on CPU); tiny: a smoke run")
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 8)
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
-    shape = [] if args.paper else REDUCED
-    vocab = 32000 if args.paper else 8192
+    shape = SHAPES[args.shape]
+    vocab = int(next((o.split("=")[1] for o in shape if o.startswith("model.vocab_size=")), 32000))
+    paper = args.shape == "paper"
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if args.paper else 200_000
+        tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if paper else 200_000
         blend = cluster_blend(work / "clusters", 32, vocab, tokens)
         common = shape + [f"data.blend_file={blend}"]
         runs = {
@@ -79,7 +88,7 @@ def main() -> int:
     dense = best["dense SLM (baseline)"]
     rows = list(best.items())
     lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
-             f"{'paper expert shape (d 1024, 7 layers)' if args.paper else 'reduced: ' + ' '.join(REDUCED)}; "
+             f"{'paper expert shape (d 1024, 7 layers)' if paper else args.shape + ': ' + ' '.join(shape)}; "
              f"median of steps {args.warmup + 1}-{args.steps}, best of {args.rounds} "
              "interleaved rounds.", "",
              "| run | tokens/s | step time vs dense |", "|---|---:|---:|"]

@@ -67,6 +67,7 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
     """Median tokens/s of `pn-train config overrides` over steps after warm-up. Without a data
     override the run reads random tokens."""
     cfg = load_config([config], overrides)
+    shown = " ".join(overrides)  # the generated dataset's path is not worth a column
     if not any(o.startswith("data.blend") for o in overrides):
         prefix = work / f"random_{cfg.model.vocab_size}"
         if not Path(f"{prefix}.idx").exists():
@@ -84,7 +85,7 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in train if r["step"] > warmup)
-    return {"config": config, "overrides": " ".join(overrides), "nproc": nproc,
+    return {"config": config, "overrides": shown, "nproc": nproc,
             "tokens_per_s": tokens_per_s, "max_mem_gib": train[-1].get("max_mem_gib"),
             "model_tflops": flops_per_token(cfg) * tokens_per_s / nproc / 1e12}
 

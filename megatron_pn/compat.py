@@ -152,6 +152,16 @@ def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> d
     }
 
 
+def data_workers(configured: int | None, device_type: str) -> int:
+    """data.num_workers, or the device's default. On GPU, workers read ahead so the main thread
+    only launches kernels. On CPU none: workers compete with compute for the cores, and taking a
+    micro-batch from a worker (shared-memory tensors) took ~10x as long as reading it from the
+    indexed dataset (benchmarks/input_pipeline.py, 2-core CPU)."""
+    if configured is not None:
+        return configured
+    return 2 if device_type == "cuda" else 0
+
+
 def activate() -> str:
     """Prepare megatron-core for this machine; returns the device type ('cuda' or 'cpu').
 

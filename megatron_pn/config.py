@@ -103,8 +103,10 @@ class DataConfig:
         "trains and data.split is not used (dense models)", factory=list)
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
-    num_workers: int = _help("data loader worker processes per rank: they read the next "
-                             "micro-batches while the model computes (0: in the main process)", 2)
+    num_workers: int | None = _help(
+        "data loader worker processes per rank, reading a step's micro-batches ahead while the "
+        "model computes (0: read in the step); None: 2 on GPU, 0 on CPU (compat.data_workers)",
+        None)
     cache_dir: str | None = _help("where megatron-core caches sample indices (default: run dir)", None)
 
 

@@ -218,8 +218,9 @@ class Trainer:
         t = self.cfg.train
         sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
                               self.dp_rank, self.dp_size, self._cluster_of_each_sample())
-        loader = micro_batch_loader(self.train_data, sampler, self.cfg.data.num_workers,
-                                    self.device_type == "cuda", ahead=self.num_microbatches)
+        workers = compat.data_workers(self.cfg.data.num_workers, self.device_type)
+        loader = micro_batch_loader(self.train_data, sampler, workers, self.device_type == "cuda",
+                                    ahead=self.num_microbatches)
         micro = iter(loader)
         while True:
             yield [next(micro) for _ in range(self.num_microbatches)]

@@ -46,6 +46,8 @@ def validate_model(cfg: Config) -> None:
     _require(t.steps >= 0 and t.warmup_steps >= 0, "train.steps and train.warmup_steps must be >= 0")
     _require(t.decay_steps is None or t.warmup_steps < t.decay_steps,
              f"train.warmup_steps {t.warmup_steps} must be below train.decay_steps {t.decay_steps}")
+    workers = cfg.data.num_workers
+    _require(workers is None or workers >= 0, f"data.num_workers must be >= 0, got {workers}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
