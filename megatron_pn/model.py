@@ -51,9 +51,10 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
     activation, gated = ACTIVATIONS[m.activation]
     dtype = params_dtype(cfg, device_type)
     on_gpu = device_type == "cuda"
-    # megatron-core fuses GELU only with a bias (or gated); SwiGLU always.
+    # megatron-core fuses GELU only with a bias (or gated); SwiGLU always. Off: its defaults.
     fusable = gated or m.add_bias_linear
-    fusions = compat.fusion_settings(device_type, dtype == torch.bfloat16, fusable)
+    fusions = (compat.fusion_settings(device_type, dtype == torch.bfloat16, fusable)
+               if m.fusions else {})
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -78,7 +79,7 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
         # Loss is summed per token and normalized by the global token count, so the result is
         # independent of micro-batching and DP size.
         calculate_per_token_loss=True,
-        **(fusions if m.fusions else {}),  # megatron-core's defaults: every fusion off
+        **fusions,
         # Initialize full weights on the host then split: the same weights at any TP size.
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,

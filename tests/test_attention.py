@@ -64,3 +64,23 @@ def test_attention_dropout_draws_from_the_model_parallel_rng(world):
     assert not torch.equal(forward(1), forward(2))
     attention.eval()
     assert torch.equal(forward(1), forward(2))  # no dropout in evaluation
+
+
+def test_transformer_engine_is_optional():
+    from megatron_pn.compat import transformer_engine_available
+    from megatron_pn.config import ConfigError, load_config
+    from megatron_pn.model import layer_spec
+    from megatron_pn.validation import validate_transformer_engine
+
+    auto = load_config([str(REPO / "configs/tiny/slm.yaml")], ["model.transformer_impl=auto"])
+    core = layer_spec(auto).submodules.self_attention.submodules.core_attention
+    if not transformer_engine_available():  # auto falls back to the local spec with SDPA
+        from megatron_pn.attention import SDPAttention
+
+        assert core is SDPAttention
+        te = load_config([str(REPO / "configs/tiny/slm.yaml")],
+                         ["model.transformer_impl=transformer_engine"])
+        with pytest.raises(ConfigError, match="needs a GPU with Transformer Engine"):
+            validate_transformer_engine(te, DEVICE)
+    else:
+        assert "TEDotProductAttention" in getattr(core, "__name__", str(core))
