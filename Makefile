@@ -29,7 +29,7 @@ GPU_WHEELS := .gpu-wheels
 GPU_PLATFORM := --python-version 3.12 --implementation cp --only-binary=:all: --no-deps \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 # megatron-core and DeepSpeed's imports, pytest, and what a bare torch install lacks.
-GPU_DEPS := numpy PyYAML packaging tqdm pytest pluggy iniconfig pytest-timeout \
+GPU_DEPS := numpy PyYAML packaging tqdm pytest pluggy iniconfig Pygments pytest-timeout \
 	hjson py-cpuinfo psutil pydantic pydantic_core annotated-types typing-inspection msgpack einops ninja
 
 gpu-wheels: $(STAMP)
