@@ -70,6 +70,8 @@ import platform, torch
 cuda = torch.cuda.is_available()
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda)
 print('device:', torch.cuda.get_device_name() if cuda else 'CPU only')
+import importlib.util, shutil
+print('triton', importlib.util.find_spec('triton') is not None, '| C compiler', shutil.which('cc') or shutil.which('gcc'))
 if cuda:
     free, total = torch.cuda.mem_get_info()
     print(f'memory {total / 2**30:.0f} GiB, capability {torch.cuda.get_device_capability()}')

@@ -22,7 +22,9 @@ runs (`transformer_engine_available` the one place that probes for Transformer E
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 from importlib import metadata
 
 import torch
@@ -126,11 +128,19 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def torch_compile_usable() -> bool:
+    """torch.compile on GPU needs triton, which builds its launcher with a C compiler at first
+    use: a bare machine without one would fail in the first fused kernel."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return compiler is not None and importlib.util.find_spec("triton") is not None
+
+
 def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> dict:
     """TransformerConfig flags of the fused kernels this device runs, off where inexact.
 
     Without Transformer Engine or apex, megatron-core's fusions are `torch.compile`d
-    (`jit_fuser`): worth it on GPU, only compile time on CPU, where the plain torch ops run.
+    (`jit_fuser`): worth it on GPU (given triton and a C compiler), only compile time on CPU,
+    where the plain torch ops run.
     * SwiGLU / bias-GELU and bias-dropout-add: the same arithmetic in one kernel;
     * cross-entropy: the fused one returns the logits' gradient in bf16, so only for bf16 runs
       (whose logits are bf16 already); it saves the fp32 copy of the logits;
@@ -140,10 +150,11 @@ def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> d
     """
     gpu = device_type == "cuda"
     te = gpu and transformer_engine_available()
+    compiled = gpu and torch_compile_usable()
     return {
-        "bias_activation_fusion": gpu and activation_fusable,
-        "bias_dropout_fusion": gpu,
-        "cross_entropy_loss_fusion": gpu and bf16,
+        "bias_activation_fusion": compiled and activation_fusable,
+        "bias_dropout_fusion": compiled,
+        "cross_entropy_loss_fusion": bf16 and (te or compiled),
         "cross_entropy_fusion_impl": "te" if te else "native",
         "apply_rope_fusion": te,
         "masked_softmax_fusion": False,

@@ -103,11 +103,16 @@ def test_fused_adam_matches_the_foreach_update():
         torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-7)
 
 
-def test_fusions_are_on_for_gpu_and_off_for_cpu():
-    from megatron_pn.compat import fusion_settings
+def test_fusions_are_on_for_gpu_and_off_for_cpu(monkeypatch):
+    from megatron_pn import compat
 
-    gpu, cpu = fusion_settings("cuda", True, True), fusion_settings("cpu", False, True)
+    monkeypatch.setattr(compat, "torch_compile_usable", lambda: True)
+    gpu, cpu = compat.fusion_settings("cuda", True, True), compat.fusion_settings("cpu", False, True)
     assert gpu["bias_activation_fusion"] and gpu["bias_dropout_fusion"]
     assert gpu["cross_entropy_loss_fusion"]
-    assert not fusion_settings("cuda", False, True)["cross_entropy_loss_fusion"]  # fp32: bf16 grads
+    assert not compat.fusion_settings("cuda", False, True)["cross_entropy_loss_fusion"]  # fp32
     assert not any(v for v in cpu.values() if isinstance(v, bool))
+    # Without triton or a C compiler torch.compile cannot build the kernels: the plain ops run.
+    monkeypatch.setattr(compat, "torch_compile_usable", lambda: False)
+    assert not any(v for k, v in compat.fusion_settings("cuda", True, True).items()
+                   if isinstance(v, bool) and not compat.transformer_engine_available())
