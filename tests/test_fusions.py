@@ -1,6 +1,6 @@
 """The fused kernels the GPU path enables (compat.fusion_settings), each against the plain torch
 computation it replaces. On CPU they run eagerly (megatron-core's `torch.compile` would only add
-compile time there); on a GPU compiled, as in training."""
+compile time there); on a GPU compiled, as in training (compat.torch_compile_usable)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def compiled_on_gpu_only():
-    stance = "default" if DEVICE == "cuda" else "force_eager"
+    from megatron_pn.compat import torch_compile_usable
+
+    stance = "default" if DEVICE == "cuda" and torch_compile_usable() else "force_eager"
     with torch.compiler.set_stance(stance):
         yield
 
