@@ -54,6 +54,7 @@ class MegatronEngine:
         ), self.model)
         for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             use_fused_adam(inner.optimizer)
+        use_sync_free_grad_norm()
         tconfig.grad_scale_func = self.optimizer.scale_loss
 
     def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
@@ -116,6 +117,24 @@ def _fused_adam_step(optimizer, args, kwargs) -> None:
         step = state.get("step")
         if torch.is_tensor(step) and (step.device != param.device or step.dtype != torch.float32):
             state["step"] = step.to(param.device, torch.float32)
+
+
+def use_sync_free_grad_norm() -> None:
+    """Without TE or apex, megatron-core's gradient-norm fallback turns every tensor's norm into
+    a Python float: one host sync per tensor, hundreds per step. torch's foreach norm computes
+    the same sum of squares on the device."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron-core's multi_tensor_l2norm interface: (total norm as a 1-element fp32 tensor,
+    None)."""
+    total = torch.nn.utils.get_total_norm(tensor_lists[0], 2.0, foreach=True)
+    return total.float().reshape(1), None
 
 
 class _MegatronMPU:

@@ -118,3 +118,17 @@ def test_fusions_are_on_for_gpu_and_off_for_cpu(monkeypatch):
     monkeypatch.setattr(compat, "torch_compile_usable", lambda: False)
     assert not any(v for k, v in compat.fusion_settings("cuda", True, True).items()
                    if isinstance(v, bool) and not compat.transformer_engine_available())
+
+
+def test_sync_free_grad_norm_matches_megatron_fallback(world):
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from megatron_pn.engines import foreach_l2_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 48, device=DEVICE), torch.randn(48, device=DEVICE) * 3,
+             torch.randn(7, 5, 3, device=DEVICE)]
+    expected, _ = local_multi_tensor_l2_norm(0, None, [grads], False)
+    total, _ = foreach_l2_norm(0, None, [grads], False)
+    assert total.shape == (1,) and total.dtype == torch.float32
+    torch.testing.assert_close(total.cpu(), expected.cpu(), rtol=1e-6, atol=0)
