@@ -95,16 +95,16 @@ if [ $SMOKE -eq 1 ]; then
     SHORT=(--steps 3 --warmup 1)
     stage throughput_slm 240 "$PY" benchmarks/train_throughput.py --configs configs/tiny/slm.yaml \
         --micro-batch-sizes 2 4 "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
-    stage pn_overhead 300 "$PY" benchmarks/pn_overhead.py --shape tiny --rounds 1 "${SHORT[@]}" \
-        --results "$OUT_DIR/RESULTS.md"
+    stage pn_overhead 300 "$PY" benchmarks/pn_overhead.py --tiny --only step --rounds 1 \
+        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
 else
     SHORT=(--steps 12 --warmup 5)
     stage throughput_slm 90 "$PY" benchmarks/train_throughput.py --configs configs/paper/slm.yaml \
         --micro-batch-sizes 8 16 "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
     stage throughput_llm 110 "$PY" benchmarks/train_throughput.py --configs configs/paper/llm.yaml \
         --micro-batch-sizes 4 8 "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
-    stage pn_overhead 120 "$PY" benchmarks/pn_overhead.py --shape paper --rounds 1 "${SHORT[@]}" \
-        --results "$OUT_DIR/RESULTS.md"
+    stage pn_overhead 120 "$PY" benchmarks/pn_overhead.py --paper --only step --rounds 1 \
+        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
 fi
 
 TESTS_LINE=$(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' "$OUT_DIR/tests.log" | tail -n 1)

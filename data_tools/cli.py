@@ -11,7 +11,7 @@ import sys
 STEP_MODULES = [
     "data_tools.tokenizer",    # train-tokenizer
     "data_tools.preprocess",   # preprocess, merge
-    "data_tools.embed",        # embed
+    "data_tools.embed",        # embed, merge-embeddings
     "data_tools.cluster",      # cluster, assign
     "data_tools.importance",   # importance
     "data_tools.stats",        # stats

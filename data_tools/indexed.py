@@ -11,6 +11,7 @@ megatron-core is imported lazily: importing it costs seconds (it pulls in torch)
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import struct
 import warnings
@@ -42,7 +43,7 @@ def read_index_header(prefix: str) -> tuple[type[np.number], int, int]:
     The header is the magic, version (u64), dtype code (u8), sequence and document-index
     counts (u64 each); the document-index count is documents + 1."""
     path = Path(prefix + ".idx")
-    size = len(_INDEX_MAGIC) + 8 + 1 + 8 + 8
+    size = INDEX_HEADER_BYTES
     with open(path, "rb") as f:
         header = f.read(size)
     if len(header) < size or not header.startswith(_INDEX_MAGIC):
@@ -50,6 +51,49 @@ def read_index_header(prefix: str) -> tuple[type[np.number], int, int]:
     code, sequences, document_indices = struct.unpack("<BQQ", header[len(_INDEX_MAGIC) + 8 :])
     dtype = megatron_indexed_dataset().DType.dtype_from_code(code)
     return dtype, sequences, document_indices - 1
+
+
+INDEX_HEADER_BYTES = len(_INDEX_MAGIC) + 8 + 1 + 8 + 8
+
+
+def map_index(prefix: str) -> tuple[type[np.number], np.ndarray, np.ndarray]:
+    """(token dtype, sequence lengths (int32), sequence byte pointers (int64)) of PREFIX.idx,
+    memory-mapped in megatron-core's layout (header, lengths, pointers, document indices): c4's
+    365M documents cost no copy. The arrays keep their mapping alive."""
+    dtype, sequences, _ = read_index_header(prefix)
+    if sequences == 0:
+        return dtype, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    path = prefix + ".idx"
+    lengths = np.memmap(path, dtype=np.int32, mode="r", offset=INDEX_HEADER_BYTES,
+                        shape=(sequences,))
+    pointers = np.memmap(path, dtype=np.int64, mode="r", offset=INDEX_HEADER_BYTES + 4 * sequences,
+                         shape=(sequences,))
+    return dtype, lengths, pointers
+
+
+def write_index(idx_path: str | Path, dtype: type[np.number], lengths: np.ndarray) -> None:
+    """PREFIX.idx of a text dataset whose documents are one sequence each (document_indices
+    0..n), written by megatron-core's own index writer (a test pins the bytes against
+    `IndexedDatasetBuilder`)."""
+    lengths = np.asarray(lengths, dtype=np.int32)
+    with _numpy_index_writer()(str(idx_path), dtype) as writer:
+        writer.write(lengths, None, np.arange(len(lengths) + 1, dtype=np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_index_writer():
+    """megatron-core's `_IndexWriter` with its per-sequence Python loop over the pointers
+    replaced by a cumulative sum: ~1 µs per sequence, minutes for 100M windows, otherwise."""
+
+    class NumpyPointersIndexWriter(megatron_indexed_dataset()._IndexWriter):
+        def _sequence_pointers(self, sequence_lengths):
+            itemsize = np.dtype(self.dtype).itemsize
+            pointers = np.zeros(len(sequence_lengths), dtype=np.int64)
+            np.cumsum(np.asarray(sequence_lengths[:-1], dtype=np.int64) * itemsize,
+                      out=pointers[1:])
+            return pointers
+
+    return NumpyPointersIndexWriter
 
 
 def dataset_paths(prefix: str) -> tuple[Path, Path]:

@@ -8,7 +8,12 @@ Formats, chosen by file name:
 * ``*.parquet``: one row per document, the document is one string column.
 * ``*.txt``: one document per file. A directory is searched recursively: its ``.txt`` files
   form one text source (sorted by path), every other recognised file is read as above, and
-  unrecognised files are ignored (and reported).
+  unrecognised files and hidden paths (``.cache/``) are ignored (the former reported).
+* Hugging Face ``datasets``: a ``Dataset.save_to_disk`` directory (``state.json``,
+  ``dataset_info.json``, ``data-*.arrow``) is read from its Arrow files, memory-mapped, one row
+  per document (a ``DatasetDict`` directory is refused: pass one split's directory). A folder in
+  the Hub layout (``data/train-00000-of-00042.parquet`` or ``.jsonl``) is a directory like any
+  other; one holding shards of several splits is refused (pass one split's files).
 
 Bad records. Every problem names the file and the line (JSONL), row (Parquet) or file (text):
 
@@ -21,15 +26,17 @@ Bad records. Every problem names the file and the line (JSONL), row (Parquet) or
   counted (``empty``, ``blank_line``): they carry no tokens worth training on.
 
 Sources are also the unit `pn-data preprocess` cuts into shards: each has a *virtual size* (bytes
-for JSONL and text, compressed bytes for gzip/zstd, uncompressed row-group sizes for Parquet) and
+for JSONL and text, compressed bytes for gzip/zstd, uncompressed row-group sizes for Parquet,
+record-batch sizes for Arrow) and
 every record has a virtual start offset; a record belongs to the byte range holding its start.
 Plain JSONL can be cut anywhere (a range reads the lines that start in it); gzip/zstd files
-cannot be cut (all their records start at offset 0); Parquet is cut between row groups and a text
-directory between files.
+cannot be cut (all their records start at offset 0); Parquet is cut between row groups, Arrow
+between record batches and a text directory between files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -261,28 +268,21 @@ class CompressedJsonlSource(Source):
         return f"{self.path}:{index + 1}"
 
 
-class ParquetSource(Source):
-    """Parquet: cut between row groups; one row is one document."""
+class RowGroupSource(Source):
+    """Columnar files (Parquet, Arrow): cut between row groups (record batches); one row is one
+    document. Subclasses give the groups' byte sizes and rows, and read a group's text column."""
 
     kind = STRING
 
-    def __init__(self, path: Path, text_field: str):
-        import pyarrow.parquet as pq
-
-        self.path = path
-        self.text_field = text_field
-        parquet_file = pq.ParquetFile(path)
-        self._check_column(parquet_file)  # fail before any work, not when its turn comes
-        meta = parquet_file.metadata
-        sizes = [max(meta.row_group(i).total_byte_size, 1) for i in range(meta.num_row_groups)]
-        self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    def _set_groups(self, sizes: list[int], rows: list[int]) -> None:
+        sizes = [max(size, 1) for size in sizes]
+        self.group_rows = rows
         self.group_starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.size = sum(sizes)
 
-    def _check_column(self, parquet_file):
+    def _check_column(self, schema) -> None:
         import pyarrow as pa
 
-        schema = parquet_file.schema_arrow
         if self.text_field not in schema.names:
             columns = ", ".join(schema.names[:10])
             raise BadRecordError(f"{self.path}: no column '{self.text_field}' (columns: {columns})")
@@ -295,21 +295,16 @@ class ParquetSource(Source):
     def _groups_in(self, start, stop):
         return [i for i, s in enumerate(self.group_starts) if start <= s < stop]
 
-    def records(self, start, stop, skip=0):
-        import pyarrow.parquet as pq
+    def _read_groups(self, groups: list[int]) -> Iterator[list]:
+        """The text column of each group, in order, as Python strings (or None)."""
+        raise NotImplementedError
 
+    def records(self, start, stop, skip=0):
         groups = self._groups_in(start, stop)
-        if not groups:
-            return
-        parquet_file = pq.ParquetFile(self.path)
-        for group in groups:
-            rows = self.group_rows[group]
-            if skip >= rows:
-                skip -= rows
-                continue
-            column = parquet_file.read_row_group(group, columns=[self.text_field])
-            values = column.column(self.text_field).to_pylist()[skip:]
-            skip = 0
+        while groups and skip >= self.group_rows[groups[0]]:  # skipped without reading
+            skip -= self.group_rows[groups.pop(0)]
+        for group, values in zip(groups, self._read_groups(groups)):
+            values, skip = values[skip:], 0
             advance = self.group_starts[group + 1] if group + 1 < len(self.group_starts) else self.size
             advance -= self.group_starts[group]
             for i, value in enumerate(values):
@@ -319,6 +314,66 @@ class ParquetSource(Source):
         groups = self._groups_in(start, start + self.size)
         first_row = sum(self.group_rows[: groups[0]]) if groups else 0
         return f"{self.path}: row {first_row + index}"
+
+
+class ParquetSource(RowGroupSource):
+    """Parquet, e.g. the shards of a Hugging Face Hub dataset (data/train-00000-of-00042.parquet)."""
+
+    def __init__(self, path: Path, text_field: str):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.text_field = text_field
+        parquet_file = pq.ParquetFile(path)
+        self._check_column(parquet_file.schema_arrow)  # fail before any work
+        meta = parquet_file.metadata
+        groups = range(meta.num_row_groups)
+        self._set_groups([meta.row_group(i).total_byte_size for i in groups],
+                         [meta.row_group(i).num_rows for i in groups])
+
+    def _read_groups(self, groups):
+        import pyarrow.parquet as pq
+
+        parquet_file = pq.ParquetFile(self.path)
+        for group in groups:
+            table = parquet_file.read_row_group(group, columns=[self.text_field])
+            yield table.column(self.text_field).to_pylist()
+
+
+class ArrowStreamSource(RowGroupSource):
+    """One data-NNNNN-of-NNNNN.arrow file of a Hugging Face `Dataset.save_to_disk` directory
+    (the Arrow IPC stream format): memory-mapped and cut between record batches."""
+
+    def __init__(self, path: Path, text_field: str):
+        self.path = path
+        self.text_field = text_field
+        sizes, rows = [], []
+        with self._open() as (stream, reader):
+            self._check_column(reader.schema)
+            position = stream.tell()
+            for batch in reader:
+                sizes.append(stream.tell() - position)
+                rows.append(batch.num_rows)
+                position = stream.tell()
+        self._set_groups(sizes, rows)
+
+    @contextlib.contextmanager
+    def _open(self):
+        import pyarrow as pa
+
+        with pa.memory_map(str(self.path)) as stream:
+            yield stream, pa.ipc.open_stream(stream)
+
+    def _read_groups(self, groups):
+        wanted = iter(groups)
+        target = next(wanted, None)
+        with self._open() as (_, reader):
+            for number, batch in enumerate(reader):  # zero-copy: skipping a batch reads nothing
+                if number == target:
+                    yield batch.column(self.text_field).to_pylist()
+                    target = next(wanted, None)
+                    if target is None:
+                        return
 
 
 class TextDirSource(Source):
@@ -415,8 +470,52 @@ def discover(paths: list[str | os.PathLike], text_field: str = "text") -> list[S
     return sources
 
 
+def _saved_dataset(path: Path, text_field: str) -> list[Source] | None:
+    """The .arrow files of a Hugging Face `Dataset.save_to_disk` directory in its state.json
+    order, or None if `path` is not one."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits") or ["SPLIT"]
+        raise ValueError(f"input {path} is a Hugging Face DatasetDict (splits: "
+                         f"{', '.join(splits)}): pass one split's directory, e.g. "
+                         f"{path / splits[0]}")
+    state = path / "state.json"
+    if not (state.is_file() and (path / "dataset_info.json").is_file()):
+        return None
+    sources = []
+    for entry in json.loads(state.read_text()).get("_data_files", []):
+        file = path / entry["filename"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} (listed in {state}) does not exist: the saved "
+                                    f"dataset is incomplete; save it again")
+        sources.append(ArrowStreamSource(file, text_field))
+    return sources
+
+
+# Hub shard names: {split}-00000-of-00042.parquet (.jsonl, ...)
+_HUB_SHARD = re.compile(r"^(?P<split>[\w.]+?)-\d{5}-of-\d{5}\.")
+
+
+def _check_one_split(path: Path, files: list[Path]) -> None:
+    """A Hub-layout folder with several splits would mix them into one corpus: refuse."""
+    splits = {}
+    for file in files:
+        match = _HUB_SHARD.match(file.name)
+        if match:
+            splits.setdefault(match["split"], file)
+    if len(splits) > 1:
+        example = next(iter(splits.values()))
+        raise ValueError(f"input directory {path} holds Hugging Face Hub shards of several "
+                         f"splits ({', '.join(sorted(splits))}): pass one split's files, e.g. "
+                         f"{example.parent}/{example.name.split('-')[0]}-*")
+
+
 def _discover_dir(path: Path, text_field: str) -> list[Source]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    saved = _saved_dataset(path, text_field)
+    if saved is not None:
+        return saved
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    _check_one_split(path, files)
     texts = [p for p in files if p.suffix.lower() == ".txt"]
     sources, ignored = [], []
     for p in files:

@@ -224,7 +224,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files or directories: .jsonl/.json (optionally .gz or .zst), "
-                   ".parquet, .txt, or directories of them")
+                   ".parquet, .txt, directories of them (e.g. a Hugging Face Hub-layout folder) "
+                   "or a Hugging Face "
+                   "`save_to_disk` dataset directory")
     p.add_argument("--output", required=True, metavar="PREFIX",
                    help="writes PREFIX.model, PREFIX.vocab, PREFIX_hf/ and PREFIX.json")
     p.add_argument("--vocab-size", type=_positive_int, default=32000, metavar="N",

@@ -16,15 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.indexed import map_index
+
 WINDOW_COLUMNS = ["doc", "start", "end"]
 DEFAULT_CONTEXT = 1024
+CHECK_ROWS = 1 << 20  # window rows checked at a time
 
 
 class IndexedTokens:
     """Read-only view of an indexed dataset: per-document lengths and a flat token memmap.
 
-    Uses megatron-core's index reader for the .idx file and maps the .bin file once, so that
-    gathering millions of windows needs no per-document Python call into IndexedDataset.
+    Maps the .idx arrays (megatron-core's layout; a test pins them against its reader) and the
+    .bin file once, so that gathering millions of windows needs no per-document Python call
+    into IndexedDataset and no per-document copy.
     """
 
     def __init__(self, prefix: str | Path):
@@ -36,15 +40,23 @@ class IndexedTokens:
                     f"{path} not found: --data-prefix must name a Megatron indexed dataset "
                     f"(PREFIX.bin + PREFIX.idx, as written by `pn-data preprocess`)"
                 )
-        index = indexed_dataset_module()._IndexReader(str(idx_path), multimodal=False)
-        self.dtype = np.dtype(index.dtype)
-        self.lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
-        self.offsets = np.asarray(index.sequence_pointers, dtype=np.int64) // self.dtype.itemsize
-        del index
+        dtype, self.lengths, byte_pointers = map_index(self.prefix)  # memory-mapped, int32
+        self.dtype = np.dtype(dtype)
+        self.offsets = _TokenOffsets(byte_pointers, self.dtype.itemsize)
         self.tokens = _map_tokens(bin_path, self.dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the .bin file, read (a copy), not mapped: passes over a
+        whole corpus then hold one block at a time, not the file's pages."""
+        return np.fromfile(self.prefix + ".bin", dtype=self.dtype, count=stop - start,
+                           offset=start * self.dtype.itemsize)
 
     def window(self, doc: int, start: int, end: int) -> np.ndarray:
         base = self.offsets[doc]
@@ -52,22 +64,21 @@ class IndexedTokens:
 
     def content_lengths(self, eod_id: int) -> np.ndarray:
         """Tokens per document without its trailing EOD (if the document ends with one)."""
-        lengths = self.lengths.copy()
+        lengths = self.lengths.astype(np.int64)
         nonempty = lengths > 0
         last = self.tokens[self.offsets[nonempty] + lengths[nonempty] - 1]
         lengths[np.flatnonzero(nonempty)[last == eod_id]] -= 1
         return lengths
 
 
-def indexed_dataset_module():
-    """megatron.core.datasets.indexed_dataset, imported without megatron-core's warnings about
-    missing GPU accelerators (Transformer Engine, apex), which data tools never use."""
-    import warnings
+class _TokenOffsets:
+    """offsets[docs]: token offset of documents in the .bin, from the index's byte pointers."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+    def __init__(self, byte_pointers: np.ndarray, itemsize: int):
+        self.byte_pointers, self.itemsize = byte_pointers, itemsize
+
+    def __getitem__(self, docs):
+        return self.byte_pointers[docs] // self.itemsize
 
 
 def _map_tokens(bin_path: Path, dtype: np.dtype) -> np.ndarray:
@@ -99,15 +110,16 @@ def window_token_counts(windows: np.ndarray) -> np.ndarray:
 
 
 def check_windows_fit(windows: np.ndarray, data: IndexedTokens, windows_path: str | Path) -> None:
-    """The window index must describe this dataset (it is a sidecar: same docs, same lengths)."""
-    if len(windows) == 0:
-        return
-    if windows[:, 0].max() >= len(data) or np.any(windows[:, 2] > data.lengths[windows[:, 0]]):
-        raise ValueError(
-            f"{windows_path} does not match {data.prefix}.idx ({len(data)} documents): a window "
-            f"points past the end of a document. The dataset changed after embedding; rerun "
-            f"`pn-data embed` on it (with --overwrite)."
-        )
+    """The window index must describe this dataset (it is a sidecar: same docs, same lengths).
+    Checked in blocks: `windows` may be a memory-mapped corpus-sized index."""
+    for start in range(0, len(windows), CHECK_ROWS):
+        block = np.asarray(windows[start : start + CHECK_ROWS])
+        if block[:, 0].max() >= len(data) or np.any(block[:, 2] > data.lengths[block[:, 0]]):
+            raise ValueError(
+                f"{windows_path} does not match {data.prefix}.idx ({len(data)} documents): a "
+                f"window points past the end of a document. The dataset changed after "
+                f"embedding; rerun `pn-data embed` on it (with --overwrite)."
+            )
 
 
 def file_sha256(path: str | Path) -> str:

@@ -189,3 +189,11 @@ def activate() -> str:
         _active_mode = _CudaToCpu()
         _active_mode.__enter__()
     return "cpu"
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor (routing indices) to `device` without making the host wait:
+    from pinned memory, asynchronously, on CUDA; a plain copy on CPU."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

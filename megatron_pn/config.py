@@ -57,6 +57,12 @@ class ModelConfig:
     num_experts: int = _help("pn: k, experts = clusters of the training data", 0)
     bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0)
     code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0)
+    code_init: str = _help(
+        "pn: initial expert codes E: random (independent unit codes: experts start unrelated) "
+        "or shared (one unit code plus a per-expert deviation of norm code_init_spread: the "
+        "experts start as one network and branch out)", "random")
+    code_init_spread: float = _help("pn, code_init shared: size of each expert's deviation "
+                                    "from the shared code (0: identical experts)", 0.1)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
                                     False)
     attention_backend: str = _help(
@@ -96,7 +102,8 @@ class DataConfig:
         "mix: train on this cluster's data only (run dirs get /expert_NNNN appended)", None)
     group_by_cluster: bool = _help(
         "pn: order each global batch by cluster so micro-batches hold one or two clusters "
-        "(same samples per step, fewer expert projections)", False)
+        "(same samples per step, fewer expert projections; the model groups any order itself)",
+        False)
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
     valid_blend: list = _help(
         "separate validation datasets (prefixes or [weight, prefix]); then all of data.blend "
@@ -129,6 +136,18 @@ class TrainConfig:
     seed: int = _help("seed for initialization and data order", 1234)
     eval_interval: int = _help("steps between validation runs (0: off)", 0)
     eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2)
+    pn_bank_lr_mult: float = _help(
+        "pn: learning-rate multiplier of the weight banks T. Under Adam every bank entry moves "
+        "about lr per step, so a projected weight W = sum_r alpha_r T_r moves about "
+        "||alpha||_1 x lr (~0.8 sqrt(h) x): 1 / that restores a dense weight's rate", 1.0)
+    eval_sets: list = _help(
+        "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
+        "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "
+        "is the expert that computes the whole set (e.g. its most frequent cluster's) or a "
+        "`pn-data assign` directory of the set (each window by its cluster's expert). Logged as "
+        "eval/<name>; needs parallel.pipeline=1", factory=list)
+    eval_sets_max_tokens: int | None = _help("evaluate at most this many tokens of each of "
+                                             "train.eval_sets (None: all)", 20000)
     log_interval: int = _help("steps between log lines", 1)
     early_stopping_patience: int | None = _help(
         "stop when the validation loss has not improved for this many evaluations", None)

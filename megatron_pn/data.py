@@ -246,9 +246,8 @@ def micro_batch_loader(dataset, sampler: StepSampler, num_workers: int, pin_memo
                                        pin_memory=pin_memory, **prefetch)
 
 
-def group_by_cluster(batch: dict, cluster_table: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Reorder a micro-batch so each cluster's sequences are contiguous; returns it with the
-    cluster id of every row. The loss is a sum over rows, so the order does not change it.
+def cluster_ids_of(batch: dict, cluster_table: torch.Tensor) -> torch.Tensor:
+    """The cluster of every row of a micro-batch (host tensor [b]).
 
     A blend's `dataset_id` is the position of the sequence's dataset in the blend, and
     `cluster_table[position]` its cluster (a single dataset has no `dataset_id`: position 0).
@@ -256,6 +255,4 @@ def group_by_cluster(batch: dict, cluster_table: torch.Tensor) -> tuple[dict, to
     positions = batch.get("dataset_id")
     if positions is None:
         positions = torch.zeros(len(batch["tokens"]), dtype=torch.long)
-    cluster_ids = cluster_table[positions.long()]
-    order = torch.argsort(cluster_ids, stable=True)
-    return {key: value[order] for key, value in batch.items()}, cluster_ids[order]
+    return cluster_table[positions.long()]

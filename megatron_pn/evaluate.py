@@ -201,11 +201,7 @@ def window_batch(held: HeldOut, rows: np.ndarray, eod: int) -> dict[str, torch.T
 @torch.no_grad()
 def batch_loss(loaded: LoadedModel, batch: dict, cluster_ids: torch.Tensor | None):
     """(sum of masked per-token losses, token count), megatron-core's loss as in training."""
-    routing = {}
-    if cluster_ids is not None:  # PN: one expert per row, the rows of a cluster contiguous
-        order = torch.argsort(cluster_ids, stable=True)
-        batch = {key: value[order] for key, value in batch.items()}
-        routing["cluster_ids"] = cluster_ids[order].to(loaded.device)
+    routing = {} if cluster_ids is None else {"cluster_ids": cluster_ids}  # PN: host ids
     batch = {key: value.to(loaded.device) for key, value in batch.items()}
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=loaded.device).expand_as(tokens)

@@ -89,7 +89,8 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
 def pn_config(cfg: Config) -> PNConfig:
     m = cfg.model
     return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
-                    seed=cfg.train.seed)
+                    seed=cfg.train.seed, code_init=m.code_init,
+                    code_init_spread=m.code_init_spread)
 
 
 def uses_transformer_engine(model: ModelConfig) -> bool:

@@ -112,7 +112,7 @@ def expert_losses(model, windows: torch.Tensor, k: int, device, batch_size: int 
         total, count = 0.0, 0
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
-            ids = torch.full((len(batch),), expert, device=device)
+            ids = [expert] * len(batch)
             loss = model(batch[:, :-1], positions.expand(len(batch), -1), None,
                          labels=batch[:, 1:], cluster_ids=ids)
             total += loss.float().sum().item()

@@ -14,6 +14,7 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
-from megatron_pn.data import (StepSampler, build_datasets, group_by_cluster, micro_batch_loader,
-                              resolve_blend)
+from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro_batch_loader,
+                              resolve_blend, token_ids)
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
@@ -33,6 +34,7 @@ from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_
                                  peak_memory)
 from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
+from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
 from megatron_pn.validation import validate_config
 
@@ -90,6 +92,7 @@ class Trainer:
         self.train_data, self.valid_data = build_datasets(
             cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
+        self.eval_sets = held_out_sets(cfg)
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
@@ -157,9 +160,8 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch, routing = next(data_iterator), {}
-        if self.is_pn:
-            batch, cluster_ids = group_by_cluster(batch, self.cluster_table)
-            routing["cluster_ids"] = cluster_ids.to(self.env.device)
+        if self.is_pn:  # PN: the expert of each row, on the host (the model groups the rows)
+            routing["cluster_ids"] = cluster_ids_of(batch, self.cluster_table)
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         inputs = (batch["tokens"], batch["position_ids"], None)
         if self.teacher is not None and model.training:  # SLM-d (validation: plain loss)
@@ -192,6 +194,17 @@ class Trainer:
         loss = torch.tensor([_mean_loss(losses, self.env.device) or 0.0], device=self.env.device)
         dist.broadcast(loss, src=self.env.world_size - 1)
         return loss.item()
+
+    @torch.no_grad()
+    def evaluate_sets(self) -> dict[str, dict]:
+        """train.eval_sets, each as pn-eval evaluates it (PN: with the set's expert)."""
+        loaded = SimpleNamespace(model=self.engine.model[0], device=self.env.device)
+        eod = token_ids(self.cfg.data, self.cfg.model.vocab_size).eod
+        self.engine.set_training(False)
+        results = {held.name: evaluate_set(loaded, held, eod, self.cfg.train.micro_batch_size)
+                   for held in self.eval_sets}
+        self.engine.set_training(True)
+        return results
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -288,6 +301,9 @@ class Trainer:
 
     def _validate(self) -> bool:
         """Evaluate and log; True when the validation loss is the best so far."""
+        for name, result in self.evaluate_sets().items():
+            self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"]},
+                             f"eval/{name}")
         loss = self.evaluate()
         if loss is None:
             return False
@@ -338,6 +354,25 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.env.rank == 0:
             print(message, flush=True)
+
+
+def held_out_sets(cfg: Config) -> list:
+    """train.eval_sets as pn-eval's windows (every token predicted once, at most
+    train.eval_sets_max_tokens), routed to the set's expert or each window's cluster (PN)."""
+    from megatron_pn.evaluate import HeldOut, document_windows, open_dataset, window_clusters
+
+    sets = []
+    for name, prefix, *route in cfg.train.eval_sets:
+        dataset = open_dataset(prefix)
+        windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
+                                   cfg.train.eval_sets_max_tokens)
+        held = HeldOut(name, prefix, dataset, windows)
+        if route and isinstance(route[0], str):  # each window by its cluster (pn-data assign)
+            held.cluster_ids = window_clusters(route[0], held)
+        elif route:
+            held.cluster_ids = np.full(len(windows), route[0], dtype=np.int64)
+        sets.append(held)
+    return sets
 
 
 def finetuning_lr(cfg: Config) -> Config:

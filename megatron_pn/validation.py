@@ -97,6 +97,12 @@ def validate_pn(cfg: Config) -> None:
         return
     _require(m.num_experts >= 1, f"model.num_experts must be >= 1 for model.type pn, got {m.num_experts}")
     _require(m.bank_size >= 1, f"model.bank_size (h) must be >= 1 for model.type pn, got {m.bank_size}")
+    _require(m.code_init in ("random", "shared"),
+             f"model.code_init must be random or shared, got {m.code_init!r}")
+    _require(cfg.train.pn_bank_lr_mult > 0,
+             f"train.pn_bank_lr_mult must be > 0, got {cfg.train.pn_bank_lr_mult}")
+    _require(m.code_init_spread >= 0,
+             f"model.code_init_spread must be >= 0, got {m.code_init_spread}")
     _require(1 <= m.code_size <= m.bank_size,
              f"model.code_size (m) {m.code_size} must be in [1, model.bank_size {m.bank_size}]: "
              "codes are projected to h mixing weights, so m > h adds nothing")
@@ -154,3 +160,21 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_pn_data(cfg, resolve_blend(cfg.data))
     if cfg.data.valid_blend:
         resolve_blend(cfg.data, cfg.data.valid_blend)
+    validate_eval_sets(cfg)
+
+
+def validate_eval_sets(cfg: Config) -> None:
+    sets, is_pn = cfg.train.eval_sets, cfg.model.type == "pn"
+    if not sets:
+        return
+    _require(cfg.parallel.pipeline == 1, "train.eval_sets needs parallel.pipeline=1")
+    shape = "[name, prefix, expert or assign dir]" if is_pn else "[name, prefix]"
+    for entry in sets:
+        _require(isinstance(entry, (list, tuple)) and len(entry) == (3 if is_pn else 2),
+                 f"train.eval_sets: {entry!r} should be {shape}")
+        if is_pn and not isinstance(entry[2], str):
+            _require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,
+                     f"train.eval_sets: expert {entry[2]!r} of {entry[0]} outside "
+                     f"[0, model.num_experts = {cfg.model.num_experts})")
+    names = [entry[0] for entry in sets]
+    _require(len(set(names)) == len(names), f"train.eval_sets: names must be distinct: {names}")

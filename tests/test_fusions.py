@@ -84,6 +84,8 @@ def test_fused_cross_entropy_matches_vocab_parallel_one_in_bf16(world):
 
 
 def test_fused_adam_matches_the_foreach_update():
+    from types import SimpleNamespace
+
     from megatron_pn.engines import use_fused_adam
 
     torch.manual_seed(0)
@@ -92,8 +94,8 @@ def test_fused_adam_matches_the_foreach_update():
     for fused in (False, True):
         params = [torch.nn.Parameter(p.clone()) for p in start]
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
-        if fused:
-            use_fused_adam(optimizer)
+        if fused:  # as megatron-core wraps it
+            use_fused_adam(SimpleNamespace(optimizer=optimizer))
         for step in range(3):
             for p in params:
                 p.grad = torch.sin(p.detach() * (step + 1))

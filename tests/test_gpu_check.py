@@ -22,5 +22,5 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for stage in ("device", "tests", "throughput_slm", "pn_overhead"):
         assert f"| {stage} | ok |" in check
     assert "| configs/tiny/slm.yaml | train.micro_batch_size=4 |" in results
-    assert "tiny: model.hidden_size=64" in results
+    assert "model.hidden_size=64 model.ffn_hidden_size=176" in results  # the tiny PN shape
     assert (REPO / "benchmarks" / "RESULTS.md").read_text() in results  # a copy, appended to

@@ -82,7 +82,8 @@ def test_mixed_cluster_micro_batch_equals_separate_passes(world):
     assert grads["expert_codes"][1].abs().sum() == 0  # expert 1 saw no data
 
 
-def test_gradients_match_autograd_of_the_unsharded_formula(world):
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_gradients_match_autograd_of_the_unsharded_formula(world, batch_first):
     from megatron_pn.pn.layers import ExpertRouting
 
     model = build(tiny_cfg()).train()
@@ -91,8 +92,9 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world):
     x = torch.randn(5, 4, 64, requires_grad=True)  # [s, b, d]
     ids = torch.tensor([1, 1, 3, 3])
     routing = ExpertRouting.from_cluster_ids(ids, model.expert_codes)
-    with fc1.routed(routing):
-        y, _ = fc1(x)
+    with fc1.routed(routing, batch_first):
+        y, _ = fc1(x.transpose(0, 1) if batch_first else x)
+    y = y.transpose(0, 1) if batch_first else y
     upstream = torch.randn_like(y)
     params = [model.expert_codes, fc1.code_projection, fc1.bank]
     got = torch.autograd.grad((y * upstream).sum(), [x, *params])
@@ -108,11 +110,61 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-6), name
 
 
-def test_every_projected_expert_has_the_dense_init_std(world):
+def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
+    """The model groups rows itself: a shuffled micro-batch gives the same per-row losses (in
+    the caller's order), logits and gradients as the same rows sorted by cluster."""
+    model = build(tiny_cfg()).train()
+    tokens, positions = inputs(batch=7)
+    ids = torch.tensor([3, 0, 2, 0, 3, 1, 2])
+    order = torch.argsort(ids, stable=True)
+    loss, grads = per_token_loss_and_grads(model, tokens, positions, ids.tolist())
+    sorted_loss = model(tokens[order], positions[order], None, labels=tokens[order],
+                        cluster_ids=ids[order])
+    model.zero_grad()
+    sorted_loss.sum().backward()
+    row_loss = model(tokens, positions, None, labels=tokens, cluster_ids=ids)
+    assert torch.allclose(row_loss[order], sorted_loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, sorted_loss.sum(), rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        scale = parameter.grad.abs().max()
+        assert torch.allclose(grads[name], parameter.grad, rtol=1e-4, atol=1e-6 * scale), name
+    with torch.no_grad():
+        logits = model(tokens, positions, None, cluster_ids=ids)
+        sorted_logits = model(tokens[order], positions[order], None, cluster_ids=ids[order])
+    assert torch.allclose(logits[order], sorted_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_gradient_accumulates_into_ddp_main_grad(world):
+    """Under megatron-core's DDP the bank gradient is added into `main_grad` in place, over
+    micro-batches, and equals autograd's gradient of the same micro-batches."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    cfg = tiny_cfg()
+    plain = build(cfg).train()
+    wrapped = build(cfg).train()
+    wrapped.load_state_dict(plain.state_dict())
+    ddp = DistributedDataParallel(wrapped.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), wrapped)
+    ddp.zero_grad_buffer()
+    for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # two micro-batches
+        tokens, positions = inputs(seed=seed)
+        for model in (plain, ddp):
+            model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
+    for name, parameter in plain.named_parameters():
+        main_grad = dict(wrapped.named_parameters())[name].main_grad
+        scale = parameter.grad.abs().max()
+        assert torch.allclose(main_grad, parameter.grad, rtol=1e-4, atol=1e-6 * scale), name
+    bank = wrapped.decoder.layers[0].mlp.linear_fc1.bank
+    assert bank.grad_added_to_main_grad and bank.grad is None
+
+
+@pytest.mark.parametrize("code_init", ["random", "shared"])
+def test_every_projected_expert_has_the_dense_init_std(world, code_init):
     from megatron_pn.pn.projection import dense_state_dict
 
     cfg = tiny_cfg(**{"model.num_experts": 8, "model.bank_size": 6, "model.code_size": 4,
-                      "model.hidden_size": 128, "model.ffn_hidden_size": 512})
+                      "model.hidden_size": 128, "model.ffn_hidden_size": 512,
+                      "model.code_init": code_init})
     model = build(cfg)
     std = cfg.model.init_method_std
     for expert in range(8):
@@ -122,6 +174,55 @@ def test_every_projected_expert_has_the_dense_init_std(world):
             fc2 = state[f"decoder.layers.{layer}.mlp.linear_fc2.weight"]
             assert fc1.std().item() == pytest.approx(std, rel=0.03)
             assert fc2.std().item() == pytest.approx(std / math.sqrt(2 * 4), rel=0.03)
+
+
+def expert_distances(model, k) -> torch.Tensor:
+    """||W_i - W_j|| / ||W_i|| of layer 0's fc1 for every pair of experts."""
+    from megatron_pn.pn.projection import dense_state_dict
+
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    weights = torch.stack([dense_state_dict(model, i)[key].flatten() for i in range(k)])
+    return torch.cdist(weights, weights) / weights.norm(dim=1, keepdim=True)
+
+
+def test_shared_code_init_starts_experts_close_but_distinct(world):
+    """code_init=shared: experts start near one network (random codes: unrelated experts), are
+    identical with a spread of 0, and still get distinct gradients from their clusters."""
+    k = 4
+    distance = {init: expert_distances(build(tiny_cfg(**{"model.code_init": init})), k)
+                for init in ("random", "shared")}
+    off_diagonal = ~torch.eye(k, dtype=torch.bool)
+    assert distance["shared"][off_diagonal].max() < 0.3
+    assert distance["random"][off_diagonal].mean() > 0.7
+    same = build(tiny_cfg(**{"model.code_init": "shared", "model.code_init_spread": 0}))
+    assert expert_distances(same, k).max() < 1e-6
+
+    model = build(tiny_cfg(**{"model.code_init": "shared"})).train()
+    tokens, positions = inputs(batch=4)
+    _, grads = per_token_loss_and_grads(model, tokens, positions, [0, 1, 2, 3])
+    code_grads = grads["expert_codes"]
+    assert (code_grads.norm(dim=1) > 0).all()
+    assert torch.cdist(code_grads, code_grads)[off_diagonal].min() > 1e-3 * code_grads.norm()
+
+
+def test_bank_lr_mult_gives_the_banks_their_own_lr(world):
+    """train.pn_bank_lr_mult: the banks' parameter group (megatron-core's optimizer, and the
+    DeepSpeed engine's groups) has lr x mult for max_lr and min_lr; nothing else does."""
+    from megatron_pn.engines import MegatronEngine, _param_groups
+    from megatron_pn.model import build_model_chunks, transformer_config
+
+    cfg = tiny_cfg(**{"train.pn_bank_lr_mult": 0.25, "train.lr": 1e-3, "train.min_lr": 1e-4})
+    tconfig = transformer_config(cfg, "cpu")
+    engine = MegatronEngine(cfg, tconfig, build_model_chunks(cfg, tconfig), is_pn=True)
+    banks = {id(p) for n, p in engine.model[0].named_parameters() if n.endswith(".bank")}
+    deepspeed_groups = _param_groups(engine.model[0].module, cfg.train)
+    for groups in (engine.optimizer.param_groups, deepspeed_groups):
+        for group in groups:
+            is_bank = {id(p) in banks for p in group["params"]}
+            assert len(is_bank) == 1  # banks and other parameters are never in one group
+            expected = (2.5e-4, 2.5e-5) if is_bank.pop() else (1e-3, 1e-4)
+            assert (group.get("max_lr", 1e-3), group.get("min_lr", 1e-4)) == \
+                pytest.approx(expected)
 
 
 # -- multi-process training ---------------------------------------------------------------------
@@ -173,6 +274,38 @@ def test_slm_mix_expert_trains_on_its_cluster_only(pn_reference, tmp_path):
     assert (tmp_path / "ckpt" / "expert_0002" / "latest_checkpointed_iteration.txt").is_file()
 
 
+def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys):
+    """train.eval_sets: a held-out set evaluated with its expert at every eval_interval gives
+    the NLL pn-eval computes on the checkpoint of the same step."""
+    import json
+
+    from megatron_pn.evaluate import main as pn_eval
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    _, _, blend, root = pn_reference
+    prefix, run_dir, ckpt = root / "data" / "cluster_0001", tmp_path / "run", tmp_path / "ckpt"
+    assign = tmp_path / "assign"  # as `pn-data assign` writes it: every window in cluster 2
+    assign.mkdir()
+    dataset = IndexedDataset(str(prefix))
+    lengths = dataset.sequence_lengths.copy()  # (a view of the index: the dataset must live)
+    np.save(assign / "windows.npy", np.array([[d, 0, n - 1] for d, n in enumerate(lengths)]))
+    np.save(assign / "assignments.npy", np.full(len(lengths), 2, dtype=np.int32))
+    run_train([PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
+        "train.steps": 2, "train.eval_interval": 2,
+        "train.eval_sets": f"[[c1,{prefix},2],[c1_routed,{prefix},{assign}]]",
+        "train.eval_sets_max_tokens": 700, "checkpoint.dir": ckpt})])
+    during = read_metrics(run_dir, "eval/c1")[2]
+    assert read_metrics(run_dir, "eval/c1_routed")[2]["loss"] == during["loss"]
+    out = tmp_path / "eval.json"
+    assert pn_eval(["--checkpoint", str(ckpt), "--data", str(prefix), "--expert", "2",
+                    "--max-tokens", "700", "--output", str(out), "--quiet"]) == 0
+    after = json.loads(out.read_text())["datasets"][0]
+    assert after["tokens"] == 700
+    assert during["loss"] == pytest.approx(after["nll"], rel=1e-5)
+
+
 def test_slm_mix_job_config(pn_reference, tmp_path):
     from megatron_pn.mix import expert_job
 
@@ -214,6 +347,9 @@ def error_line(args, capsys) -> str:
     ("model.code_size=5", "model.code_size (m) 5 must be in [1, model.bank_size 3]"),
     ("model.bank_size=0", "model.bank_size (h) must be >= 1"),
     ("model.num_experts=0", "model.num_experts must be >= 1"),
+    ("model.code_init=orthogonal", "model.code_init must be random or shared"),
+    ("train.eval_sets=[[a,prefix,9]]", "train.eval_sets: expert 9 of a outside"),
+    ("train.eval_sets=[[a,prefix]]", "train.eval_sets: ['a', 'prefix'] should be [name, prefix, expert or assign dir]"),
     ("model.num_experts=2", "data.cluster_ids: [2, 3] outside [0, model.num_experts = 2)"),
     ("model.add_bias_linear=true", "model.type pn needs model.add_bias_linear=false"),
     ("model.ffn_hidden_size=90 parallel.tensor=4",
@@ -242,5 +378,20 @@ def test_routing_rejects_bad_cluster_ids():
         ExpertRouting.from_cluster_ids(torch.tensor([0, 4]), codes)
     with pytest.raises(ValueError, match="cluster id -1 is outside"):
         ExpertRouting.from_cluster_ids(torch.tensor([-1, 0]), codes)
-    with pytest.raises(ValueError, match="grouped by cluster"):
-        ExpertRouting.from_cluster_ids(torch.tensor([0, 1, 0]), codes)
+    with pytest.raises(ValueError, match="must be on the host"):
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 1], device="meta"), codes)
+
+
+def test_routing_groups_rows_on_the_host():
+    from megatron_pn.pn.layers import ExpertRouting
+
+    codes = torch.randn(4, 2)
+    routing = ExpertRouting.from_cluster_ids([2, 0, 2, 1, 0], codes)
+    assert routing.experts == (0, 1, 2) and routing.counts == (2, 1, 2)
+    assert routing.order.tolist() == [1, 4, 3, 0, 2]
+    rows = torch.arange(5) * 10
+    assert routing.group(rows).tolist() == [10, 40, 30, 0, 20]
+    assert routing.ungroup(routing.group(rows)).tolist() == rows.tolist()
+    assert torch.equal(routing.codes, codes[[0, 1, 2]])
+    already_grouped = ExpertRouting.from_cluster_ids(torch.tensor([1, 1, 3]), codes)
+    assert already_grouped.order is None and already_grouped.group(rows) is rows

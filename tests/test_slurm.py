@@ -132,6 +132,42 @@ def test_requeue_decision(stand_ins):
         assert f"returned={rc}" in out and not requeued and "SIGTERM" in out
 
 
+def test_embed_cluster_submits_a_gpu_array_then_a_dependent_merge_and_cluster(tmp_path):
+    """With stand-in sbatch and pn-data: the submit stage asks for one GPU per array task and
+    a merge+cluster job after all of them; a task embeds its shard; the last job merges the
+    shards in order and clusters for each k."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "sbatch $*" >> {tmp_path}/calls\necho 41\n')
+    (bin_dir / "pn-data").write_text(f'#!/bin/sh\necho "pn-data $*" >> {tmp_path}/calls\n')
+    (bin_dir / "python").write_text("#!/bin/sh\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = REPO / "slurm" / "embed_cluster.sh"
+    options = ["--data-prefix", "d/p", "--tokenizer-model", "t.model", "--output", "out",
+               "--k", "32,1024"]
+    env = {**outside_slurm(), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PN_PYTHON": str(bin_dir / "python"), "PN_REPO": str(REPO)}
+
+    def run(*args, **extra):
+        done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=tmp_path, timeout=60)
+        assert done.returncode == 0, done.stderr
+        calls = (tmp_path / "calls").read_text().splitlines()
+        (tmp_path / "calls").unlink()
+        return calls
+
+    array, after = run("8", *options)
+    assert "--array=0-7" in array and "--gres=gpu:1" in array and "--stage shard 8" in array
+    assert "--dependency=afterok:41" in after and "--stage cluster 8" in after
+    (embed,) = run("--stage", "shard", "8", *options, SLURM_ARRAY_TASK_ID="3")
+    assert embed.startswith("pn-data embed --shard 3/8 ") and "--output out/embeddings.shards/0003" in embed
+    merge, *clusters = run("--stage", "cluster", "8", *options)
+    shard_dirs = " ".join(f"out/embeddings.shards/{i:04d}" for i in range(8))
+    assert merge == f"pn-data merge-embeddings --inputs {shard_dirs} --output out/embeddings"
+    assert [c.split("--k ")[1].split()[0] for c in clusters] == ["32", "1024"]
+
+
 # -- a real SLURM on localhost -----------------------------------------------------------------
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")

@@ -10,8 +10,9 @@ this layer's `code_projection`, and T[l] (out x in x h) its `bank`. Equivalently
     alpha[l,i] = E[i] @ M[l]                      (h mixing weights)
     W[l,i]     = sum_r alpha[l,i][r] * T[l][:,:,r]
 
-A micro-batch is grouped by expert (`ExpertRouting.spans`): we materialize one W per distinct
-expert in it and apply it to that expert's rows - one bank contraction per expert, never per token.
+The model groups a micro-batch's rows by expert (`ExpertRouting`, built from the caller's cluster
+ids in any order): we materialize one W per distinct expert in it - one bank contraction per
+expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows.
 
 Tensor parallelism partitions T exactly like megatron-core partitions the dense weight: along
 `out` for the column-parallel layer (fc1), along `in` for the row-parallel one (fc2); every rank
@@ -42,6 +43,8 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_pn import compat
+
 
 @dataclass(frozen=True)
 class PNConfig:
@@ -49,6 +52,8 @@ class PNConfig:
     bank_size: int  # h: matrices in each bank
     code_size: int  # m: length of an expert code
     seed: int = 1234  # initialization seed (banks are seeded per layer: layout-independent)
+    code_init: str = "random"  # E: independent unit codes, or "shared" (see PNGPTModel)
+    code_init_spread: float = 0.1  # shared: each code's deviation from the shared one
 
 
 def seeded_generator(seed: int, *names) -> torch.Generator:
@@ -59,35 +64,83 @@ def seeded_generator(seed: int, *names) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ExpertRouting:
-    """Which expert computes which rows of a micro-batch.
+    """Which expert computes which rows of a micro-batch, built on the host from the caller's
+    cluster ids (any order) by `PNGPTModel.forward` and passed down as an argument.
 
-    `codes[j]` is the code E[e_j] of the j-th distinct expert and `spans[j]` its batch slice
-    (the trainer sorts each micro-batch by cluster so every expert's rows are contiguous).
-    Built once per micro-batch and model chunk, passed down as an argument to every layer.
+    The model computes in *grouped* row order: rows sorted by expert (stable), so each expert's
+    rows form one contiguous block of `counts[j]` rows. `group` puts a batch-first tensor in that
+    order, `ungroup` restores the caller's order; both are identities when the caller's rows are
+    already sorted (`data.group_by_cluster`).
     """
 
-    codes: torch.Tensor  # [u, m], rows of E (gradients flow back into E)
-    experts: tuple[int, ...]
-    spans: tuple[tuple[int, int], ...]
+    codes: torch.Tensor  # [u, m], rows of E of the experts present (gradients flow into E)
+    experts: tuple[int, ...]  # the u distinct experts, ascending
+    counts: tuple[int, ...]  # rows of each expert, in grouped order
+    order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
+    restore: torch.Tensor | None  # the inverse permutation (device)
 
     @classmethod
-    def from_cluster_ids(cls, cluster_ids: torch.Tensor, expert_codes: torch.Tensor):
-        ids = cluster_ids.view(-1).tolist()
-        k = expert_codes.shape[0]
-        if any(c < 0 or c >= k for c in ids):
-            bad = next(c for c in ids if c < 0 or c >= k)
-            raise ValueError(f"cluster id {bad} is outside [0, {k}) (model.num_experts = {k})")
-        experts, spans, start = [], [], 0
-        for row in range(1, len(ids) + 1):
-            if row == len(ids) or ids[row] != ids[start]:
-                experts.append(ids[start])
-                spans.append((start, row))
-                start = row
-        if len(set(experts)) != len(experts):
-            raise ValueError("a micro-batch must be grouped by cluster id (sort it by cluster)")
-        index = torch.tensor(experts, device=expert_codes.device)
-        return cls(codes=expert_codes.index_select(0, index), experts=tuple(experts),
-                   spans=tuple(spans))
+    def from_cluster_ids(cls, cluster_ids, expert_codes: torch.Tensor) -> "ExpertRouting":
+        ids = torch.as_tensor(cluster_ids)
+        if ids.device.type != "cpu":
+            raise ValueError("cluster_ids must be on the host (a list or a CPU tensor): reading "
+                             "them from the device would stall it every micro-batch")
+        ids, k = ids.view(-1).long(), expert_codes.shape[0]
+        bad = ids[(ids < 0) | (ids >= k)]
+        if len(bad):
+            raise ValueError(f"cluster id {int(bad[0])} is outside [0, {k}) "
+                             f"(model.num_experts = {k})")
+        order = restore = None
+        if len(ids) > 1 and bool((ids[1:] < ids[:-1]).any()):
+            host_order = torch.argsort(ids, stable=True)
+            ids = ids[host_order]
+            order = compat.host_to_device(host_order, expert_codes.device)
+            restore = compat.host_to_device(torch.argsort(host_order), expert_codes.device)
+        experts, counts = torch.unique_consecutive(ids, return_counts=True)
+        index = compat.host_to_device(experts, expert_codes.device)
+        return cls(codes=expert_codes.index_select(0, index), experts=tuple(experts.tolist()),
+                   counts=tuple(counts.tolist()), order=order, restore=restore)
+
+    def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """A batch-first tensor [b, ...] in grouped row order (a leading 1 broadcasts: kept)."""
+        if rows is None or self.order is None or rows.shape[0] == 1:
+            return rows
+        return rows.index_select(0, self.order)
+
+    def ungroup(self, rows: torch.Tensor) -> torch.Tensor:
+        """A batch-first tensor [b, ...] back in the caller's row order."""
+        return rows if self.restore is None else rows.index_select(0, self.restore)
+
+
+class _BankProjection(torch.autograd.Function):
+    """weights [u, out*in] = alpha [u, h] x T [out*in, h]^T: one GEMM that reads the bank once;
+    each expert's weight comes out contiguous.
+
+    Backward: dL/dalpha = dL/dW x T, and dL/dT = dL/dW^T x alpha. Under megatron-core's DDP the
+    bank has a `main_grad` buffer; dL/dT is then accumulated into it in place (one addmm), as
+    megatron-core's gradient-accumulation fusion does for dense weights: the bank-sized
+    gradient is neither allocated nor added separately, once per micro-batch.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(alpha)
+        ctx.bank = bank
+        return F.linear(alpha, bank.view(-1, bank.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_weights: torch.Tensor):
+        (alpha,) = ctx.saved_tensors
+        bank = ctx.bank
+        flat = bank.view(-1, bank.shape[-1])
+        grad_alpha = grad_weights @ flat
+        if getattr(bank, "grad_added_to_main_grad", None) is None:  # no DDP buffer: autograd
+            return grad_alpha, (grad_weights.t() @ alpha).view_as(bank)
+        main_grad = bank.main_grad.view(-1, bank.shape[-1])
+        main_grad.addmm_(grad_weights.t().to(main_grad.dtype), alpha.to(main_grad.dtype))
+        bank.grad_added_to_main_grad = True  # DDP's hook then skips its own add
+        # A placeholder gradient still reaches the bank, so DDP's grad-ready hook runs.
+        return grad_alpha, torch.empty_like(bank)
 
 
 class ProjectedLinear(MegatronModule):
@@ -97,15 +150,17 @@ class ProjectedLinear(MegatronModule):
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method, pn: PNConfig,
                  bias: bool = False, skip_bias_add: bool = True, is_expert: bool = False,
-                 **unused):
+                 tp_group=None, **unused):
         super().__init__(config=config)
         if bias:
             raise ValueError("projected linears have no bias: set model.add_bias_linear=false")
         if is_expert:
             raise ValueError("projected linears cannot be MoE experts")
         self.pn = pn
-        self.tp_size = ps.get_tensor_model_parallel_world_size()
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        # megatron-core's MLP passes the layer's TP group (None only outside a TransformerLayer)
+        self.tp_group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
+        self.tp_size = self.tp_group.size()
+        self.tp_rank = self.tp_group.rank()
         self.full_shape = (output_size, input_size)
         local = list(self.full_shape)
         if local[self.partition_dim] % self.tp_size:
@@ -130,20 +185,22 @@ class ProjectedLinear(MegatronModule):
         self._routing: ExpertRouting | None = None
 
     @contextlib.contextmanager
-    def routed(self, routing: ExpertRouting):
-        """Bind this micro-batch's routing for the duration of one MLP call.
+    def routed(self, routing: ExpertRouting, batch_first: bool):
+        """Bind this micro-batch's routing for the duration of one MLP (or attention) call.
 
         megatron-core's MLP.forward calls its linears with the hidden states alone, so PNMLP
         binds the routing around that call (and again around a recomputation, which re-enters
-        PNMLP.forward with its own argument); nothing outlives the call.
+        PNMLP.forward with its own argument); nothing outlives the call. `batch_first`: the
+        inputs are [b, s, in] in grouped row order (PNMLP regroups once per call), else
+        megatron's sequence-first [s, b, in].
         """
-        self._routing = routing
+        self._routing = (routing, batch_first)
         try:
             yield
         finally:
             self._routing = None
 
-    def _current_routing(self) -> ExpertRouting:
+    def _current_routing(self) -> tuple[ExpertRouting, bool]:
         if self._routing is None:
             raise RuntimeError("a projected linear ran outside PNMLP.forward: no expert routing")
         return self._routing
@@ -175,21 +232,31 @@ class ProjectedLinear(MegatronModule):
     # -- the projection -------------------------------------------------------------------------
 
     def project(self, codes: torch.Tensor) -> torch.Tensor:
-        """W[l, i] for each code E[i] given: [u, out_local, in_local]."""
-        h = self.pn.bank_size
+        """W[l, i] for each code E[i] given: [u, out_local, in_local], each expert contiguous."""
         alpha = codes @ self.code_projection  # [u, h]      alpha = E[i] @ M[l]
-        alpha = copy_to_tensor_model_parallel_region(alpha)  # sum dL/dalpha over TP slices
-        weights = self.bank.reshape(-1, h) @ alpha.t()  # [out*in, u]  sum_r alpha[r] T[:,:,r]
-        return weights.t().reshape(len(codes), *self.local_shape)
+        # sum dL/dalpha over the TP slices of the bank
+        alpha = copy_to_tensor_model_parallel_region(alpha, self.tp_group)
+        weights = _BankProjection.apply(alpha, self.bank)  # sum_r alpha[r] T[:,:,r]
+        return weights.view(len(codes), *self.local_shape)
 
-    def _apply_experts(self, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        """x: [s, b, in]; rows spans[j] of the batch use expert j's matrix."""
+    def _apply_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's matrix applied to its block of rows (see `routed` for the layouts)."""
+        routing, batch_first = self._current_routing()
         weights = self.project(routing.codes)
-        if len(routing.spans) == 1:
+        if len(weights) == 1:  # one expert: one GEMM over the whole micro-batch, any layout
             return F.linear(x, weights[0])
-        return torch.cat(
-            [F.linear(x[:, a:b], w) for w, (a, b) in zip(weights, routing.spans)], dim=1
-        )
+        if batch_first:
+            return self._per_expert(x, weights, routing)
+        # [s, b, in]: an expert's rows x[:, a:b] are strided and F.linear on them runs s tiny
+        # GEMMs; make them contiguous first (PNMLP avoids this by regrouping once per call).
+        rows = x.transpose(0, 1).contiguous()
+        return self._per_expert(rows, weights, routing).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def _per_expert(rows: torch.Tensor, weights: torch.Tensor, routing: ExpertRouting):
+        """rows [b, ..., in] in grouped order: one GEMM per expert over its contiguous block."""
+        blocks = rows.split(routing.counts, dim=0)
+        return torch.cat([F.linear(block, w) for block, w in zip(blocks, weights.unbind(0))])
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
@@ -204,8 +271,9 @@ class PNColumnParallelLinear(ProjectedLinear):
     partition_dim = 0
 
     def forward(self, x: torch.Tensor):
-        x = copy_to_tensor_model_parallel_region(x)  # backward: sum input grads over TP
-        return self._apply_experts(x, self._current_routing()), None
+        # backward: sum the input gradients over TP
+        x = copy_to_tensor_model_parallel_region(x, self.tp_group)
+        return self._apply_experts(x), None
 
 
 class PNRowParallelLinear(ProjectedLinear):
@@ -219,5 +287,5 @@ class PNRowParallelLinear(ProjectedLinear):
         self.init_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
 
     def forward(self, x: torch.Tensor):
-        y = self._apply_experts(x, self._current_routing())
-        return reduce_from_tensor_model_parallel_region(y), None
+        y = self._apply_experts(x)
+        return reduce_from_tensor_model_parallel_region(y, self.tp_group), None

@@ -37,17 +37,42 @@ class PNGPTModel(GPTModel):
 
     @torch.no_grad()
     def _init_expert_codes(self) -> None:
-        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std)."""
-        codes = torch.randn(self.pn.num_experts, self.pn.code_size,
-                            generator=seeded_generator(self.pn.seed, "expert_codes"))
+        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std).
+
+        random: independent codes, so the experts' mixing vectors alpha = E[i] M are unrelated
+        (for h = 3, m = 2 they lie on one circle, some nearly opposite: W[j] ~ -W[i]).
+        shared: E[i] = c + spread * d[i] (then normalized) for one random unit code c and
+        random directions d[i]: every expert starts near the same network and what all
+        clusters share is learned once, in the shared direction.
+        """
+        generator = seeded_generator(self.pn.seed, "expert_codes")
+        k, m = self.pn.num_experts, self.pn.code_size
+        codes = torch.randn(k, m, generator=generator)
+        if self.pn.code_init == "shared":
+            shared = torch.randn(1, m, generator=generator)
+            directions = codes / codes.norm(dim=1, keepdim=True)
+            codes = shared / shared.norm() + self.pn.code_init_spread * directions
         self.expert_codes.copy_(codes / codes.norm(dim=1, keepdim=True))
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, cluster_ids, **kwargs):
-        """As GPTModel.forward, plus `cluster_ids` [b]: the expert of each sequence (rows of
-        the same cluster must be contiguous)."""
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                *args, cluster_ids, loss_mask=None, **kwargs):
+        """As GPTModel.forward, plus `cluster_ids` [b]: the expert of each sequence, in any
+        order, on the host (a list or CPU tensor: no device round-trip).
+
+        The model computes in grouped row order (each expert's rows contiguous, see
+        ExpertRouting) and returns the loss [b, s] or logits [b, s, v] in the caller's order.
+        Every pipeline stage groups the same way, so the hidden states passed between stages
+        stay grouped; only the last stage restores the order.
+        """
         routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes)
-        return super().forward(input_ids, position_ids, attention_mask, *args,
-                               extra_block_kwargs={"context": routing}, **kwargs)
+        if decoder_input is not None:  # [s, b, d]
+            decoder_input = routing.group(decoder_input.transpose(0, 1)).transpose(0, 1)
+        group = routing.group
+        output = super().forward(
+            group(input_ids), group(position_ids), group(attention_mask), decoder_input,
+            group(labels), *args, loss_mask=group(loss_mask),
+            extra_block_kwargs={"context": routing}, **kwargs)
+        return routing.ungroup(output) if self.post_process else output
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -2,7 +2,8 @@
 
 Only the spec changes: megatron-core's local GPT layer with (1) the MLP's two linears (and, as an
 option, the attention's) replaced by projected ones and (2) the per-micro-batch `ExpertRouting`
-carried to them as an argument. The routing travels as the block's `context`, which
+carried to them as an argument (PNGPTModel builds it from the caller's cluster ids and groups
+the rows by expert itself). The routing travels as the block's `context`, which
 TransformerBlock hands to every layer and which cross-attention (an identity in a GPT layer)
 ignores. PNTransformerLayer passes it to the MLP through `padding_mask`, the one keyword
 TransformerLayer._forward_mlp forwards, so MLP recomputation re-enters PNMLP.forward with the right
@@ -32,10 +33,10 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
 )
 
 
-def _routed(linears, routing) -> contextlib.ExitStack:
+def _routed(linears, routing, batch_first: bool) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for linear in linears:
-        stack.enter_context(linear.routed(routing))
+        stack.enter_context(linear.routed(routing, batch_first))
     return stack
 
 
@@ -52,7 +53,7 @@ class PNTransformerLayer(TransformerLayer):
     def forward(self, *args, **kwargs):
         routing = kwargs.pop("context", None)
         kwargs.pop("dynamic_inference_decode_only", None)
-        with _routed(self.projected_attention, routing):
+        with _routed(self.projected_attention, routing, batch_first=False):
             hidden_states, _ = self._forward_attention(*args, **kwargs)
         output = self._forward_mlp(
             hidden_states, kwargs.get("inference_context"), padding_mask=routing
@@ -68,9 +69,17 @@ class PNMLP(MLP):
         self.linear_fc1.gated = config.gated_linear_unit
 
     def forward(self, hidden_states, padding_mask=None, **kwargs):
+        """hidden_states [s, b, d], its rows in the routing's grouped order."""
         routing = padding_mask  # see the module docstring
-        with _routed((self.linear_fc1, self.linear_fc2), routing):
-            return super().forward(hidden_states, **kwargs)
+        linears = (self.linear_fc1, self.linear_fc2)
+        if len(routing.experts) == 1:  # one GEMM per linear over the whole micro-batch
+            with _routed(linears, routing, batch_first=False):
+                return super().forward(hidden_states, **kwargs)
+        # Several experts: regroup once to [b, s, d], where each expert's rows are one
+        # contiguous block, run the whole MLP there (one GEMM per expert and linear), and back.
+        with _routed(linears, routing, batch_first=True):
+            output, bias = super().forward(hidden_states.transpose(0, 1).contiguous(), **kwargs)
+        return output.transpose(0, 1).contiguous(), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)

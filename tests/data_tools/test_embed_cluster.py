@@ -319,3 +319,107 @@ def test_assign_tokenizer_mismatch_is_an_error(corpus, clustered, capsys):
     assert run_assign(corpus, clustered, prefix, out) == 2
     err = capsys.readouterr().err
     assert "tokenizer mismatch" in err and "spec.json" in err and not out.exists()
+
+
+# ---------------------------------------------------------------- shards and their merge
+
+
+def merge_embeddings(output: Path, *inputs: Path) -> int:
+    return main(["merge-embeddings", "--inputs", *map(str, inputs), "--output", str(output)])
+
+
+@pytest.fixture(scope="module")
+def shards(corpus):
+    out = [corpus["root"] / "emb_shards" / f"{i:04d}" for i in range(2)]
+    for i, directory in enumerate(out):
+        assert run_embed(corpus, directory, "--shard", f"{i}/2") == 0
+    return out
+
+
+def test_two_shards_merged_equal_the_one_process_run(corpus, embedded, shards):
+    metas = [json.loads((s / "meta.json").read_text()) for s in shards]
+    assert metas[0]["window_range"][1] == metas[1]["window_range"][0] > 0
+    merged = corpus["root"] / "emb_merged"
+    assert merge_embeddings(merged, shards[1], shards[0]) == 0  # any order
+    meta_one, one, windows_one = embed_mod.load_embeddings(embedded)
+    meta, got, windows = embed_mod.load_embeddings(merged)
+    assert np.array_equal(windows, windows_one)
+    # batches differ between the runs, so values may differ by fp16 rounding, no more
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(one, np.float32),
+                               atol=2e-3, rtol=0)
+    assert {k: v for k, v in meta.items() if k != "merged_from"} == meta_one
+
+    # the merged output clusters like the one-process output
+    assert run_cluster(merged, corpus["root"] / "clusters_of_merged") == 0
+
+
+def test_a_killed_shard_resumes_on_its_own(corpus, shards, monkeypatch):
+    out = corpus["root"] / "emb_shard_resumed"
+    monkeypatch.setattr(embed_mod, "CHUNK_WINDOWS", 16)
+    real_encode, calls = embed_mod.encode_rows, []
+
+    def encode_then_die(rows, *args):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(len(rows))
+        real_encode(rows, *args)
+
+    monkeypatch.setattr(embed_mod, "encode_rows", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(corpus, out, "--shard", "1/2")
+    monkeypatch.setattr(embed_mod, "encode_rows", lambda rows, *a: (calls.append(len(rows)),
+                                                                     real_encode(rows, *a)))
+    assert run_embed(corpus, out, "--shard", "1/2") == 0
+    meta, got, _ = embed_mod.load_embeddings(out)
+    assert sum(calls) == meta["num_windows"]  # the finished chunk was not embedded again
+    _, want, _ = embed_mod.load_embeddings(shards[1])
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-3, rtol=0)
+
+
+def test_merge_refuses_a_missing_or_duplicated_shard(corpus, shards, capsys):
+    out = corpus["root"] / "emb_bad_merge"
+    assert merge_embeddings(out, shards[0]) == 2
+    err = capsys.readouterr().err
+    assert "shard(s) 1 of 2 missing" in err and err.count("\n") == 1
+    assert merge_embeddings(out, shards[0], shards[0], shards[1]) == 2
+    err = capsys.readouterr().err
+    assert "shard 0/2 is given twice" in err and str(shards[0]) in err
+    assert not out.exists()
+    assert run_cluster(shards[0], corpus["root"] / "clusters_of_a_shard") == 2
+    assert "merge-embeddings" in capsys.readouterr().err
+
+
+def test_merge_refuses_a_shard_of_another_context(corpus, shards, embedded, capsys):
+    other = corpus["root"] / "emb_shard_ctx64"
+    assert run_embed(corpus, other, "--shard", "1/2", "--context", "64") == 0
+    capsys.readouterr()
+    assert merge_embeddings(corpus["root"] / "emb_ctx_merge", shards[0], other) == 2
+    err = capsys.readouterr().err
+    assert f"{other}/meta.json: context is 64 but" in err and err.count("\n") == 1
+    assert merge_embeddings(corpus["root"] / "emb_not_shard", shards[0], embedded) == 2
+    assert "not a shard" in capsys.readouterr().err
+
+
+def test_too_many_shards_is_a_clear_error(corpus, capsys):
+    out = corpus["root"] / "emb_empty_shard"
+    assert run_embed(corpus, out, "--shard", "0/100000") == 2
+    assert "would be empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_sample_smaller_than_k_is_an_error(corpus, embedded, capsys):
+    out = corpus["root"] / "clusters_small_sample"
+    assert run_cluster(embedded, out, 8, "--sample", "5") == 2
+    err = capsys.readouterr().err
+    assert "--sample 5 is smaller than --k 8" in err and err.count("\n") == 1
+
+
+def test_embeddings_of_another_tokenizer_are_an_error(corpus, embedded, capsys):
+    tampered = corpus["root"] / "emb_other_tokenizer"
+    shutil.copytree(embedded, tampered)
+    meta = json.loads((tampered / "meta.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    (tampered / "meta.json").write_text(json.dumps(meta))
+    assert run_cluster(tampered, corpus["root"] / "clusters_other_tok") == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and "emb_other_tokenizer/meta.json" in err

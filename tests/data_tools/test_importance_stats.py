@@ -16,8 +16,9 @@ import pytest
 from data_tools import cluster as cluster_mod
 from data_tools.cli import main
 from data_tools.importance import importance_weights, load_blend, repeat_factors
+from data_tools.indexed import megatron_indexed_dataset
 from data_tools.stats import concentration
-from data_tools.windows import IndexedTokens, indexed_dataset_module
+from data_tools.windows import IndexedTokens
 
 EOD = 2
 MARK = 100  # token value of cluster c = MARK + c
@@ -79,7 +80,7 @@ def build_clustering(root: Path, windows_per_cluster: list[int], length: int = 2
     k = len(windows_per_cluster)
     assignments = np.repeat(np.arange(k, dtype=np.int32), windows_per_cluster)
     np.random.default_rng(0).shuffle(assignments)
-    builder = indexed_dataset_module().IndexedDatasetBuilder(str(root / "source.bin"),
+    builder = megatron_indexed_dataset().IndexedDatasetBuilder(str(root / "source.bin"),
                                                              dtype=np.uint16)
     for c in assignments:
         builder.add_item(torch.tensor([MARK + int(c)] * length + [EOD]))
