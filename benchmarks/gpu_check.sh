@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$REPO" || exit 2
@@ -89,7 +89,7 @@ else
 fi
 
 TESTS="tests/test_gpu.py tests/test_attention.py tests/test_fusions.py tests/test_metrics.py"
-stage tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS
+stage tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS
 
 if [ $SMOKE -eq 1 ]; then
     SHORT=(--steps 3 --warmup 1)
