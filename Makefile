@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -23,5 +23,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
+# Wheels a lent GPU machine needs (Python 3.12 with torch, no package registry); carry the folder
+# and run benchmarks/gpu_check.sh there (benchmarks/README.md). torch itself is never fetched.
+GPU_WHEELS := .gpu-wheels
+GPU_PLATFORM := --python-version 3.12 --implementation cp --only-binary=:all: --no-deps \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+# megatron-core and DeepSpeed's imports, pytest, and what a bare torch install lacks.
+GPU_DEPS := numpy PyYAML packaging tqdm pytest pluggy iniconfig Pygments pytest-timeout \
+	hjson py-cpuinfo psutil pydantic pydantic_core annotated-types typing-inspection msgpack einops ninja
+
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PIP) download -q -d $(GPU_WHEELS) $(GPU_PLATFORM) -c requirements/lock.txt \
+		megatron-core==0.16.1 $(GPU_DEPS)
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) deepspeed==0.19.8
+	printf '%s\n' megatron-core deepspeed $(GPU_DEPS) > $(GPU_WHEELS)/requirements.txt
+	@du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out $(GPU_WHEELS)

@@ -3,6 +3,7 @@ measured in one run on this device and printed as ratios.
 
     python benchmarks/pn_overhead.py              # CPU: a reduced size (d 256, 4 layers, seq 256)
     python benchmarks/pn_overhead.py --paper      # the paper's 126M expert shape (use a GPU)
+    python benchmarks/pn_overhead.py --tiny --only step   # seconds: a smoke run
 
 Three measurements, each in interleaved rounds (best of each: robust to a busy host):
   1. step:       `pn-train` step time, PN over dense, with micro-batches that mix clusters (one
@@ -44,6 +45,9 @@ SECTION = "## PN overhead"
 REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=4",
            "model.num_layers=4", "model.seq_length=256", "model.vocab_size=8192",
            "train.micro_batch_size=4", "train.global_batch_size=16"]
+TINY = ["model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attention_heads=4",
+        "model.num_layers=2", "model.seq_length=64", "model.vocab_size=512",
+        "train.micro_batch_size=2", "train.global_batch_size=8"]
 
 
 def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Path:
@@ -194,6 +198,8 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", default=on_gpu,
                         help="the paper's SLM expert shape (default on GPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny shape (d 64, 2 layers): a smoke run of the benchmark")
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 8)
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
@@ -202,11 +208,11 @@ def main() -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     only = set(args.only or ("step", "validation", "mlp"))
-    shape = [] if args.paper else REDUCED
-    vocab = 32000 if args.paper else 8192
+    args.paper = args.paper and not args.tiny
+    shape, vocab = (TINY, 512) if args.tiny else ([], 32000) if args.paper else (REDUCED, 8192)
 
     lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
-             f"{'paper expert shape (d 1024, 7 layers)' if args.paper else 'reduced: ' + ' '.join(REDUCED)}; "
+             f"{'paper expert shape (d 1024, 7 layers)' if args.paper else ' '.join(shape)}; "
              f"k=32 h=23 m=16; best of {args.rounds} interleaved rounds.", ""]
     if "step" in only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,13 +1,14 @@
-"""Training throughput (tokens/s) and MFU of `pn-train` on this device.
+"""Training throughput (tokens/s), MFU and peak memory of `pn-train` on this device.
 
     python benchmarks/train_throughput.py                 # CPU: tiny + paper SLM (short)
-    python benchmarks/train_throughput.py --configs configs/paper/slm.yaml configs/paper/llm.yaml
+    python benchmarks/train_throughput.py --configs configs/paper/slm.yaml \
+        --micro-batch-sizes 8 16 32                       # GPU: a micro-batch sweep
 
 Each config trains for a few steps on random tokens (a Megatron indexed dataset made here); the
-median step after warm-up gives tokens/s. MFU uses the model's FLOPs per token against the
-device's peak (known GPUs, or --peak-tflops); the baseline measured in the same run is a plain
-matmul of the training precision on the same device, so "vs matmul" says how close training
-gets to what this device does on its best kernel.
+median step after warm-up gives tokens/s. MFU = model FLOPs per token x tokens/s per device /
+the device's dense bf16 peak (known GPUs, or --peak-tflops); the baseline measured in the same
+run is a plain matmul of the training precision on the same device, so "vs matmul" says how
+close training gets to what this device does on its best kernel.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_pn.config import load_config  # noqa: E402
-from megatron_pn.metrics import device_description, device_peak_tflops  # noqa: E402
-from megatron_pn.model import flops_per_token  # noqa: E402
+from megatron_pn.metrics import PEAK_TFLOPS, device_description, device_peak_tflops  # noqa: E402
+from megatron_pn.model import FLOPS_FORMULA, flops_per_token  # noqa: E402
 
 SECTION = "## Training throughput"
 
@@ -66,6 +67,7 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
     """Median tokens/s of `pn-train config overrides` over steps after warm-up. Without a data
     override the run reads random tokens."""
     cfg = load_config([config], overrides)
+    shown = " ".join(overrides)  # the generated dataset's path is not worth a column
     if not any(o.startswith("data.blend") for o in overrides):
         prefix = work / f"random_{cfg.model.vocab_size}"
         if not Path(f"{prefix}.idx").exists():
@@ -81,25 +83,32 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
                 "-m", "megatron_pn.train"]
     subprocess.run(launcher + args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > warmup]
-    tokens_per_s = statistics.median(rates)
-    return {"config": config, "overrides": " ".join(overrides), "nproc": nproc,
-            "tokens_per_s": tokens_per_s,
+    train = [r for r in records if r["split"] == "train"]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in train if r["step"] > warmup)
+    return {"config": config, "overrides": shown, "nproc": nproc,
+            "tokens_per_s": tokens_per_s, "max_mem_gib": train[-1].get("max_mem_gib"),
             "model_tflops": flops_per_token(cfg) * tokens_per_s / nproc / 1e12}
 
 
 def main() -> int:
     on_gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    peaks = ", ".join(f"{name} {peak:g}" for name, peak in PEAK_TFLOPS)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"MFU: {FLOPS_FORMULA}.\nDevice peaks (dense bf16 TFLOP/s, first match in the "
+               f"device name): {peaks}.")
     parser.add_argument("--configs", nargs="+", default=(
         ["configs/paper/slm.yaml", "configs/paper/llm.yaml"] if on_gpu
         else ["configs/tiny/slm.yaml", "configs/paper/slm.yaml"]))
     parser.add_argument("--override", action="append", default=[],
                         help="override for every config (repeatable), e.g. train.micro_batch_size=4")
+    parser.add_argument("--micro-batch-sizes", nargs="+", type=int, default=[None],
+                        help="one run per micro-batch size (default: each config's own)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     parser.add_argument("--steps", type=int, default=None, help="steps per run")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the median")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: from the device name)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     steps = args.steps or (30 if on_gpu else 6)
@@ -112,22 +121,29 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
-            overrides = list(args.override)
-            if not on_gpu and "paper" in config:  # keep a CPU run to about a minute
-                overrides += ["train.micro_batch_size=1", "train.global_batch_size=1"]
-            rows.append(measure(config, overrides, args.nproc, steps, warmup, Path(tmp)))
+            for micro in args.micro_batch_sizes:
+                overrides = list(args.override)
+                if not on_gpu and "paper" in config:  # keep a CPU run to about a minute
+                    overrides += ["train.micro_batch_size=1", "train.global_batch_size=1"]
+                if micro is not None:
+                    overrides.append(f"train.micro_batch_size={micro}")
+                rows.append(measure(config, overrides, args.nproc, steps, warmup, Path(tmp)))
 
     lines = [f"Device: {device_description()} ({'bf16' if on_gpu else 'fp32'}); "
              f"date {datetime.date.today()}; {args.nproc} process(es); "
              f"median of steps {warmup + 1}-{steps}.",
              f"Baseline measured in the same run: {'bf16' if on_gpu else 'fp32'} matmul "
-             f"{baseline:.2f} TFLOP/s" + (f"; device peak {peak:.0f} TFLOP/s" if peak else ""), "",
-             "| config | overrides | tokens/s | model TFLOP/s per device | vs matmul | MFU |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"{baseline:.2f} TFLOP/s" + (f"; device peak {peak:.0f} TFLOP/s" if peak else ""),
+             f"MFU: {FLOPS_FORMULA}.", "",
+             "| config | overrides | tokens/s | model TFLOP/s per device | vs matmul | MFU "
+             "| peak memory GiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{r['model_tflops'] / peak:.1%}" if peak else "n/a"
+        memory = f"{r['max_mem_gib']:.1f}" if r["max_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['config']} | {r['overrides'] or '-'} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['model_tflops']:.3f} | {r['model_tflops'] / baseline:.2f}x | {mfu} |")
+                     f"{r['model_tflops']:.3f} | {r['model_tflops'] / baseline:.2f}x | {mfu} "
+                     f"| {memory} |")
     report = "\n".join(lines)
     print(report)
     write_section(Path(args.results), report, SECTION, "`benchmarks/train_throughput.py`.")

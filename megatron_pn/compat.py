@@ -14,12 +14,17 @@ shared/ENVIRONMENT.md):
 
 With a GPU nothing here is active: `activate()` returns 'cuda' and changes nothing. No other
 module of the project touches `torch.cuda` internals on megatron-core's behalf.
+
+`fusion_settings` is the one place that decides which of megatron-core's fused kernels a device
+runs (`transformer_engine_available` the one place that probes for Transformer Engine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 from importlib import metadata
 
 import torch
@@ -110,6 +115,62 @@ def _patch_megatron_rng() -> None:
 
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine is an optional GPU accelerator: never required, detected here."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return True
+
+
+def torch_compile_usable() -> bool:
+    """torch.compile on GPU needs triton, which builds its launcher with a C compiler at first
+    use: a bare machine without one would fail in the first fused kernel."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return compiler is not None and importlib.util.find_spec("triton") is not None
+
+
+def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> dict:
+    """TransformerConfig flags of the fused kernels this device runs, off where inexact.
+
+    Without Transformer Engine or apex, megatron-core's fusions are `torch.compile`d
+    (`jit_fuser`): worth it on GPU (given triton and a C compiler), only compile time on CPU,
+    where the plain torch ops run.
+    * SwiGLU / bias-GELU and bias-dropout-add: the same arithmetic in one kernel;
+    * cross-entropy: the fused one returns the logits' gradient in bf16, so only for bf16 runs
+      (whose logits are bf16 already); it saves the fp32 copy of the logits;
+    * RoPE: megatron-core's fused kernel is Transformer Engine's;
+    * masked softmax, persistent layer norm and gradient-accumulation fusion need apex or TE
+      kernels (and SDPA fuses the softmax): off.
+    """
+    gpu = device_type == "cuda"
+    te = gpu and transformer_engine_available()
+    compiled = gpu and torch_compile_usable()
+    return {
+        "bias_activation_fusion": compiled and activation_fusable,
+        "bias_dropout_fusion": compiled,
+        "cross_entropy_loss_fusion": bf16 and (te or compiled),
+        "cross_entropy_fusion_impl": "te" if te else "native",
+        "apply_rope_fusion": te,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
+        "gradient_accumulation_fusion": False,
+    }
+
+
+def data_workers(configured: int | None, device_type: str) -> int:
+    """data.num_workers, or the device's default. On GPU, workers read ahead so the main thread
+    only launches kernels. On CPU none: workers compete with compute for the cores, and taking a
+    micro-batch from a worker (shared-memory tensors) took ~10x as long as reading it from the
+    indexed dataset (benchmarks/input_pipeline.py, 2-core CPU)."""
+    if configured is not None:
+        return configured
+    return 2 if device_type == "cuda" else 0
 
 
 def activate() -> str:

@@ -66,6 +66,15 @@ class ModelConfig:
                                     "from the shared code (0: identical experts)", 0.1)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
                                     False)
+    attention_backend: str = _help(
+        "sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels on GPU, "
+        "no [s, s] score matrix) or local (megatron-core's DotProductAttention)", "sdpa")
+    transformer_impl: str = _help(
+        "local (megatron-core's torch modules), transformer_engine (its TE layer spec; dense "
+        "models on a GPU with Transformer Engine; other parameter names: checkpoints and "
+        "pn-export-hf need local) or auto (TE where usable, for dense models)", "local")
+    fusions: bool = _help("megatron-core's fused kernels where this device runs them exactly "
+                          "enough (compat.fusion_settings; GPU only)", True)
     hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
     attention_dropout: float = _help("dropout on attention probabilities", 0.0)
 
@@ -102,7 +111,10 @@ class DataConfig:
         "trains and data.split is not used (dense models)", factory=list)
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
-    num_workers: int = _help("data loader worker processes", 0)
+    num_workers: int | None = _help(
+        "data loader worker processes per rank, reading a step's micro-batches ahead while the "
+        "model computes (0: read in the step); None: 2 on GPU, 0 on CPU (compat.data_workers)",
+        None)
     cache_dir: str | None = _help("where megatron-core caches sample indices (default: run dir)", None)
 
 

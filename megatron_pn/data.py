@@ -11,6 +11,7 @@ whatever a batch carries (tokens, labels, later cluster ids) reaches every pipel
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,14 +235,15 @@ class StepSampler(torch.utils.data.Sampler):
         return len(self.steps) * (self.per_rank // self.micro_batch)
 
 
-def micro_batch_loader(dataset, sampler: StepSampler, num_workers: int, pin_memory: bool):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
+def micro_batch_loader(dataset, sampler: StepSampler, num_workers: int, pin_memory: bool,
+                       ahead: int = 0):
+    """Micro-batches in sampler order. With workers, at least `ahead` micro-batches are read
+    (and pinned, for non-blocking copies to the GPU) while the model computes: give a step's
+    worth and the next step's micro-batches are ready when it starts."""
+    prefetch = {"prefetch_factor": max(2, math.ceil(ahead / num_workers)),
+                "persistent_workers": True} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin_memory, **prefetch)
 
 
 def cluster_ids_of(batch: dict, cluster_table: torch.Tensor) -> torch.Tensor:

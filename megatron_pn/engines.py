@@ -74,6 +74,7 @@ class MegatronEngine:
             overrides[ParamKey(name="*.bank")] = bank_lr(t)
         self.optimizer = get_megatron_optimizer(config, self.model, overrides)
         use_fused_adam(self.optimizer)
+        use_sync_free_grad_norm()
         tconfig.grad_scale_func = self.optimizer.scale_loss
 
     def run_microbatches(self, forward_step, batches: list[dict], forward_only: bool):
@@ -113,6 +114,24 @@ class MegatronEngine:
         ckpt = self.cfg.checkpoint
         return checkpoint.save(root, step, self.model, self.optimizer, scheduler, extra,
                                ckpt.optimizer_format, ckpt.keep_last)
+
+
+def use_sync_free_grad_norm() -> None:
+    """Without TE or apex, megatron-core's gradient-norm fallback turns every tensor's norm into
+    a Python float: one host sync per tensor, hundreds per step. torch's foreach norm computes
+    the same sum of squares on the device."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron-core's multi_tensor_l2norm interface: (total norm as a 1-element fp32 tensor,
+    None)."""
+    total = torch.nn.utils.get_total_norm(tensor_lists[0], 2.0, foreach=True)
+    return total.float().reshape(1), None
 
 
 class _MegatronMPU:
@@ -195,7 +214,8 @@ class DeepSpeedEngine:
         num_microbatches = t.global_batch_size // (
             t.micro_batch_size * ps.get_data_parallel_world_size())
         optimizer = torch.optim.AdamW(_param_groups(module, t), lr=t.lr,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                      fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, mpu=_MegatronMPU(),
             config=deepspeed_config(cfg, num_microbatches, tconfig.bf16))

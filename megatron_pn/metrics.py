@@ -12,17 +12,35 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak TFLOP/s per GPU, for MFU (override with logging.peak_tflops).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense (no sparsity) bf16 tensor-core peak TFLOP/s, from NVIDIA's data sheets, for MFU. The
+# first key found in the device name wins: form factors before the family. H100/H200 SXM report
+# e.g. "NVIDIA H100 80GB HBM3" / "NVIDIA H200"; unknown devices need logging.peak_tflops.
+PEAK_TFLOPS = (
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("H200 NVL", 835.0), ("H200", 989.0),  # (GH200 too)
+    ("A100", 312.0),  # SXM and PCIe alike
+    ("L40S", 362.0), ("A10", 125.0),
+)
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_TFLOPS if key.lower() in device_name.lower()), None)
 
 
 def device_peak_tflops(override: float | None) -> float | None:
+    """The override, else this GPU's bf16 peak (None on CPU or an unknown GPU: no MFU)."""
     if override:
         return override
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name())
+
+
+def peak_memory() -> dict:
+    """{'max_mem_gib': peak GPU memory this process allocated so far} on a GPU, {} on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def device_description() -> str:

@@ -2,8 +2,8 @@
 
 `layer_spec(cfg)` is the seam where model families plug in: the dense SLM/LLM use megatron-core's
 local spec (pure-torch modules, so CPU and GPU share one code path); projected networks replace
-the MLP's linears in the same spec. `build_model_chunks` returns one module per virtual pipeline
-stage of this rank.
+the MLP's linears in the same spec. Both get their core attention from `with_core_attention`
+(SDPA by default). `build_model_chunks` returns one module per virtual pipeline stage of this rank.
 """
 
 from __future__ import annotations
@@ -14,14 +14,19 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                      get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_pn import compat
+from megatron_pn.attention import SDPAttention
 from megatron_pn.config import Config, ModelConfig
 from megatron_pn.pn import PNConfig, PNGPTModel, pn_layer_spec
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
+CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
 
 
 def padded_vocab_size(model: ModelConfig) -> int:
@@ -46,6 +51,10 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
     activation, gated = ACTIVATIONS[m.activation]
     dtype = params_dtype(cfg, device_type)
     on_gpu = device_type == "cuda"
+    # megatron-core fuses GELU only with a bias (or gated); SwiGLU always. Off: its defaults.
+    fusable = gated or m.add_bias_linear
+    fusions = (compat.fusion_settings(device_type, dtype == torch.bfloat16, fusable)
+               if m.fusions else {})
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -70,13 +79,7 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
         # Loss is summed per token and normalized by the global token count, so the result is
         # independent of micro-batching and DP size.
         calculate_per_token_loss=True,
-        # Fused kernels are CUDA-only; the torch fallbacks are exact on both devices.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         # Initialize full weights on the host then split: the same weights at any TP size.
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
@@ -90,10 +93,28 @@ def pn_config(cfg: Config) -> PNConfig:
                     code_init_spread=m.code_init_spread)
 
 
+def uses_transformer_engine(model: ModelConfig) -> bool:
+    """model.transformer_impl resolved: `auto` takes TE for a dense model where it is usable."""
+    if model.transformer_impl == "auto":
+        return model.type != "pn" and compat.transformer_engine_available()
+    return model.transformer_impl == "transformer_engine"
+
+
+def with_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
+    """A local-spec layer with its core attention chosen by model.attention_backend."""
+    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[backend]
+    return spec
+
+
 def layer_spec(cfg: Config) -> ModuleSpec:
-    if cfg.model.type == "pn":
-        return pn_layer_spec(cfg.model.normalization, pn_config(cfg), cfg.model.project_attention)
-    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    m = cfg.model
+    if uses_transformer_engine(m):  # TE's own fused attention, norms and linears
+        return get_gpt_layer_with_transformer_engine_spec()
+    if m.type == "pn":
+        spec = pn_layer_spec(m.normalization, pn_config(cfg), m.project_attention)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=m.normalization)
+    return with_core_attention(spec, m.attention_backend)
 
 
 def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
@@ -145,16 +166,23 @@ def count_expert_parameters(chunks: list[torch.nn.Module]) -> int:
     return total
 
 
+FLOPS_FORMULA = (
+    "training FLOPs per token = 6 x (L x (2 d d_q + 2 d d_kv + c d f) + d V) + 6 x L x s x d_q, "
+    "Megatron-LM's count: 2 FLOPs per multiply-add, 3 passes (forward, data and weight "
+    "gradients); L layers, d model width, d_q = heads x head_dim, d_kv = query groups x "
+    "head_dim, f MLP width, c = 3 for SwiGLU (2 for GELU), V padded vocabulary, s sequence "
+    "length; the last term is causal attention (QK^T and AV over half the s x s scores)")
+
+
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in Megatron-LM's MFU:
-    2 FLOPs per multiply-add in every matmul, plus attention scores and the output layer."""
+    """Model FLOPs of training one token (FLOPS_FORMULA): the numerator of MFU. A PN model
+    counts as its expert shape (the projection is overhead, not model FLOPs)."""
     m = cfg.model
     d, s, layers = m.hidden_size, m.seq_length, m.num_layers
-    groups = m.num_query_groups or m.num_attention_heads
-    kv = d * groups / m.num_attention_heads
-    gated = ACTIVATIONS[m.activation][1]
-    attn = d * (d + 2 * kv) + d * d  # qkv + output projection
-    mlp = d * m.ffn_hidden_size * (3 if gated else 2)
-    scores = 2 * s * d  # QK^T and attention-weighted V
-    forward = 2 * layers * (attn + mlp + scores) + 2 * d * padded_vocab_size(m)
-    return 3 * forward
+    head_dim = d // m.num_attention_heads
+    d_q = head_dim * m.num_attention_heads
+    d_kv = head_dim * (m.num_query_groups or m.num_attention_heads)
+    c = 3 if ACTIVATIONS[m.activation][1] else 2
+    matmul_weights = layers * (2 * d * d_q + 2 * d * d_kv + c * d * m.ffn_hidden_size)
+    matmul_weights += d * padded_vocab_size(m)
+    return 6 * matmul_weights + 6 * layers * s * d_q

@@ -30,7 +30,8 @@ from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
-from megatron_pn.metrics import MetricsLogger, device_description, device_peak_tflops
+from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
+                                 peak_memory)
 from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import evaluate_set
@@ -230,8 +231,9 @@ class Trainer:
         t = self.cfg.train
         sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
                               self.dp_rank, self.dp_size, self._cluster_of_each_sample())
-        loader = micro_batch_loader(self.train_data, sampler, self.cfg.data.num_workers,
-                                    self.device_type == "cuda")
+        workers = compat.data_workers(self.cfg.data.num_workers, self.device_type)
+        loader = micro_batch_loader(self.train_data, sampler, workers, self.device_type == "cuda",
+                                    ahead=self.num_microbatches)
         micro = iter(loader)
         while True:
             yield [next(micro) for _ in range(self.num_microbatches)]
@@ -347,7 +349,7 @@ class Trainer:
         if peak:
             achieved = flops_per_token(self.cfg) * tokens_per_s / self.env.world_size
             values["mfu"] = achieved / (peak * 1e12)
-        self.metrics.log(self.step, values, "train")
+        self.metrics.log(self.step, {**values, **peak_memory()}, "train")
 
     def _print(self, message: str) -> None:
         if self.env.rank == 0:

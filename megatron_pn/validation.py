@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from megatron_pn.compat import transformer_engine_available
 from megatron_pn.config import Config, ConfigError
 from megatron_pn.data import resolve_blend
-from megatron_pn.model import ACTIVATIONS, padded_vocab_size
+from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size
 
 CHOICES = {
     "engine": ("megatron", "deepspeed"),
@@ -12,6 +13,8 @@ CHOICES = {
     "model.activation": tuple(ACTIVATIONS),
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.position_embedding_type": ("rope", "learned_absolute"),
+    "model.attention_backend": tuple(CORE_ATTENTION),
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "checkpoint.optimizer_format": ("fully_reshardable", "dp_reshardable"),
@@ -43,6 +46,8 @@ def validate_model(cfg: Config) -> None:
     _require(t.steps >= 0 and t.warmup_steps >= 0, "train.steps and train.warmup_steps must be >= 0")
     _require(t.decay_steps is None or t.warmup_steps < t.decay_steps,
              f"train.warmup_steps {t.warmup_steps} must be below train.decay_steps {t.decay_steps}")
+    workers = cfg.data.num_workers
+    _require(workers is None or workers >= 0, f"data.num_workers must be >= 0, got {workers}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
@@ -73,6 +78,17 @@ def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
              f"train.micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
     _require(t.precision != "bf16" or device_type == "cuda",
              "train.precision bf16 needs a GPU; use fp32 (or auto) on CPU")
+
+
+def validate_transformer_engine(cfg: Config, device_type: str) -> None:
+    m = cfg.model
+    if m.transformer_impl != "transformer_engine":
+        return
+    _require(m.type != "pn", "model.transformer_impl transformer_engine: PN layers extend the "
+                             "local spec; use local (or auto) for model.type pn")
+    _require(device_type == "cuda" and transformer_engine_available(),
+             "model.transformer_impl transformer_engine needs a GPU with Transformer Engine "
+             "installed; use local (or auto)")
 
 
 def validate_pn(cfg: Config) -> None:
@@ -139,6 +155,7 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
     validate_deepspeed(cfg, device_type)
     validate_distill(cfg)
     validate_pn(cfg)
+    validate_transformer_engine(cfg, device_type)
     validate_parallel(cfg, world_size, device_type)
     validate_pn_data(cfg, resolve_blend(cfg.data))
     if cfg.data.valid_blend:

@@ -65,7 +65,7 @@ def train_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megatron_pn.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", "megatron_pn.train", *args]
+            "--master-port", str(free_port()), "-m", "megatron_pn.train", *args]
 
 
 def train_env(extra=None) -> dict:
@@ -92,7 +92,7 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env=None,
     return proc
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import (REPO, _free_port, losses, read_metrics, real_text_documents, run_train,
+from helpers import (REPO, free_port, losses, read_metrics, real_text_documents, run_train,
                      tiny_overrides, train_env, write_byte_dataset)
 from megatron_pn import launch
 
@@ -72,7 +72,7 @@ def test_two_nodes_reproduce_a_single_node_run(dataset, tmp_path):
     run_train([CONFIG, *tiny_overrides(dataset, single)], nproc=2)
 
     nodes = tmp_path / "nodes"
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     args = [CONFIG, *tiny_overrides(dataset, nodes)]
     with open(tmp_path / "node0.log", "w") as log0, open(tmp_path / "node1.log", "w") as log1:
         procs = [launcher(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
