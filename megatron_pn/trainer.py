@@ -43,7 +43,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.start_time = time.time()
+        self.start_time, self.start_cpu = time.time(), time.process_time()
         # Handlers first: a stop signal during the (minutes-long) start-up must not kill us.
         self._stop_requested = False
         for sig in STOP_SIGNALS:
@@ -319,7 +319,12 @@ class Trainer:
         return patience is not None and self.early_stopping["evals_since_best"] >= patience
 
     def _record_cost(self, first_step: int, tokens_per_step: int) -> None:
-        """Add this invocation's wall time x devices to run_dir/cost.json (the cost log)."""
+        """Add this invocation's wall time x devices to run_dir/cost.json (the cost log), and
+        the CPU seconds of all its processes (on a shared CPU machine, the measure that does not
+        depend on what else runs)."""
+        cpu = torch.tensor([time.process_time() - self.start_cpu], dtype=torch.float64,
+                           device=self.env.device)
+        dist.all_reduce(cpu)
         if not self.is_logging_rank:
             return
         path = Path(self.cfg.logging.run_dir) / "cost.json"
@@ -327,7 +332,7 @@ class Trainer:
         wall = time.time() - self.start_time
         log["runs"].append({
             "phase": self.cfg.logging.phase, "device": device_description(),
-            "devices": self.env.world_size, "wall_seconds": wall,
+            "devices": self.env.world_size, "wall_seconds": wall, "cpu_seconds": cpu.item(),
             "device_hours": wall * self.env.world_size / 3600,
             "steps": self.step - first_step, "tokens": (self.step - first_step) * tokens_per_step,
         })

@@ -128,6 +128,7 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
         "step": last, "reason": "early stopping", "best_step": best}
     cost = json.loads((run_dir / "cost.json").read_text())
     assert cost["runs"][-1]["phase"] == "finetune" and cost["total_device_hours"] > 0
+    assert 0 < cost["runs"][-1]["cpu_seconds"] < 10 * cost["runs"][-1]["wall_seconds"]
 
 
 def test_bad_input(trained_pn, tmp_path, capsys):
