@@ -23,6 +23,8 @@ all-reduce backward), so M and E get the full gradient on every rank.
 Initialization (a projected expert has the statistics of a dense SLM at init): T ~ N(0, s^2) with
 s the dense layer's init std, M has orthonormal rows (m <= h) and the rows of E have unit norm, so
 ||alpha[l,i]|| = ||E[i] M[l]|| = ||E[i]|| = 1 and W[l,i] ~ N(0, s^2) for every expert and layer.
+By default the codes also start close to one another (PNGPTModel, `model.code_init: shared`), so
+the experts start as one network and branch out.
 """
 
 from __future__ import annotations
