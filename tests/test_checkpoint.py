@@ -30,13 +30,14 @@ def wait_for_step(run_dir, step, proc, timeout=300):
         if max(read_metrics(run_dir), default=0) >= step:
             return
         assert proc.poll() is None, f"training ended early with {proc.returncode}"
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
-    common = {"train.steps": 10, "checkpoint.save_interval": 3, "logging.tensorboard": "true",
+    steps = 30
+    common = {"train.steps": steps, "checkpoint.save_interval": 3, "logging.tensorboard": "true",
               "logging.wandb_mode": "offline"}
     reference = tmp_path / "reference"
     run_train([CONFIG, *tiny_overrides(dataset, reference, **common,
@@ -49,13 +50,15 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     wait_for_step(killed, 7, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (killed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    # (a busy machine may let it run a few steps past 7 before the kill lands)
+    latest = int((killed / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert latest % 3 == 0 and 6 <= latest < steps
     assert not (killed / "finished.json").exists()
-    run_train(args)  # resumes from step 6 by itself
+    run_train(args)  # resumes from the latest checkpoint by itself
     assert json.loads((killed / "finished.json").read_text())["reason"] == "train.steps"
 
     assert losses(killed) == losses(reference)  # exact, every step
-    assert len(losses(reference)) == 10
+    assert len(losses(reference)) == steps
 
     # Logging: the scalars, TensorBoard events and an offline wandb run are there.
     record = read_metrics(reference)[10]
@@ -63,7 +66,7 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     assert list((reference / "wandb").glob("offline-run-*"))
     # Warm-up then cosine decay to min_lr (configs/tiny/slm.yaml: peak 3e-3, 2 warm-up steps).
-    lrs = [read_metrics(reference)[s]["lr"] for s in range(1, 11)]
+    lrs = [read_metrics(reference)[s]["lr"] for s in range(1, steps + 1)]
     assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
     assert lrs[-1] == pytest.approx(3e-4)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
