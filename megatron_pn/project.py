@@ -186,7 +186,7 @@ def project(args) -> dict:
         tconfig = transformer_config(dense_cfg, env.device.type)
         tconfig.perform_initialization = False  # every weight comes from the projection
         dense = build_model_chunks(dense_cfg, tconfig)[0]
-        dense.load_state_dict(dense_state_dict(loaded.model, expert, code), strict=False)
+        load_every_weight(dense, dense_state_dict(loaded.model, expert, code))
         record = {"source": str(loaded.path), "strategy": args.strategy, "expert": expert,
                   "spec_data": str(args.spec_data), **details,
                   "seconds": time.time() - start}
@@ -195,6 +195,16 @@ def project(args) -> dict:
         if env.rank == 0:  # the choice, readable without loading the checkpoint
             atomic_write_json(Path(args.output) / "projection.json", record)
     return record
+
+
+def load_every_weight(dense, state: dict) -> None:
+    """Strict loading (megatron's `_extra_state` entries aside): a weight the projection did
+    not produce would stay uninitialized memory."""
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"the projected state does not fit the dense model: missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def main(argv: list[str] | None = None) -> int:

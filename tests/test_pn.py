@@ -56,6 +56,18 @@ def test_projected_expert_is_a_dense_slm(world, project_attention):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
+def test_projection_loads_every_weight_strictly(world):
+    from megatron_pn.pn.projection import dense_state_dict
+    from megatron_pn.project import load_every_weight
+
+    dense = build(load_config(["configs/tiny/slm.yaml"], ["model.vocab_size=257"]))
+    state = dense_state_dict(build(tiny_cfg()), 1)
+    load_every_weight(dense, state)
+    state.pop("decoder.layers.0.mlp.linear_fc2.weight")
+    with pytest.raises(RuntimeError, match="missing.*linear_fc2"):
+        load_every_weight(dense, state)
+
+
 def per_token_loss_and_grads(model, tokens, positions, ids):
     loss = model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum()
     model.zero_grad()
