@@ -257,16 +257,6 @@ def markdown(args, built: dict, results: list[dict], load: tuple[float, float]) 
     return "\n".join(lines)
 
 
-def append_section(path: Path, text: str) -> None:
-    """Add (or replace) this benchmark's section, leaving the other sections as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[end + 1 :] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,7 +304,10 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps({"input": built, "steps": results}, indent=2))
         if args.append:
-            append_section(args.append, text)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from embed_cluster_throughput import append_section
+
+            append_section(args.append, text, SECTION)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -134,12 +134,12 @@ def markdown(emb: dict, km: dict, args, load: tuple[float, float]) -> str:
     ])
 
 
-def append_section(path: Path, text: str) -> None:
-    """Add (or replace) this benchmark's section, leaving the other sections as they are."""
+def append_section(path: Path, text: str, section: str = SECTION) -> None:
+    """Add (or replace) a benchmark's section, leaving the other sections as they are."""
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         old = old[:start] + (old[end + 1 :] if end >= 0 else "")
     path.write_text(old.rstrip("\n") + "\n\n" + text)
 

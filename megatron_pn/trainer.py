@@ -93,6 +93,7 @@ class Trainer:
             cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
         self.eval_sets = held_out_sets(cfg)
+        self.eval_eod = token_ids(cfg.data, cfg.model.vocab_size).eod if self.eval_sets else None
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
@@ -198,10 +199,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate_sets(self) -> dict[str, dict]:
         """train.eval_sets, each as pn-eval evaluates it (PN: with the set's expert)."""
+        if not self.eval_sets:
+            return {}
         loaded = SimpleNamespace(model=self.engine.model[0], device=self.env.device)
-        eod = token_ids(self.cfg.data, self.cfg.model.vocab_size).eod
         self.engine.set_training(False)
-        results = {held.name: evaluate_set(loaded, held, eod, self.cfg.train.micro_batch_size)
+        results = {held.name: evaluate_set(loaded, held, self.eval_eod,
+                                           self.cfg.train.micro_batch_size)
                    for held in self.eval_sets}
         self.engine.set_training(True)
         return results
