@@ -1,8 +1,9 @@
 """The model: megatron-core `GPTModel` built from a layer spec.
 
-`layer_spec(cfg)` is the seam where model families plug in: the dense SLM/LLM use megatron-core's
-local spec (pure-torch modules, so CPU and GPU share one code path); projected networks replace
-the MLP's linears in the same spec. Both get their core attention from `with_core_attention`
+`decoder_spec(cfg, ...)` is the seam where model families plug in: the dense SLM/LLM use
+megatron-core's local layer spec (pure-torch modules, so CPU and GPU share one code path);
+projected networks replace the MLP's linears in the same spec, one spec per layer (each seeds its
+projected weights by its global layer number). Both get their core attention from `with_core_attention`
 (SDPA by default). `build_model_chunks` returns one module per virtual pipeline stage of this rank.
 """
 
@@ -23,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_pn import compat
 from megatron_pn.attention import SDPAttention
 from megatron_pn.config import Config, ModelConfig
-from megatron_pn.pn import PNConfig, PNGPTModel, pn_layer_spec
+from megatron_pn.pn import PNConfig, PNGPTModel, pn_block_spec
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
 CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
@@ -107,14 +108,24 @@ def with_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:
+    """A dense layer: megatron-core's local spec (or TE's, by model.transformer_impl)."""
     m = cfg.model
     if uses_transformer_engine(m):  # TE's own fused attention, norms and linears
         return get_gpt_layer_with_transformer_engine_spec()
-    if m.type == "pn":
-        spec = pn_layer_spec(m.normalization, pn_config(cfg), m.project_attention)
-    else:
-        spec = get_gpt_layer_local_spec(normalization=m.normalization)
+    spec = get_gpt_layer_local_spec(normalization=m.normalization)
     return with_core_attention(spec, m.attention_backend)
+
+
+def decoder_spec(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None):
+    """The decoder of one (virtual) pipeline stage: a layer spec, or PN's per-layer block spec."""
+    m = cfg.model
+    if m.type != "pn":
+        return layer_spec(cfg)
+    block = pn_block_spec(tconfig, m.normalization, pn_config(cfg), m.project_attention,
+                          vp_stage)
+    for spec in block.layer_specs:
+        with_core_attention(spec, m.attention_backend)
+    return block
 
 
 def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
@@ -125,7 +136,7 @@ def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = No
         model_class, extra = PNGPTModel, {"pn": pn_config(cfg)}
     return model_class(
         config=tconfig,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=decoder_spec(cfg, tconfig, vp_stage),
         vocab_size=padded_vocab_size(cfg.model),
         max_sequence_length=cfg.model.seq_length,
         pre_process=pre,

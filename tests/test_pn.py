@@ -188,6 +188,25 @@ def test_every_projected_expert_has_the_dense_init_std(world, code_init):
             assert fc2.std().item() == pytest.approx(std / math.sqrt(2 * 4), rel=0.03)
 
 
+def test_projected_linear_initializes_itself_from_its_spec(world):
+    """Built alone from its spec parameters (no parent layer), a projected linear holds the same
+    seeded weights as its twin in the model: seeded by (global layer, name), never left empty."""
+    from megatron_pn.model import pn_config, transformer_config
+    from megatron_pn.pn.layers import PNColumnParallelLinear
+
+    cfg = tiny_cfg()
+    tconfig = transformer_config(cfg, "cpu")
+    model = build(cfg)
+    in_model = model.decoder.layers[1].mlp.linear_fc1  # global layer 2
+    alone = PNColumnParallelLinear(
+        tconfig.hidden_size, in_model.full_shape[0], config=tconfig, init_method=None,
+        pn=pn_config(cfg), init_key=("layer", 2, "mlp.linear_fc1"),
+        stride=2 if tconfig.gated_linear_unit else 1)
+    assert torch.equal(alone.bank, in_model.bank)
+    assert torch.equal(alone.code_projection, in_model.code_projection)
+    assert not torch.equal(model.decoder.layers[0].mlp.linear_fc1.bank, in_model.bank)
+
+
 def expert_distances(model, k) -> torch.Tensor:
     """||W_i - W_j|| / ||W_i|| of layer 0's fc1 for every pair of experts."""
     from megatron_pn.pn.projection import dense_state_dict

@@ -3,6 +3,6 @@ per-layer banks, one small expert per cluster. See layers.py for the equation.""
 
 from megatron_pn.pn.layers import ExpertRouting, PNConfig
 from megatron_pn.pn.model import PNGPTModel, finalize_pn_model_grads
-from megatron_pn.pn.spec import pn_layer_spec
+from megatron_pn.pn.spec import pn_block_spec
 
-__all__ = ["ExpertRouting", "PNConfig", "PNGPTModel", "finalize_pn_model_grads", "pn_layer_spec"]
+__all__ = ["ExpertRouting", "PNConfig", "PNGPTModel", "finalize_pn_model_grads", "pn_block_spec"]

@@ -151,14 +151,15 @@ class ProjectedLinear(MegatronModule):
     partition_dim: int  # dim of the bank split across TP ranks (0: out, 1: in)
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method, pn: PNConfig,
-                 bias: bool = False, skip_bias_add: bool = True, is_expert: bool = False,
-                 tp_group=None, **unused):
+                 init_key: tuple, bias: bool = False, skip_bias_add: bool = True,
+                 is_expert: bool = False, tp_group=None, stride: int = 1, **unused):
         super().__init__(config=config)
         if bias:
             raise ValueError("projected linears have no bias: set model.add_bias_linear=false")
         if is_expert:
             raise ValueError("projected linears cannot be MoE experts")
         self.pn = pn
+        self.init_key = init_key  # seeds T and M: ("layer", global layer number, module name)
         # megatron-core's MLP passes the layer's TP group (None only outside a TransformerLayer)
         self.tp_group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
         self.tp_size = self.tp_group.size()
@@ -182,9 +183,10 @@ class ProjectedLinear(MegatronModule):
         self.code_projection = torch.nn.Parameter(
             torch.empty(pn.code_size, pn.bank_size, device=device, dtype=config.params_dtype)
         )
-        self.gated = False  # set by PNMLP for SwiGLU's fc1 ([gate; up] halves, split separately)
-        self.init_std = config.init_method_std
+        # megatron-core's MLP passes stride 2 to a SwiGLU fc1: [gate; up] halves split separately
+        self.gated = stride == 2
         self._routing: ExpertRouting | None = None
+        self.reset_parameters()
 
     @contextlib.contextmanager
     def routed(self, routing: ExpertRouting, batch_first: bool):
@@ -209,14 +211,18 @@ class ProjectedLinear(MegatronModule):
 
     # -- initialization -------------------------------------------------------------------------
 
+    def init_std(self) -> float:
+        """The dense layer's init std (megatron-core's init_method_std)."""
+        return self.config.init_method_std
+
     @torch.no_grad()
-    def reset_parameters(self, *names) -> None:
-        """Seeded by (seed, layer, name): the same full bank at any TP/PP layout, then sliced."""
+    def reset_parameters(self) -> None:
+        """Seeded by (seed, *init_key): the same full bank at any TP/PP layout, then sliced."""
         if not self.config.perform_initialization:
             return
-        generator = seeded_generator(self.pn.seed, *names)
+        generator = seeded_generator(self.pn.seed, *self.init_key)
         full = torch.empty(*self.full_shape, self.pn.bank_size)
-        full.normal_(0.0, self.init_std, generator=generator)
+        full.normal_(0.0, self.init_std(), generator=generator)
         self.bank.copy_(self._local_slice(full))
         projection = torch.empty(self.pn.code_size, self.pn.bank_size)
         torch.nn.init.orthogonal_(projection, generator=generator)  # orthonormal rows (m <= h)
@@ -263,7 +269,8 @@ class ProjectedLinear(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state, prefix, {"bank": self.partition_dim}, sharded_offsets
+            state, prefix, {"bank": self.partition_dim}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
 
 
@@ -283,10 +290,9 @@ class PNRowParallelLinear(ProjectedLinear):
 
     partition_dim = 1
 
-    def __init__(self, *args, config, **kwargs):
-        super().__init__(*args, config=config, **kwargs)
-        # Output layers use megatron-core's scaled init: std / sqrt(2 * num_layers).
-        self.init_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    def init_std(self) -> float:
+        """Output layers use megatron-core's scaled init: std / sqrt(2 * num_layers)."""
+        return self.config.init_method_std / math.sqrt(2.0 * self.config.num_layers)
 
     def forward(self, x: torch.Tensor):
         y = self._apply_experts(x)

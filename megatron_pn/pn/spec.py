@@ -1,8 +1,9 @@
-"""The PN transformer layer as a megatron-core layer spec.
+"""The PN transformer block as a megatron-core block spec (one layer spec per layer).
 
 Only the spec changes: megatron-core's local GPT layer with (1) the MLP's two linears (and, as an
-option, the attention's) replaced by projected ones and (2) the per-micro-batch `ExpertRouting`
-carried to them as an argument (PNGPTModel builds it from the caller's cluster ids and groups
+option, the attention's) replaced by projected ones, each seeded by its global layer number and
+name (spec parameters: the same weights at any TP/PP layout), and (2) the per-micro-batch
+`ExpertRouting` carried to them as an argument (PNGPTModel builds it from the caller's cluster ids and groups
 the rows by expert itself). The routing travels as the block's `context`, which
 TransformerBlock hands to every layer and which cross-attention (an identity in a GPT layer)
 ignores. PNTransformerLayer passes it to the MLP through `padding_mask`, the one keyword
@@ -17,17 +18,22 @@ import contextlib
 import functools
 import logging
 
+from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_swiglu_sharded_factory
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_block import (LayerNormImpl,
+                                                         TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                         get_transformer_layer_offset)
 
 from megatron_pn.pn.layers import (PNColumnParallelLinear, PNConfig, PNRowParallelLinear,
                                    ProjectedLinear)
 
 # TransformerLayer passes its TP group only to an MLP that is exactly `MLP` and logs a warning for
-# any other class; PNMLP then takes megatron-core's default TP group, the one the layer uses.
+# any other class; PNMLP gets the same group (megatron's default one) from its spec instead.
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
     lambda record: "Unknown MLP type" not in record.getMessage()
 )
@@ -43,10 +49,6 @@ def _routed(linears, routing, batch_first: bool) -> contextlib.ExitStack:
 class PNTransformerLayer(TransformerLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Banks are seeded by the global layer number: the same weights at any TP/PP layout.
-        for name, module in self.named_modules():
-            if isinstance(module, ProjectedLinear):
-                module.reset_parameters("layer", self.layer_number, name)
         self.projected_attention = [m for m in self.self_attention.modules()
                                     if isinstance(m, ProjectedLinear)]
 
@@ -63,10 +65,6 @@ class PNTransformerLayer(TransformerLayer):
 
 class PNMLP(MLP):
     """megatron-core's MLP (activation, gating, TP layout unchanged) over projected linears."""
-
-    def __init__(self, config, submodules, **kwargs):
-        super().__init__(config, submodules, **kwargs)
-        self.linear_fc1.gated = config.gated_linear_unit
 
     def forward(self, hidden_states, padding_mask=None, **kwargs):
         """hidden_states [s, b, d], its rows in the routing's grouped order."""
@@ -90,18 +88,37 @@ class PNMLP(MLP):
         return state
 
 
-def pn_layer_spec(normalization: str, pn: PNConfig, project_attention: bool = False) -> ModuleSpec:
+def pn_layer_spec(normalization: str, pn: PNConfig, layer: int,
+                  project_attention: bool = False) -> ModuleSpec:
+    """The spec of global layer `layer` (1-based): its projected linears are seeded by it."""
+
+    def projected(module, name: str) -> ModuleSpec:
+        return ModuleSpec(module=module, params={"pn": pn, "init_key": ("layer", layer, name)})
+
     spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.module = PNTransformerLayer
     spec.submodules.mlp = ModuleSpec(
         module=PNMLP,
+        params={"tp_group": ps.get_tensor_model_parallel_group()},
         submodules=MLPSubmodules(
-            linear_fc1=ModuleSpec(module=PNColumnParallelLinear, params={"pn": pn}),
-            linear_fc2=ModuleSpec(module=PNRowParallelLinear, params={"pn": pn}),
+            linear_fc1=projected(PNColumnParallelLinear, "mlp.linear_fc1"),
+            linear_fc2=projected(PNRowParallelLinear, "mlp.linear_fc2"),
         ),
     )
     if project_attention:
         attention = spec.submodules.self_attention.submodules
-        attention.linear_qkv = functools.partial(PNColumnParallelLinear, pn=pn)
-        attention.linear_proj = ModuleSpec(module=PNRowParallelLinear, params={"pn": pn})
+        attention.linear_qkv = functools.partial(
+            PNColumnParallelLinear, pn=pn, init_key=("layer", layer, "self_attention.linear_qkv"))
+        attention.linear_proj = projected(PNRowParallelLinear, "self_attention.linear_proj")
     return spec
+
+
+def pn_block_spec(config, normalization: str, pn: PNConfig, project_attention: bool = False,
+                  vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers of this (virtual) pipeline stage, as megatron-core's
+    get_gpt_decoder_block_spec slices heterogeneous layers: global layer numbers offset + 1..."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layers = [pn_layer_spec(normalization, pn, offset + i + 1, project_attention)
+              for i in range(count)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)
