@@ -1,6 +1,8 @@
 """Cost and perplexity bookkeeping for comparing methods (the paper's Tables 5/8, Figs. 1/4/6).
 
-Costs are device-hours (wall time x devices, from each run's `cost.json`). The total for N
+Costs are device-hours from each run's `cost.json`: wall time x devices on GPUs; on a CPU, the
+CPU time of the run's processes (wall time would count whatever else the machine ran beside it:
+two runs sharing two cores each take twice as long). The total for N
 domains is C_total(N) = C_generic + N * C_specialization; methods are compared at equal
 pretraining cost by interpolating their perplexity between measured budgets.
 """
@@ -47,10 +49,17 @@ def interpolate_at_cost(costs, values, target: float) -> float:
     return float(np.interp(math.log(target), np.log(costs), values))
 
 
+def run_device_hours(run: dict) -> float:
+    """One entry of a cost log: its CPU-hours on a CPU (when logged), else wall x devices."""
+    if run.get("device", "").startswith("CPU") and "cpu_seconds" in run:
+        return run["cpu_seconds"] / 3600
+    return run["device_hours"]
+
+
 def device_hours(run_dir: str | Path, phase: str | None = None) -> float:
     """Device-hours logged in run_dir/cost.json (all runs, or those of one phase)."""
     path = Path(run_dir) / "cost.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no cost log (written by pn-train at the end of a run)")
     runs = json.loads(path.read_text())["runs"]
-    return sum(r["device_hours"] for r in runs if phase is None or r["phase"] == phase)
+    return sum(run_device_hours(r) for r in runs if phase is None or r["phase"] == phase)

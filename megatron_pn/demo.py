@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_pn.costs import device_hours
 from megatron_pn.experiment.runner import first_documents, step_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ class Demo:
         return {"domain": domain, "expert": max(range(len(tokens)), key=tokens.__getitem__),
                 "top_fraction": max(tokens) / sum(tokens), "nll_projected": before,
                 "nll_finetuned": after, "ft_steps": sum(r["steps"] for r in cost["runs"]),
-                "ft_device_seconds": 3600 * cost["total_device_hours"]}
+                "ft_device_seconds": 3600 * device_hours(spec / "ft")}
 
     def export(self, domain: str) -> Path:
         target = self.out / "hf" / domain

@@ -43,3 +43,14 @@ def test_device_hours_from_cost_log(tmp_path):
     assert device_hours(tmp_path, "pretrain") == 3.0
     with pytest.raises(FileNotFoundError, match="no cost log"):
         device_hours(tmp_path / "missing")
+
+
+def test_cpu_runs_cost_their_cpu_time_not_their_wall_time(tmp_path):
+    """On a shared CPU machine a run's cost is its processes' CPU time (a run that waited on
+    another job took longer, not more compute); GPU runs cost wall time x devices."""
+    (tmp_path / "cost.json").write_text(json.dumps({"runs": [
+        {"phase": "pretrain", "device": "CPU (2 cores)", "device_hours": 2.0,
+         "cpu_seconds": 1800.0},
+        {"phase": "pretrain", "device": "NVIDIA H200", "device_hours": 1.0, "cpu_seconds": 90.0},
+        {"phase": "pretrain", "device": "CPU (2 cores)", "device_hours": 0.25}]}))  # older log
+    assert device_hours(tmp_path) == 0.5 + 1.0 + 0.25

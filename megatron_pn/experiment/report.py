@@ -1,7 +1,7 @@
 """From an experiment's outputs to results.json, tables.md (Tables 8 and 5 of the paper) and the
 plots (Figs. 4 and 6).
 
-Costs are device-hours from each run's cost.json. Per method:
+Costs are device-hours from each run's cost.json (megatron_pn.costs: on a CPU, its CPU time). Per method:
   C_generic  SLM, LLM, SLM-pn: the pretraining run; SLM-mix: the sum over its experts;
              SLM-d: the SLM's plus the LLM's; SLM-is: 0 (nothing is shared across domains).
   C_spec     the fine-tuning run (per domain and spec size), plus: SLM-pn the projection,
@@ -187,9 +187,9 @@ class Collector:
         """Tokens per device-second of each method's pretraining runs (from the cost logs)."""
         speeds = {}
         for method in GENERIC_METHODS:
-            logs = [read_json(p) for p in self.out.glob(f"pretrain/{method}/b*/**/cost.json")]
-            tokens = sum(log["total_tokens"] for log in logs if log)
-            hours = sum(log["total_device_hours"] for log in logs if log)
+            paths = list(self.out.glob(f"pretrain/{method}/b*/**/cost.json"))
+            tokens = sum(read_json(p)["total_tokens"] for p in paths)
+            hours = sum(device_hours(p.parent) for p in paths)
             if hours:
                 speeds[method] = tokens / (hours * 3600)
         return speeds
