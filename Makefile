@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m megatron_pn.demo
+	$(VENV)/bin/pn-experiment run configs/experiments/demo.yaml --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

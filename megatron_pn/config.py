@@ -276,13 +276,22 @@ def _apply(obj, updates: dict, source: str, path: str = "") -> None:
             setattr(obj, key, _convert(value, types_[key], where))
 
 
-def parse_override(text: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is parsed as YAML)."""
+def split_override(text: str) -> tuple[list[str], object]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003): the dotted key and the value (YAML)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected dotted.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
-    for part in reversed(key.strip().split(".")):
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML") from None
+    return key.strip().split("."), value
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}}."""
+    keys, value = split_override(text)
+    for part in reversed(keys):
         value = {part: value}
     return value
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 
-def macro_average_ppl(nll_by_domain: dict[str, float]) -> float:
-    """Mean per-token NLL over domains, then exp (each domain weighs the same)."""
-    if not nll_by_domain:
-        raise ValueError("no domains to average")
-    return math.exp(sum(nll_by_domain.values()) / len(nll_by_domain))
+def macro_average(nlls) -> float | None:
+    """The paper's macro-average: the mean of the per-domain NLLs (each domain weighs the same;
+    its exp is the macro-averaged perplexity). None while a domain lacks its number."""
+    nlls = list(nlls)
+    if not nlls or any(v is None for v in nlls):
+        return None
+    return float(np.mean(nlls))
 
 
 def total_cost(generic: float, specialization: float, domains: int | np.ndarray):

@@ -20,27 +20,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                   reduce_from_tensor_model_parallel_region)
 
 from megatron_pn import checkpoint
 from megatron_pn.config import Config, ConfigError
 
 
-class _SumOverTensorParallel(torch.autograd.Function):
+def _sum_over_tensor_parallel(x: torch.Tensor) -> torch.Tensor:
     """Sum over TP ranks whose gradient is summed too: every rank's part of the loss depends
-    on the sum (the softmax normalizer), so each slice's gradient gathers all ranks' parts."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=ps.get_tensor_model_parallel_group())
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
-        return grad
+    on the sum (the softmax normalizer), so each slice's gradient gathers all ranks' parts.
+    (reduce_from: all-reduce forward; copy_to: all-reduce backward.)"""
+    return copy_to_tensor_model_parallel_region(reduce_from_tensor_model_parallel_region(x))
 
 
 def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -48,7 +39,7 @@ def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     shift = logits.detach().max(dim=-1, keepdim=True).values
     dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
     shifted = logits - shift
-    normalizer = _SumOverTensorParallel.apply(shifted.exp().sum(-1, keepdim=True))
+    normalizer = _sum_over_tensor_parallel(shifted.exp().sum(-1, keepdim=True))
     return shifted - normalizer.log()
 
 

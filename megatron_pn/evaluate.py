@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_pn.costs import macro_average as macro_average_nll
 from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.standalone import (LoadedModel, ToolError, inference_world, is_user_error,
                                     load_model, resolve_checkpoint)
@@ -236,12 +237,9 @@ def perplexity(nll: float) -> float:
 
 
 def macro_average(results: list[dict]) -> dict:
-    """The paper's macro-averaged perplexity: mean of the per-domain NLLs, then exp."""
-    values = [r["nll"] for r in results if r["nll"] is not None]
-    if not values:
-        return {"nll": None, "ppl": None}
-    nll = float(np.mean(values))
-    return {"nll": nll, "ppl": perplexity(nll)}
+    """The macro-average of the evaluated sets that have tokens (costs.macro_average)."""
+    nll = macro_average_nll([r["nll"] for r in results if r["nll"] is not None])
+    return {"nll": nll, "ppl": None if nll is None else perplexity(nll)}
 
 
 def markdown_table(results: list[dict], macro: dict) -> str:

@@ -105,8 +105,10 @@ def make_plan(args, env: dict, gpus: int) -> Plan:
     if endpoint is None:
         if nnodes > 1 and not in_slurm:
             raise LaunchError("several nodes outside SLURM: pass --rdzv-endpoint HOST:PORT")
+        from megatron_pn.distributed import free_port
+
         host = first_host(env["SLURM_JOB_NODELIST"]) if in_slurm and nnodes > 1 else "127.0.0.1"
-        endpoint = f"{host}:{rendezvous_port(env) if in_slurm else _free_port()}"
+        endpoint = f"{host}:{rendezvous_port(env) if in_slurm else free_port()}"
     nproc = args.nproc_per_node or procs_per_node(gpus, args.cpu_procs)
     device = "cuda" if gpus > 0 else "cpu"
     return Plan(nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc, endpoint=endpoint,
@@ -125,14 +127,6 @@ def torchrun_argv(plan: Plan, train_args: list[str]) -> list[str]:
         "--signals-to-handle", STOP_SIGNALS, "--shutdown-timeout", str(plan.stop_timeout),
         "-m", "megatron_pn.train", *train_args,
     ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import dataclasses
 
 from megatron_pn.config import Config, ConfigError
 from megatron_pn.data import resolve_blend
+from megatron_pn.layout import expert_dir
 
 
 def expert_job(cfg: Config) -> Config:
@@ -30,7 +31,7 @@ def expert_job(cfg: Config) -> Config:
                           "(an empty cluster has no expert to train)")
     entries = [[blend.weights[i], blend.prefixes[i]] if blend.weights else blend.prefixes[i]
                for i in chosen]
-    suffix = f"/expert_{expert:04d}"
+    suffix = "/" + expert_dir(expert)
     data = dataclasses.replace(cfg.data, blend=entries, blend_file=None, cluster_ids=None)
     logging_ = dataclasses.replace(cfg.logging, run_dir=cfg.logging.run_dir.rstrip("/") + suffix)
     checkpoint = cfg.checkpoint

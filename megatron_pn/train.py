@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dry_run(cfg) -> None:
-    """Parameter count of the whole model, built unsharded on the meta device."""
+def parameter_counts(cfg) -> dict:
+    """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
+    unsharded on the meta device (no memory, no initialization) in a world of one."""
     import dataclasses
 
     import torch
@@ -59,21 +60,28 @@ def dry_run(cfg) -> None:
     )
     compat.activate()
     init_distributed("cpu")
-    ps.initialize_model_parallel(1, 1)
-    tconfig = transformer_config(whole, "cpu")
-    tconfig.perform_initialization = False
-    with torch.device("meta"):
-        chunks = build_model_chunks(whole, tconfig)
-    total = count_parameters(chunks)
-    embedding = chunks[0].embedding.word_embeddings.weight.numel()
+    try:
+        ps.initialize_model_parallel(1, 1)
+        tconfig = transformer_config(whole, "cpu")
+        tconfig.perform_initialization = False
+        with torch.device("meta"):
+            chunks = build_model_chunks(whole, tconfig)
+        return {"total": count_parameters(chunks),
+                "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
+                "expert": count_expert_parameters(chunks) if cfg.model.type == "pn" else None}
+    finally:
+        shutdown()
+
+
+def dry_run(cfg) -> None:
+    counts = parameter_counts(cfg)
+    total, non_embedding = counts["total"], counts["total"] - counts["embedding"]
     print(f"model: {cfg.model.type}, {cfg.model.num_layers} layers, d_model {cfg.model.hidden_size}")
     print(f"parameters: total {total:,} ({total / 1e6:.1f}M); "
-          f"non-embedding {total - embedding:,} ({(total - embedding) / 1e6:.1f}M)")
-    if cfg.model.type == "pn":
-        expert = count_expert_parameters(chunks)
-        print(f"per expert (inference, the dense SLM it projects to): {expert:,} "
-              f"({expert / 1e6:.1f}M) x {cfg.model.num_experts} experts")
-    shutdown()
+          f"non-embedding {non_embedding:,} ({non_embedding / 1e6:.1f}M)")
+    if counts["expert"] is not None:
+        print(f"per expert (inference, the dense SLM it projects to): {counts['expert']:,} "
+              f"({counts['expert'] / 1e6:.1f}M) x {cfg.model.num_experts} experts")
 
 
 def main(argv: list[str] | None = None) -> int:

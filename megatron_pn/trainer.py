@@ -30,6 +30,7 @@ from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
+from megatron_pn.layout import FINISHED
 from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
                                  peak_memory)
 from megatron_pn.mix import expert_job
@@ -347,7 +348,7 @@ class Trainer:
         """run_dir/finished.json: the run is over (pipelines wait on this file; a killed or
         stopped run has none, so its rerun resumes)."""
         if self.is_logging_rank:
-            atomic_write_json(Path(self.cfg.logging.run_dir) / "finished.json",
+            atomic_write_json(Path(self.cfg.logging.run_dir) / FINISHED,
                               {"step": self.step, "reason": reason,
                                "best_step": self.early_stopping["best_step"]})
 

@@ -9,14 +9,13 @@ import math
 import pytest
 
 from megatron_pn.costs import (break_even_domains, device_hours, interpolate_at_cost,
-                               macro_average_ppl, total_cost)
+                               macro_average, total_cost)
 
 
 def test_macro_average_is_exp_of_mean_nll():
-    assert macro_average_ppl({"a": math.log(10), "b": math.log(40)}) == pytest.approx(20.0)
-    # not the mean of perplexities (25) nor a token-weighted average
-    with pytest.raises(ValueError):
-        macro_average_ppl({})
+    assert math.exp(macro_average([math.log(10), math.log(40)])) == pytest.approx(20.0)
+    assert macro_average([1.0, None]) is None and macro_average([]) is None
+    # (not the mean of perplexities, 25, nor a token-weighted average)
 
 
 def test_total_cost_and_break_even():

@@ -19,6 +19,7 @@ from megatron_pn.config import ConfigError
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import build_grid
 from megatron_pn.fileio import atomic_write_json
+from megatron_pn.layout import expert_dir
 
 EPILOG = """examples:
   pn-experiment run configs/experiments/tiny.yaml --jobs 2
@@ -69,7 +70,7 @@ def output_dir(args, cfg) -> Path:
 def pick_mix_expert(args) -> int:
     tokens = json.loads((Path(args.spec_data) / "histogram.json").read_text())["tokens"]
     expert = max(range(len(tokens)), key=tokens.__getitem__)
-    source = Path(args.experts).resolve() / f"expert_{expert:04d}"
+    source = Path(args.experts).resolve() / expert_dir(expert)
     if not source.is_dir():
         raise ConfigError(f"{source}: no SLM-mix expert {expert} (pretrain it first)")
     out = Path(args.output)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_pn.config import ConfigError
+from megatron_pn.config import ConfigError, split_override
 
 METHODS = ("slm", "llm", "pn", "mix", "is", "distill")
 LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",
@@ -57,6 +57,8 @@ class ExperimentConfig:
     finetune_overrides: list = field(default_factory=list)  # ... every fine-tuning run
     slurm: dict = field(default_factory=dict)  # kind -> sbatch options (--executor slurm)
     curves: Curves | None = None  # learning curves of pretraining variants (see Curves)
+    export_hf: dict = field(default_factory=dict)  # method -> domains whose fine-tuned model
+    #          (largest budget, smallest spec size) is exported to Hugging Face: OUT/hf/METHOD/D
 
     @property
     def smallest_size(self) -> str:
@@ -65,16 +67,13 @@ class ExperimentConfig:
 
 def _set(raw: dict, text: str) -> None:
     """Apply 'a.b.c=value': the value (YAML) replaces what a.b.c held, whatever its type."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected dotted.key=value")
-    key, value = text.split("=", 1)
-    *parents, leaf = key.strip().split(".")
+    (*parents, leaf), value = split_override(text)
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{text}': {part} is not a section")
-    node[leaf] = yaml.safe_load(value) if value != "" else None
+    node[leaf] = value
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -141,6 +140,10 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
                                      != len(cfg.methods["llm"].budgets)):
         fail("methods.distill pairs the i-th slm budget (student) with the i-th llm budget "
              "(teacher): give slm and llm as many budgets")
+    for name, domains in cfg.export_hf.items():
+        if name not in cfg.methods or name == "distill" or not set(domains) <= set(cfg.domains):
+            fail(f"export_hf.{name}: give a method of the experiment (not distill) and a list "
+                 f"of its domains")
     if set(cfg.clusters) != {"pn", "is"}:
         fail("clusters: give k for 'pn' (PN and SLM-mix) and 'is' (SLM-is)")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_pn.experiment.config import ExperimentConfig
+from megatron_pn.layout import FINISHED, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "soft")
 
@@ -48,7 +49,7 @@ def python(module: str, *args, procs: int = 1) -> list[str]:
 
 def finished(run_dir: Path) -> Path:
     """The file pn-train writes when a run is over (train.steps reached or early stopping)."""
-    return run_dir / "finished.json"
+    return run_dir / FINISHED
 
 
 class Grid:
@@ -177,8 +178,8 @@ class Grid:
         name = f"pretrain/{method}/{tag + '/' if tag else ''}b{budget}"
         if expert is not None:  # SLM-mix appends expert_NNNN to the run and checkpoint dirs
             args.append(f"data.expert={expert}")
-            done = finished(run / f"expert_{expert:04d}")
-            name += f"/expert_{expert:04d}"
+            done = finished(run / expert_dir(expert))
+            name += "/" + expert_dir(expert)
         return self.add(Step(name, "pretrain", done, python("megatron_pn.train", *args,
                                                             procs=spec.procs), deps, spec.procs))
 
@@ -223,7 +224,7 @@ class Grid:
         if method == "mix":
             target = self.spec_dir("mix", b, d, size) / "source"
             experts = self.pretrain_dir("mix", b) / "ckpt"
-            deps = [f"pretrain/mix/b{b}/expert_{e:04d}" for e in range(self.cfg.clusters["pn"])]
+            deps = [f"pretrain/mix/b{b}/{expert_dir(e)}" for e in range(self.cfg.clusters["pn"])]
             step = self.add(Step(f"project/mix/b{b}/{d}_{size}", "project",
                                  target / "expert.json", python(
                                      "megatron_pn.experiment", "pick-mix-expert", "--experts",
@@ -289,6 +290,18 @@ class Grid:
         self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
                         spec / "eval_after.json", [ft])
 
+    def build_exports(self) -> None:
+        """Fine-tuned models to Hugging Face format (the config's export_hf)."""
+        size = self.cfg.smallest_size
+        for method, domains in self.cfg.export_hf.items():
+            b = max(self.budgets(method))
+            for d in domains:
+                target = self.out / "hf" / method / d
+                self.add(Step(f"export/{method}/{d}", "export", target / "config.json", python(
+                    "megatron_pn.hf", "--checkpoint", self.spec_dir(method, b, d, size) / "ft"
+                    / "ckpt", "--output", target, "--tokenizer", f"{self.tokenizer}_hf"),
+                    [f"finetune/{method}/b{b}/{d}_{size}"]))
+
     def distill(self, b_slm: int, b_llm: int, d: str, size: str) -> None:
         spec = self.spec_dir("distill", b_slm, d, size)
         student = self.pretrain_dir("slm", b_slm) / "ckpt"
@@ -314,8 +327,8 @@ class Grid:
                 # PN and SLM-mix: each generic window computed by its cluster's expert
                 assign = str(self.assign_dir("pn", "generic_test"))
                 for e in range(cfg.clusters["pn"]):
-                    ckpt = run / "ckpt" / (f"expert_{e:04d}" if method == "mix" else "")
-                    deps = [f"pretrain/{method}/b{b}" + (f"/expert_{e:04d}" if method == "mix"
+                    ckpt = run / "ckpt" / (expert_dir(e) if method == "mix" else "")
+                    deps = [f"pretrain/{method}/b{b}" + ("/" + expert_dir(e) if method == "mix"
                                                          else ""), "data/assign/pn/generic_test"]
                     self.evaluation(f"eval/generic/{method}/b{b}/cluster_{e:04d}", ckpt,
                                     "generic_test", run / f"eval_generic_cluster_{e:04d}.json",
@@ -387,6 +400,7 @@ class Grid:
         self.build_generic_evals()
         self.build_specialization()
         self.build_strategies()
+        self.build_exports()
         return self.steps
 
 

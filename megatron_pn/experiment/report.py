@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from megatron_pn.costs import device_hours as logged_device_hours
-from megatron_pn.costs import interpolate_at_cost, total_cost
+from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
 from megatron_pn.experiment.grid import Grid
-from megatron_pn.experiment.runner import step_env
 from megatron_pn.fileio import atomic_write_json, atomic_write_text
+from megatron_pn.layout import expert_dir
 
 GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains (Table 8)
 
@@ -85,7 +82,7 @@ class Collector:
             return None if None in parts else sum(parts)
         run = self.grid.pretrain_dir(method, methods[method].budgets[i])
         if method == "mix":
-            parts = [device_hours(run / f"expert_{e:04d}") for e in range(self.cfg.clusters["pn"])]
+            parts = [device_hours(run / expert_dir(e)) for e in range(self.cfg.clusters["pn"])]
             return None if None in parts else sum(parts)
         return device_hours(run)
 
@@ -195,11 +192,16 @@ class Collector:
         return speeds
 
     def parameters(self) -> dict:
-        """(pretraining, inference) parameter counts from `pn-train --dry-run`."""
+        """(pretraining, inference) parameter counts (pn-train --dry-run's)."""
+        from megatron_pn.config import load_config
+        from megatron_pn.train import parameter_counts
+
         counts = {}
         for method, spec in self.cfg.methods.items():
             config = self.cfg.methods["slm"].config if method in ("is", "distill") else spec.config
-            total, expert = dry_run_counts(config, self.cfg.vocab_size)
+            model = parameter_counts(load_config([config],
+                                                 [f"model.vocab_size={self.cfg.vocab_size}"]))
+            total, expert = model["total"], model["expert"]
             if method == "mix":
                 total, expert = total * self.cfg.clusters["pn"], total
             counts[method] = {"pretrain": total, "inference": expert or total}
@@ -213,22 +215,8 @@ def _steps(run_dir: Path) -> int | None:
 
 def macro(per_domain: dict) -> dict:
     """Macro-averages over the domains (None until every domain has its number)."""
-    def mean(key):
-        values = [v[key] for v in per_domain.values()]
-        return None if not values or None in values else float(np.mean(values))
-
-    return {"nll_before": mean("nll_before"), "nll_after": mean("nll_after"),
-            "spec_cost": mean("spec_cost")}
-
-
-def dry_run_counts(config: str, vocab_size: int) -> tuple[int, int | None]:
-    out = subprocess.run([sys.executable, "-m", "megatron_pn.train", config,
-                          f"model.vocab_size={vocab_size}", "--dry-run"],
-                         capture_output=True, text=True, check=True,
-                         env=step_env(None))
-    total = int(re.search(r"total ([\d,]+)", out.stdout).group(1).replace(",", ""))
-    expert = re.search(r"per expert[^:]*: ([\d,]+)", out.stdout)
-    return total, int(expert.group(1).replace(",", "")) if expert else None
+    return {key: macro_average(v[key] for v in per_domain.values())
+            for key in ("nll_before", "nll_after", "spec_cost")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +308,28 @@ def budgets_table(results: dict) -> str:
                      *(fmt_cost(r["sizes"][s]["spec_cost"], unit) for s in sizes)]
             lines.append(f"| {LABELS[method]} | {r['budget']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def domains_table(results: dict) -> str:
+    """Per domain, at each method's largest budget: the test perplexity of the small model
+    before fine-tuning (the pretrained SLM/LLM, the projected expert, ...) and after."""
+    methods = {m: max(rows, key=lambda r: r["budget"]) for m, rows in results["methods"].items()}
+    header = ["domain", *(f"{LABELS[m]} {when}" for m in methods
+                          for when in ("no ft", "ft"))]
+    text = []
+    for size in results["spec_sizes"]:
+        lines = [f"Per domain, spec size {size} (test perplexity; "
+                 + ", ".join(f"{LABELS[m]} {r['budget']} steps" for m, r in methods.items())
+                 + ")", "", "| " + " | ".join(header) + " |",
+                 "|---" + "|---:" * (len(header) - 1) + "|"]
+        for d in [*results["domains"], None]:
+            cells = []
+            for r in methods.values():
+                entry = r["sizes"][size]["domains"][d] if d else r["sizes"][size]
+                cells += [ppl(entry["nll_before"]), ppl(entry["nll_after"])]
+            lines.append(f"| {d or '**macro-average**'} | " + " | ".join(cells) + " |")
+        text.append("\n".join(lines) + "\n")
+    return "\n".join(text)
 
 
 def table5(results: dict) -> str:
@@ -460,7 +470,8 @@ def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) 
     text = "\n".join([f"# Experiment {cfg.name}: results", "",
                       f"Device: {results['device']}. Spec-set sizes (mean tokens): " + ", ".join(
                           f"{s} {t}" for s, t in results["spec_sizes"].items()), "",
-                      table8(results, target), budgets_table(results), table5(results),
+                      table8(results, target), budgets_table(results), domains_table(results),
+                      table5(results),
                       cost_table(results)])
     atomic_write_text(out / "tables.md", text)
     plot_fig4(results, out / "fig4_spec_ppl_vs_cost.png")
@@ -468,6 +479,9 @@ def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) 
     print(text)
     print(f"results: {out / 'results.json'}; plots: {out / 'fig4_spec_ppl_vs_cost.png'}, "
           f"{out / 'fig6_total_cost.png'}")
+    exports = [out / "hf" / m / d for m, domains in cfg.export_hf.items() for d in domains]
+    if exports:
+        print("Hugging Face models: " + ", ".join(map(str, exports)))
     return text
 
 
