@@ -59,10 +59,10 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert len(topological(steps)) == len(steps)
     kinds = [s.kind for s in steps.values()]
     k, sizes = cfg.clusters["pn"], len(cfg.spec_sizes)
-    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: 3 budgets x 1 domain x sizes
-    assert kinds.count("pretrain") == 3 * 3 + 3 * k + 3 * sizes
-    # five methods x 3 budgets x sizes, SLM-d x 3 x sizes, Table 5: soft + one per expert
-    assert kinds.count("finetune") == 5 * 3 * sizes + 3 * sizes + 1 + k
+    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: 2 budgets x 1 domain x sizes
+    assert kinds.count("pretrain") == 3 * 3 + 3 * k + 2 * sizes
+    # 4 methods x 3 budgets x sizes, SLM-is 2 x sizes, SLM-d 3 x sizes, Table 5: soft + 1/expert
+    assert kinds.count("finetune") == 4 * 3 * sizes + 2 * sizes + 3 * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
         if step.kind == "finetune":
@@ -70,9 +70,9 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
             source = Path(load.split("=", 1)[1])
             made = [steps[d].done.parent for d in step.deps]
             assert source in made or source.parent in made, step.name  # mix: source/expert
-    distill = steps["finetune/distill/b400/bible_s50k"]
-    assert "finetune/llm/b200/bible_s50k" in distill.deps  # the teacher of the same index
-    assert any(a.startswith("distill.teacher=") and "spec/llm/b200/bible_s50k/ft/ckpt" in a
+    distill = steps["finetune/distill/b3000/bible_s50k"]
+    assert "finetune/llm/b2400/bible_s50k" in distill.deps  # the teacher of the same index
+    assert any(a.startswith("distill.teacher=") and "spec/llm/b2400/bible_s50k/ft/ckpt" in a
                for a in distill.cmd)
     assert {"distill.weight=0.5", "distill.temperature=1.0"} <= set(distill.cmd)
 
@@ -151,7 +151,7 @@ def test_an_override_replaces_its_key_and_only_it(monkeypatch):
                                  "methods.pn.budgets=[7]"])
     assert cfg.spec_sizes == {"a": 10} and cfg.finetune_steps == {"a": 5}
     assert cfg.methods["pn"].budgets == [7] and cfg.methods["pn"].config == "configs/tiny/pn.yaml"
-    assert cfg.methods["slm"].budgets == [100, 200, 400]
+    assert cfg.methods["slm"].budgets == [500, 1500, 3000]
 
 
 # -- the runners -------------------------------------------------------------------------------
