@@ -71,6 +71,8 @@ def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
         "dense SLM (baseline)": ("configs/paper/slm.yaml", common + [
             "data.blend_file=null", f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"]),
         "PN, mixed micro-batches": ("configs/paper/pn32.yaml", common),
+        "PN, mixed, projected per micro-batch": ("configs/paper/pn32.yaml", common + [
+            "train.pn_project_once_per_step=false"]),
         "PN, data.group_by_cluster": ("configs/paper/pn32.yaml",
                                       common + ["data.group_by_cluster=true"]),
     }

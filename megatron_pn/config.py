@@ -141,6 +141,10 @@ class TrainConfig:
         "pn: learning-rate multiplier of the weight banks T. Under Adam every bank entry moves "
         "about lr per step, so a projected weight W = sum_r alpha_r T_r moves about "
         "||alpha||_1 x lr (~0.8 sqrt(h) x): 1 / that restores a dense weight's rate", 1.0)
+    pn_project_once_per_step: bool = _help(
+        "pn: project each expert's weights once per optimizer step, reused by every micro-batch "
+        "and backpropagated once (megatron engine; memory: W and dL/dW of each expert the step "
+        "uses). false, and always under DeepSpeed: once per micro-batch", True)
     eval_sets: list = _help(
         "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
         "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "

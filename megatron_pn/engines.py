@@ -13,6 +13,8 @@ scheduler (same schedule) and save to `checkpoint.dir/iter_NNNNNNN` with the sam
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_pn import checkpoint
 from megatron_pn.config import Config, ConfigError
 from megatron_pn.fileio import atomic_write_text
-from megatron_pn.pn import finalize_pn_model_grads
+from megatron_pn.pn import finalize_pn_model_grads, projected_once_per_step
 
 
 def use_fused_adam(optimizer) -> None:
@@ -64,6 +66,9 @@ class MegatronEngine:
                       for i, chunk in enumerate(chunks)]
         tconfig.finalize_model_grads_func = (
             finalize_pn_model_grads if is_pn else finalize_model_grads)
+        self.step_scope = contextlib.nullcontext  # PN: every expert projected once per step
+        if is_pn and cfg.train.pn_project_once_per_step:
+            self.step_scope = functools.partial(projected_once_per_step, self.model)
         if cfg.parallel.overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -97,7 +102,8 @@ class MegatronEngine:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self.run_microbatches(forward_step, batches, forward_only=False)
+        with self.step_scope():
+            reports = self.run_microbatches(forward_step, batches, forward_only=False)
         scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
         _, grad_norm, _ = self.optimizer.step()
         return reports, float(grad_norm or 0.0)

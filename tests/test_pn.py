@@ -146,10 +146,17 @@ def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
     assert torch.allclose(logits[order], sorted_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bank_gradient_accumulates_into_ddp_main_grad(world):
+@pytest.mark.parametrize("once_per_step", [False, True])
+def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_per_step):
     """Under megatron-core's DDP the bank gradient is added into `main_grad` in place, over
-    micro-batches, and equals autograd's gradient of the same micro-batches."""
+    micro-batches, and equals autograd's gradient of the same micro-batches - also when each
+    expert is projected once for the whole step and backpropagated once at its end."""
+    import contextlib
+
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_pn.pn import projected_once_per_step
+    from megatron_pn.pn.layers import ProjectedLinear
 
     cfg = tiny_cfg()
     plain = build(cfg).train()
@@ -158,10 +165,22 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world):
     ddp = DistributedDataParallel(wrapped.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True), wrapped)
     ddp.zero_grad_buffer()
-    for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # two micro-batches
-        tokens, positions = inputs(seed=seed)
-        for model in (plain, ddp):
-            model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
+    projections = []
+    project = ProjectedLinear.project
+    monkeypatch.setattr(ProjectedLinear, "project",
+                        lambda self, codes: projections.append(len(codes)) or project(self, codes))
+    scope = projected_once_per_step([ddp]) if once_per_step else contextlib.nullcontext()
+    with scope:
+        for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # 2 micro-batches
+            tokens, positions = inputs(seed=seed)
+            for model in (plain, ddp):
+                model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
+        if once_per_step:  # (finalize_pn_model_grads does this in training)
+            wrapped.step_projections.backward()
+    linears = 2 * cfg.model.num_layers
+    # plain: once per linear and micro-batch; DDP: the same, or once per linear and step
+    assert len(projections) == 2 * linears + (1 if once_per_step else 2) * linears
+    assert wrapped.step_projections is None
     for name, parameter in plain.named_parameters():
         main_grad = dict(wrapped.named_parameters())[name].main_grad
         scale = parameter.grad.abs().max()

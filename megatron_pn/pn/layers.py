@@ -80,9 +80,11 @@ class ExpertRouting:
     counts: tuple[int, ...]  # rows of each expert, in grouped order
     order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
     restore: torch.Tensor | None  # the inverse permutation (device)
+    step: "StepProjections | None" = None  # this optimizer step's projections, if it keeps them
 
     @classmethod
-    def from_cluster_ids(cls, cluster_ids, expert_codes: torch.Tensor) -> "ExpertRouting":
+    def from_cluster_ids(cls, cluster_ids, expert_codes: torch.Tensor,
+                         step: "StepProjections | None" = None) -> "ExpertRouting":
         ids = torch.as_tensor(cluster_ids)
         if ids.device.type != "cpu":
             raise ValueError("cluster_ids must be on the host (a list or a CPU tensor): reading "
@@ -101,7 +103,7 @@ class ExpertRouting:
         experts, counts = torch.unique_consecutive(ids, return_counts=True)
         index = compat.host_to_device(experts, expert_codes.device)
         return cls(codes=expert_codes.index_select(0, index), experts=tuple(experts.tolist()),
-                   counts=tuple(counts.tolist()), order=order, restore=restore)
+                   counts=tuple(counts.tolist()), order=order, restore=restore, step=step)
 
     def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A batch-first tensor [b, ...] in grouped row order (a leading 1 broadcasts: kept)."""
@@ -112,6 +114,47 @@ class ExpertRouting:
     def ungroup(self, rows: torch.Tensor) -> torch.Tensor:
         """A batch-first tensor [b, ...] back in the caller's row order."""
         return rows if self.restore is None else rows.index_select(0, self.restore)
+
+
+class StepProjections:
+    """The experts' weights of one optimizer step, each projected once (SLM-pn's fast path).
+
+    T, M and E do not change within a step, so W[l, i] is the same in every micro-batch. A
+    projected linear projects an expert the first time the step uses it and keeps W as a leaf
+    tensor; autograd sums dL/dW over the micro-batches into that leaf, and `backward()`, called
+    once by finalize_pn_model_grads before the data-parallel reduction, sends the sum through
+    the projections into T, M and E. The bank is then read about three times per step instead
+    of three times per micro-batch; the price is memory for the W and dL/dW of every expert the
+    step uses. It lives for one step only (the optimizer changes T, M and E):
+    `PNGPTModel.projected_once_per_step`.
+    """
+
+    def __init__(self):
+        self._leaves: dict[tuple, torch.Tensor] = {}  # (linear, expert) -> W, a leaf
+        self._projected: list[tuple[torch.Tensor, list]] = []  # (W with its graph, its leaves)
+
+    def weights(self, linear: "ProjectedLinear", routing: ExpertRouting) -> list[torch.Tensor]:
+        missing = [j for j, e in enumerate(routing.experts) if (linear, e) not in self._leaves]
+        if missing:
+            codes = routing.codes if len(missing) == len(routing.experts) else \
+                routing.codes[missing]
+            with torch.enable_grad():  # also under a recomputed layer's no-grad first pass
+                projected = linear.project(codes)
+            leaves = [w.detach().requires_grad_() for w in projected.unbind(0)]
+            self._projected.append((projected, leaves))
+            for j, leaf in zip(missing, leaves):
+                self._leaves[linear, routing.experts[j]] = leaf
+        return [self._leaves[linear, e] for e in routing.experts]
+
+    def backward(self) -> None:
+        """dL/dW summed over the step's micro-batches -> T (DDP main_grad), M and E."""
+        if not self._projected:
+            return
+        roots = [projected for projected, _ in self._projected]
+        grads = [torch.stack([w.grad if w.grad is not None else torch.zeros_like(w)
+                              for w in leaves]) for _, leaves in self._projected]
+        self._projected, self._leaves = [], {}
+        torch.autograd.backward(roots, grads)
 
 
 class _BankProjection(torch.autograd.Function):
@@ -247,10 +290,16 @@ class ProjectedLinear(MegatronModule):
         weights = _BankProjection.apply(alpha, self.bank)  # sum_r alpha[r] T[:,:,r]
         return weights.view(len(codes), *self.local_shape)
 
+    def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
+        """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""
+        if routing.step is not None:
+            return routing.step.weights(self, routing)
+        return list(self.project(routing.codes).unbind(0))
+
     def _apply_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Each expert's matrix applied to its block of rows (see `routed` for the layouts)."""
         routing, batch_first = self._current_routing()
-        weights = self.project(routing.codes)
+        weights = self.expert_weights(routing)
         if len(weights) == 1:  # one expert: one GEMM over the whole micro-batch, any layout
             return F.linear(x, weights[0])
         if batch_first:
@@ -261,10 +310,10 @@ class ProjectedLinear(MegatronModule):
         return self._per_expert(rows, weights, routing).transpose(0, 1).contiguous()
 
     @staticmethod
-    def _per_expert(rows: torch.Tensor, weights: torch.Tensor, routing: ExpertRouting):
+    def _per_expert(rows: torch.Tensor, weights: list, routing: ExpertRouting):
         """rows [b, ..., in] in grouped order: one GEMM per expert over its contiguous block."""
         blocks = rows.split(routing.counts, dim=0)
-        return torch.cat([F.linear(block, w) for block, w in zip(blocks, weights.unbind(0))])
+        return torch.cat([F.linear(block, w) for block, w in zip(blocks, weights)])
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)

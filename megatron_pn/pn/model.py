@@ -10,13 +10,15 @@ the gradient norm (`shared` on the others) and is the checkpoint's main replica.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 
-from megatron_pn.pn.layers import ExpertRouting, PNConfig, seeded_generator
+from megatron_pn.pn.layers import ExpertRouting, PNConfig, StepProjections, seeded_generator
 
 
 class PNGPTModel(GPTModel):
@@ -32,6 +34,7 @@ class PNGPTModel(GPTModel):
         self.is_main_code_copy = ps.get_pipeline_model_parallel_rank() == 0 and not self.vp_stage
         if not self.is_main_code_copy:
             self.expert_codes.shared = True
+        self.step_projections: StepProjections | None = None  # see projected_once_per_step
         if config.perform_initialization:
             self._init_expert_codes()
 
@@ -64,7 +67,8 @@ class PNGPTModel(GPTModel):
         Every pipeline stage groups the same way, so the hidden states passed between stages
         stay grouped; only the last stage restores the order.
         """
-        routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes)
+        routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes,
+                                                 self.step_projections)
         if decoder_input is not None:  # [s, b, d]
             decoder_input = routing.group(decoder_input.transpose(0, 1)).transpose(0, 1)
         group = routing.group
@@ -82,9 +86,27 @@ class PNGPTModel(GPTModel):
         return state
 
 
+def _unwrap(chunk) -> PNGPTModel:
+    return getattr(chunk, "module", chunk)  # under megatron-core's DDP
+
+
+@contextlib.contextmanager
+def projected_once_per_step(model_chunks):
+    """Around one optimizer step's micro-batches: every expert projected once for all of them
+    (StepProjections); finalize_pn_model_grads backpropagates the projections."""
+    models = [_unwrap(chunk) for chunk in model_chunks]
+    for model in models:
+        model.step_projections = StepProjections()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.step_projections = None
+
+
 def allreduce_expert_code_grads(model_chunks) -> None:
     """Sum the gradients of this rank's copies of E, then across pipeline stages."""
-    codes = [getattr(chunk, "module", chunk).expert_codes for chunk in model_chunks]
+    codes = [_unwrap(chunk).expert_codes for chunk in model_chunks]
     if len(codes) == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
         return
     total = torch.stack([p.main_grad for p in codes]).sum(dim=0)
@@ -95,7 +117,11 @@ def allreduce_expert_code_grads(model_chunks) -> None:
 
 
 def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
-    """megatron-core's gradient finalization (DP reduction, tied embeddings, token scaling),
-    then the expert codes' cross-stage reduction."""
+    """The step's projections backpropagated (when it kept them), megatron-core's gradient
+    finalization (DP reduction, tied embeddings, token scaling), then the expert codes'
+    cross-stage reduction."""
+    for chunk in model_chunks:
+        if _unwrap(chunk).step_projections is not None:
+            _unwrap(chunk).step_projections.backward()
     finalize_model_grads(model_chunks, num_tokens, **kwargs)
     allreduce_expert_code_grads(model_chunks)
