@@ -103,13 +103,13 @@ def from_record(record, source, kind: str = "data") -> Fingerprint | None:
                        record.get("path"), kind)
 
 
-def tokenizer_fingerprint(model_path: str | Path) -> Fingerprint:
+def tokenizer_fingerprint(model_path: str | Path, what: str = "tokenizer") -> Fingerprint:
     """A SentencePiece .model file's own fingerprint."""
     from data_tools.windows import file_sha256
 
     path = Path(model_path)
     if not path.is_file():
-        raise ConfigError(f"tokenizer {path} does not exist")
+        raise ConfigError(f"{what}: {path} does not exist (a SentencePiece .model)")
     return Fingerprint(file_sha256(path), str(path), str(path), "tokenizer")
 
 
@@ -204,7 +204,8 @@ def run_tokenizer(cfg, start: str | Path | None = None) -> Fingerprint | None:
     agreeing — checked against the checkpoint it starts from (resumed or checkpoint.load) and
     distill.teacher. Returns what its checkpoints record (the start's if the data has none)."""
     allow = cfg.data.allow_tokenizer_mismatch
-    given = [tokenizer_fingerprint(cfg.data.tokenizer_model)] if cfg.data.tokenizer_model else []
+    model = cfg.data.tokenizer_model
+    given = [tokenizer_fingerprint(model, "data.tokenizer_model")] if model else []
     given += [dataset_fingerprint(prefix) for prefix in run_prefixes(cfg)]
     run = agreed(given, allow=allow, override=OVERRIDE_KEY,
                  fix="tokenize every dataset of a run with one tokenizer (data.tokenizer_model)")
