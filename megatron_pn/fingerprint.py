@@ -58,13 +58,15 @@ class Fingerprint:
 
 
 def require_same(given: Fingerprint | None, expected: Fingerprint | None, *, allow: bool,
-                 fix: str, override: str = OVERRIDE_FLAG) -> None:
-    """Refuse two different tokenizers (unless `allow`: then a warning); None matches anything."""
+                 fix: str, override: str | None = OVERRIDE_FLAG) -> None:
+    """Refuse two different tokenizers (unless `allow`: then a warning); None matches anything.
+    `override` names the flag or key that allows it (None: the command has none)."""
     if given is None or expected is None or given.sha256 == expected.sha256:
         return
     message = f"tokenizer mismatch: {given.describe()}, {expected.describe()}"
     if not allow:
-        raise TokenizerMismatch(f"{message} — {fix}, or {_override_advice(override)}")
+        advice = f", or {_override_advice(override)}" if override else ""
+        raise TokenizerMismatch(f"{message} — {fix}{advice}")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {message} (allowed by {override})", file=sys.stderr, flush=True)
 
