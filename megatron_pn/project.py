@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def project(args) -> dict:
     import dataclasses
 
-    from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
+    from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
