@@ -15,8 +15,7 @@ import shutil
 
 import pytest
 
-from helpers import (perturbed_model, real_text_documents, run_train, tiny_overrides,
-                     write_byte_dataset)
+from helpers import perturbed_model, real_text_documents, tiny_overrides, write_byte_dataset
 from megatron_pn.config import load_config
 from megatron_pn.fingerprint import checkpoint_fingerprint
 
@@ -53,14 +52,39 @@ def assert_names_both(line: str, given: str, trained: str, override: str) -> Non
     assert given in line and trained in line and override in line, line
 
 
-# -- pn-train (first: its in-process runs own the process group while they run) ------------------
+# -- where the records are read --------------------------------------------------------------
+
+def test_records_beside_the_data(tmp_path):
+    from megatron_pn.config import ConfigError
+    from megatron_pn.fingerprint import dataset_fingerprint, hf_tokenizer_fingerprint
+
+    # per-cluster datasets (`pn-data cluster`): the clusters.json of their directory
+    (tmp_path / "clusters.json").write_text(json.dumps(
+        {"names": ["cluster_0000"], "tokenizer_sha256": SHA_A}))
+    found = dataset_fingerprint(tmp_path / "cluster_0000")
+    assert found.sha256 == SHA_A and found.source == str(tmp_path / "clusters.json")
+    assert dataset_fingerprint(tmp_path / "elsewhere") is None
+    # an HF tokenizer directory from before pn_tokenizer.json: the PREFIX.json beside it
+    (tmp_path / "spm_hf").mkdir()
+    (tmp_path / "spm.json").write_text(json.dumps(
+        {"sha256": SHA_B, "model": "spm.model", "hf_dir": str(tmp_path / "spm_hf")}))
+    assert hf_tokenizer_fingerprint(tmp_path / "spm_hf").sha256 == SHA_B
+    # a damaged record is one clear error
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="bad.json: cannot read its tokenizer record"):
+        dataset_fingerprint(tmp_path / "bad")
+
+
+# -- pn-train, in process (first: each run creates and destroys the process group) --------------
 
 @pytest.fixture(scope="module")
 def trained_a(data, tmp_path_factory):
     """The tiny SLM's initial checkpoint (0 steps) on dataset a: it records a's tokenizer."""
+    from megatron_pn.train import main
+
     root = tmp_path_factory.mktemp("tok_train")
-    run_train([SLM, *tiny_overrides(data["a"], root / "run", **{
-        "train.steps": 0, "checkpoint.dir": root / "ckpt"})])
+    assert main([SLM, *tiny_overrides(data["a"], root / "run", **{
+        "train.steps": 0, "checkpoint.dir": root / "ckpt"})]) == 0
     return root / "ckpt"
 
 
@@ -105,12 +129,15 @@ def test_pn_train_records_and_refuses_another_tokenizer(data, trained_a, tmp_pat
     assert sorted(p.name for p in trained_a.glob("iter_*")) == ["iter_0000000"]
 
 
-def test_pn_train_override_and_matching_tokenizers(data, trained_a, tmp_path):
+def test_pn_train_override_and_matching_tokenizers(data, trained_a, tmp_path, capsys):
+    from megatron_pn.train import main
+
     for name, prefix, extra in (("allowed", data["b"], {"data.allow_tokenizer_mismatch": "true"}),
                                 ("same", data["a"], {}), ("unrecorded", data["none"], {})):
-        run_train([SLM, *tiny_overrides(prefix, tmp_path / name, **{
+        assert main([SLM, *tiny_overrides(prefix, tmp_path / name, **{
             "train.steps": 1, "checkpoint.load": trained_a, "checkpoint.dir": tmp_path / name /
-            "ckpt", **extra})])
+            "ckpt", **extra})]) == 0
+    assert "allowed by data.allow_tokenizer_mismatch" in capsys.readouterr().err
     # the fine-tuned model records the tokenizer of its data; unrecorded data keeps the loaded one
     assert checkpoint_fingerprint(tmp_path / "allowed" / "ckpt").sha256 == SHA_B
     assert checkpoint_fingerprint(tmp_path / "same" / "ckpt").sha256 == SHA_A
@@ -159,6 +186,20 @@ def test_pn_eval(dense, data, tmp_path, capsys):
     assert "allowed by --allow-tokenizer-mismatch" in capsys.readouterr().err
 
 
+def test_checkpoint_without_a_record_has_its_config_tokenizer(world, tmp_path):
+    """A checkpoint saved before tokenizers were recorded: its data.tokenizer_model, if there."""
+    import hashlib
+
+    model = tmp_path / "old.model"
+    model.write_bytes(b"a sentencepiece model")
+    ckpt = write(tiny_config(SLM, f"data.tokenizer_model={model}"), tmp_path / "c", record=None)
+    found = checkpoint_fingerprint(ckpt)
+    assert found.sha256 == hashlib.sha256(b"a sentencepiece model").hexdigest()
+    assert found.describe().endswith("(old.model)")
+    model.unlink()
+    assert checkpoint_fingerprint(ckpt) is None
+
+
 # -- pn-project ---------------------------------------------------------------------------------
 
 def spec(root, name, sha):
@@ -204,6 +245,8 @@ def tokenizers(tmp_path_factory):
     corpus = root / "text.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in real_text_documents(30_000)))
     meta = train_tokenizer([str(corpus)], str(root / "a"), vocab_size=400, threads=1)
+    record = json.loads((root / "a_hf" / "pn_tokenizer.json").read_text())
+    assert record["sha256"] == meta["sha256"]  # the HF copy names its .model
     other = root / "b_hf"
     shutil.copytree(root / "a_hf", other)
     (other / "pn_tokenizer.json").write_text(json.dumps({"sha256": SHA_B, "model": "b.model"}))
