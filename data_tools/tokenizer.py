@@ -174,6 +174,12 @@ def train_tokenizer(inputs: list[str], output_prefix: str, *, vocab_size: int = 
             shutil.move(f"{work}/sp.model", tmp[".model"])
             shutil.move(f"{work}/sp.vocab", tmp[".vocab"])
         export_hf_tokenizer(tmp[".model"], tmp["_hf"])
+        # the .model's fingerprint travels with the HF copy (pn-export-hf compares it)
+        from data_tools.preprocess import file_sha256
+        from megatron_pn.fingerprint import HF_RECORD
+
+        atomic_write_json(tmp["_hf"] / HF_RECORD, {"model": str(paths[".model"].resolve()),
+                                                   "sha256": file_sha256(tmp[".model"])})
         check_sample = random.Random(seed).sample(sample, min(HF_CHECK_DOCS, len(sample)))
         check = check_hf_tokenizer(tmp[".model"], tmp["_hf"], check_sample)
         _judge_hf_check(check, model_type)

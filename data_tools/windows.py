@@ -11,7 +11,6 @@ columns (doc, start, end): token offsets [start, end) inside document `doc`.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -130,24 +129,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def sidecar_tokenizer_sha256(prefix: str | Path) -> str | None:
-    """The tokenizer hash `pn-data preprocess` records in PREFIX.json ("tokenizer_sha256", also
-    "tokenizer": {"path", "sha256"}), if there is one."""
-    sidecar = Path(str(prefix) + ".json")
-    if not sidecar.is_file():
-        return None
-    meta = json.loads(sidecar.read_text())
-    tokenizer = meta.get("tokenizer")
-    nested = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
-    return meta.get("tokenizer_sha256", nested)
-
-
 def check_tokenizer_matches(prefix: str | Path, expected_sha256: str, expected_from: str) -> None:
-    """Fail if PREFIX.json says the dataset was tokenized with another tokenizer."""
-    recorded = sidecar_tokenizer_sha256(prefix)
-    if recorded is not None and recorded != expected_sha256:
-        raise ValueError(
-            f"tokenizer mismatch: {prefix}.json records tokenizer sha256 {recorded[:12]}…, but "
-            f"{expected_from} has {expected_sha256[:12]}…. Preprocess the data with the same "
-            f"SentencePiece model that the clustering used (or pass that model)."
-        )
+    """Fail if PREFIX.json says the dataset was tokenized with another tokenizer than the one
+    `expected_from` (a .model, or a file recording one) names: the comparison every command
+    makes (megatron_pn/fingerprint.py)."""
+    from megatron_pn.fingerprint import Fingerprint, dataset_fingerprint, require_same
+
+    kind = "tokenizer" if str(expected_from).endswith(".model") else "data"
+    require_same(dataset_fingerprint(prefix), Fingerprint(expected_sha256, str(expected_from),
+                                                          kind=kind),
+                 allow=False, override=None,
+                 fix="preprocess the data with the SentencePiece model that the clustering used "
+                     "(or pass that model)")

@@ -110,6 +110,10 @@ class DataConfig:
         "separate validation datasets (prefixes or [weight, prefix]); then all of data.blend "
         "trains and data.split is not used (dense models)", factory=list)
     tokenizer_model: str | None = _help("SentencePiece model: EOD id and vocab checked", None)
+    allow_tokenizer_mismatch: bool = _help(
+        "train although the datasets, checkpoint.load, the checkpoint resumed or "
+        "distill.teacher record different tokenizers (sha256 of the .model); refused otherwise",
+        False)
     eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
     num_workers: int | None = _help(
         "data loader worker processes per rank, reading a step's micro-batches ahead while the "

@@ -320,11 +320,18 @@ def only_cluster(m, args, sets: list[HeldOut]) -> dict:
 def evaluate(args, env) -> dict:
     """Every input is checked (against the checkpoint's config) before the model loads."""
     from megatron_pn.checkpoint import saved_config
+    from megatron_pn.fingerprint import checkpoint_fingerprint, dataset_fingerprint, require_same
 
-    saved = saved_config(resolve_checkpoint(args.checkpoint))
+    path = resolve_checkpoint(args.checkpoint)
+    saved = saved_config(path)
     m = saved.model
     eod = model_eod_id(saved) if args.eod_id is None else args.eod_id
     sets = held_out_sets(args, m.seq_length)
+    trained = checkpoint_fingerprint(path)
+    for held in sets:
+        require_same(dataset_fingerprint(held.prefix), trained,
+                     allow=args.allow_tokenizer_mismatch,
+                     fix="use data tokenized with the checkpoint's tokenizer")
     for held in sets:
         check_tokens(held, m.vocab_size, eod)
     routing = route(m, args, sets)
@@ -376,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute precision (bf16 needs a GPU)")
     parser.add_argument("--eod-id", type=int, help="end-of-document id (default: the model's "
                         "tokenizer EOS, else its data.eod_id)")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="evaluate although a dataset's PREFIX.json records another "
+                        "tokenizer than the checkpoint was trained with")
     parser.add_argument("--output", help="write the results as JSON to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,7 +15,10 @@ The weights are renamed by the explicit tables below; two Megatron tensors are f
 
 GPT-2's Conv1D weights are stored [in, out]: transposed. Every tensor's shape is checked against
 the target model. The megatron-pn model config travels in config.json ("megatron_pn"), so that
-import restores what HF cannot express (unpadded vocabulary, GPT-2 grouped-query heads).
+import restores what HF cannot express (unpadded vocabulary, GPT-2 grouped-query heads), and
+so does the checkpoint's tokenizer fingerprint ("tokenizer": sha256 of the SentencePiece .model,
+megatron_pn/fingerprint.py): `--tokenizer` must be that tokenizer (`--allow-tokenizer-mismatch`
+for the deliberate exception), and import records it in the checkpoint it writes.
 
 Import writes a model-only checkpoint in pn-train's layout (dist_checkpointing `iter_0000000/`,
 `latest_checkpointed_iteration.txt`, the run config inside) plus `model.yaml`, the model section
@@ -363,23 +366,33 @@ def write_hf_dir(model, directory: Path, dtype: str, tokenizer_dir: str | None) 
 
 
 def export(checkpoint: str, output: str, expert: int | None = None,
-           tokenizer: str | None = None, dtype: str = "fp32", overwrite: bool = False) -> Path:
+           tokenizer: str | None = None, dtype: str = "fp32", overwrite: bool = False,
+           allow_tokenizer_mismatch: bool = False) -> Path:
     """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it."""
     from megatron_pn.checkpoint import saved_config
+    from megatron_pn.fingerprint import (checkpoint_fingerprint, hf_tokenizer_fingerprint,
+                                         require_same)
     from megatron_pn.model import padded_vocab_size
 
     check_writable(output, overwrite)
-    saved = saved_config(resolve_checkpoint(checkpoint))
+    path = resolve_checkpoint(checkpoint)
+    saved = saved_config(path)
     m = dense_model_config(saved.model)
     architecture(m)  # fail before loading any weight
     check_expert(saved.model, expert, checkpoint, "export the dense model of expert I")
+    trained = checkpoint_fingerprint(path)
+    if tokenizer:
+        require_same(hf_tokenizer_fingerprint(tokenizer), trained,
+                     allow=allow_tokenizer_mismatch,
+                     fix="copy in the tokenizer the checkpoint was trained with (--tokenizer)")
     with inference_world(single_process=True) as env:
         loaded = load_model(checkpoint, env, "fp32")
         state = megatron_dense_state(loaded, expert)
     source = {"checkpoint": str(loaded.path), "iteration": loaded.iteration,
               "model_type": saved.model.type, "expert": expert}
     ids = special_token_ids(model_eod_id(saved), tokenizer, padded_vocab_size(m))
-    model = build_hf_model(m, state, ids, {"model": dataclasses.asdict(m), "source": source})
+    model = build_hf_model(m, state, ids, {"model": dataclasses.asdict(m), "source": source,
+                                           "tokenizer": trained.record() if trained else None})
     with atomic_path(output, overwrite) as tmp:
         write_hf_dir(model, tmp, dtype, tokenizer)
     return Path(output)
@@ -504,6 +517,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     from megatron.core import tensor_parallel
 
     from megatron_pn.config import load_config
+    from megatron_pn.fingerprint import hf_model_fingerprint
     from megatron_pn.model import build_gpt, transformer_config
     from megatron_pn.validation import validate_model
 
@@ -515,6 +529,8 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
     validate_model(cfg)
     state = import_state(hf_model, cfg.model)
+    extras = getattr(hf_model.config, EXTRAS_KEY, None) or {}
+    tokenizer = hf_model_fingerprint(hf_dir, extras)  # the checkpoint records it again
     del hf_model
     with inference_world(single_process=True) as env:
         cfg.train.precision = "fp32"
@@ -528,7 +544,8 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
         model.load_state_dict(state, strict=True)
         cfg.train.precision = base.train.precision
         cfg.checkpoint = dataclasses.replace(cfg.checkpoint, dir=None, load=None)
-        return write_checkpoint(model, cfg, output, overwrite, {"imported_from": str(hf_dir)})
+        return write_checkpoint(model, cfg, output, overwrite, {
+            "imported_from": str(hf_dir), "tokenizer": tokenizer.record() if tokenizer else None})
 
 
 # -- command lines ------------------------------------------------------------------------------
@@ -551,6 +568,9 @@ def export_parser() -> argparse.ArgumentParser:
                         "of `pn-data train-tokenizer`)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="dtype of the saved weights")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="copy in --tokenizer although it is not the tokenizer the "
+                        "checkpoint was trained with")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
@@ -589,7 +609,8 @@ def _run(prog: str, work) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     return _run("pn-export-hf", lambda: "wrote " + str(export(
-        args.checkpoint, args.output, args.expert, args.tokenizer, args.dtype, args.overwrite)))
+        args.checkpoint, args.output, args.expert, args.tokenizer, args.dtype, args.overwrite,
+        args.allow_tokenizer_mismatch)))
 
 
 def import_main(argv: list[str] | None = None) -> int:

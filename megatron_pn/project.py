@@ -17,7 +17,6 @@ fine-tune it with `pn-train CONFIG checkpoint.load=OUTPUT ...`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -57,7 +56,8 @@ def read_spec(spec_dir: Path, k: int) -> dict:
 
 
 def check_same_clustering(cfg: Config, spec: dict, spec_dir: Path) -> None:
-    """The spec set must be assigned with the centroids (and tokenizer) the PN was trained on."""
+    """The spec set must be assigned with the centroids (and tokenizer) of the clustering the PN
+    was trained on."""
     if not cfg.data.blend_file:
         return
     manifest = Path(cfg.data.blend_file).parent / "clusters.json"
@@ -70,14 +70,6 @@ def check_same_clustering(cfg: Config, spec: dict, spec_dir: Path) -> None:
                 f"--spec-data {spec_dir} was assigned with other {what} ({spec[key][:12]}) than "
                 f"the clustering the checkpoint trained on ({manifest}: {clusters[key][:12]}); "
                 f"re-run `pn-data assign --clusters {manifest.parent}`"
-            )
-    if cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).is_file() and spec.get(
-            "tokenizer_sha256"):
-        sha = hashlib.sha256(Path(cfg.data.tokenizer_model).read_bytes()).hexdigest()
-        if sha != spec["tokenizer_sha256"]:
-            raise ProjectionError(
-                f"--spec-data {spec_dir}: tokenized with another tokenizer than the checkpoint's "
-                f"data.tokenizer_model {cfg.data.tokenizer_model}"
             )
 
 
@@ -157,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path, help="dense checkpoint directory")
     parser.add_argument("--sample-tokens", type=int, default=65536,
                         help="best-loss: spec tokens each expert is scored on (default 65536)")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="project although the specialization set records another "
+                        "tokenizer than the checkpoint was trained with")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
@@ -164,18 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
 def project(args) -> dict:
     import dataclasses
 
+    from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
     from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
     check_writable(args.output, args.overwrite)
-    cfg = checkpoint.saved_config(resolve_checkpoint(args.checkpoint))
+    path = resolve_checkpoint(args.checkpoint)
+    cfg = checkpoint.saved_config(path)
     if cfg.model.type != "pn":
         raise ProjectionError(f"--checkpoint {args.checkpoint} is a {cfg.model.type} checkpoint; "
                               "pn-project needs a projected network (model.type pn)")
     spec = read_spec(args.spec_data, cfg.model.num_experts)
     check_same_clustering(cfg, spec, args.spec_data)
+    trained = checkpoint_fingerprint(path)  # the projected expert keeps its tokenizer
+    require_same(spec_fingerprint(args.spec_data, spec), trained,
+                 allow=args.allow_tokenizer_mismatch,
+                 fix="assign a specialization set tokenized with the checkpoint's tokenizer")
     with inference_world(single_process=True) as env:
         loaded = load_model(args.checkpoint, env)
         expert, code, details = choose(args.strategy, spec, loaded.model, loaded.cfg, env.device,
@@ -190,8 +191,9 @@ def project(args) -> dict:
         record = {"source": str(loaded.path), "strategy": args.strategy, "expert": expert,
                   "spec_data": str(args.spec_data), **details,
                   "seconds": time.time() - start}
-        checkpoint.save(args.output, 0, [dense], extra={"config": dense_cfg.to_dict(),
-                                                        "projection": record})
+        checkpoint.save(args.output, 0, [dense], extra={
+            "config": dense_cfg.to_dict(), "projection": record,
+            "tokenizer": trained.record() if trained else None})
         if env.rank == 0:  # the choice, readable without loading the checkpoint
             atomic_write_json(Path(args.output) / "projection.json", record)
     return record

@@ -30,6 +30,7 @@ from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro
 from megatron_pn.distributed import init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
+from megatron_pn.fingerprint import run_tokenizer
 from megatron_pn.layout import FINISHED
 from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
                                  peak_memory)
@@ -54,6 +55,12 @@ class Trainer:
         validate_config(cfg, self.env.world_size, self.device_type)
         cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
         self.cfg = cfg = finetuning_lr(cfg)
+        self.step = 0
+        self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
+        self.initial_weights = None
+        resume_from = self._checkpoint_to_resume()
+        # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
+        self.tokenizer = run_tokenizer(cfg, resume_from or self._weights_to_load())
         p = cfg.parallel
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor,
@@ -75,10 +82,6 @@ class Trainer:
         )
         self.teacher = (build_teacher(cfg, lambda c: transformer_config(c, self.device_type))
                         if cfg.distill.teacher else None)
-        self.step = 0
-        self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
-        self.initial_weights = None
-        resume_from = self._checkpoint_to_resume()
         self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
                                           self.is_pn)
         self.scheduler = self._build_scheduler(self.engine.optimizer)
@@ -128,12 +131,16 @@ class Trainer:
         chunks = build_model_chunks(self.cfg, self.tconfig)
         if self.device_type == "cuda":
             chunks = [chunk.cuda() for chunk in chunks]
-        path = self.initial_weights or (
-            checkpoint.resolve(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None)
+        path = self._weights_to_load()
         if path and not resume_from:
             checkpoint.load(path, chunks)
             self._print(f"initialized model weights from {path}")
         return chunks
+
+    def _weights_to_load(self) -> Path | None:
+        """A model-only checkpoint in checkpoint.dir, else checkpoint.load (when not resuming)."""
+        load = self.cfg.checkpoint.load
+        return self.initial_weights or (checkpoint.resolve(load) if load else None)
 
     def _build_scheduler(self, optimizer) -> OptimizerParamScheduler:
         t = self.cfg.train
@@ -296,6 +303,7 @@ class Trainer:
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": self.cfg.to_dict(),
             "early_stopping": dict(self.early_stopping),
+            "tokenizer": self.tokenizer.record() if self.tokenizer else None,
         }
         path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")
