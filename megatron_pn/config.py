@@ -153,8 +153,9 @@ class TrainConfig:
         "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
         "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "
         "is the expert that computes the whole set (e.g. its most frequent cluster's) or a "
-        "`pn-data assign` directory of the set (each window by its cluster's expert). Logged as "
-        "eval/<name>; needs parallel.pipeline=1", factory=list)
+        "`pn-data assign` directory of the set (each window by its cluster's expert); for mix, "
+        "[name, prefix, ASSIGN_DIR] keeps the windows of the expert's cluster. Logged as "
+        "eval/<name> (loss, ppl, tokens); needs parallel.pipeline=1", factory=list)
     eval_sets_max_tokens: int | None = _help("evaluate at most this many tokens of each of "
                                              "train.eval_sets (None: all)", 20000)
     log_interval: int = _help("steps between log lines", 1)

@@ -314,8 +314,8 @@ class Trainer:
     def _validate(self) -> bool:
         """Evaluate and log; True when the validation loss is the best so far."""
         for name, result in self.evaluate_sets().items():
-            self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"]},
-                             f"eval/{name}")
+            self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"],
+                                         "tokens": result["tokens"]}, f"eval/{name}")
         loss = self.evaluate()
         if loss is None:
             return False
@@ -375,7 +375,8 @@ class Trainer:
 
 def held_out_sets(cfg: Config) -> list:
     """train.eval_sets as pn-eval's windows (every token predicted once, at most
-    train.eval_sets_max_tokens), routed to the set's expert or each window's cluster (PN)."""
+    train.eval_sets_max_tokens), routed to the set's expert or each window's cluster (PN); an
+    SLM-mix expert keeps the windows of its own cluster."""
     from megatron_pn.evaluate import HeldOut, document_windows, open_dataset, window_clusters
 
     sets = []
@@ -384,7 +385,9 @@ def held_out_sets(cfg: Config) -> list:
         windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
                                    cfg.train.eval_sets_max_tokens)
         held = HeldOut(name, prefix, dataset, windows)
-        if route and isinstance(route[0], str):  # each window by its cluster (pn-data assign)
+        if route and cfg.model.type == "mix":
+            held.windows = windows[window_clusters(route[0], held) == cfg.data.expert]
+        elif route and isinstance(route[0], str):  # each window by its cluster (pn-data assign)
             held.cluster_ids = window_clusters(route[0], held)
         elif route:
             held.cluster_ids = np.full(len(windows), route[0], dtype=np.int64)

@@ -164,13 +164,17 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
 
 
 def validate_eval_sets(cfg: Config) -> None:
-    sets, is_pn = cfg.train.eval_sets, cfg.model.type == "pn"
+    sets, is_pn, is_mix = cfg.train.eval_sets, cfg.model.type == "pn", cfg.model.type == "mix"
     if not sets:
         return
     _require(cfg.parallel.pipeline == 1, "train.eval_sets needs parallel.pipeline=1")
-    shape = "[name, prefix, expert or assign dir]" if is_pn else "[name, prefix]"
+    shape = {"pn": "[name, prefix, expert or assign dir]",
+             "mix": "[name, prefix] or [name, prefix, assign dir] (the expert's cluster only)"
+             }.get(cfg.model.type, "[name, prefix]")
     for entry in sets:
-        _require(isinstance(entry, (list, tuple)) and len(entry) == (3 if is_pn else 2),
+        lengths = (3,) if is_pn else (2, 3) if is_mix else (2,)
+        _require(isinstance(entry, (list, tuple)) and len(entry) in lengths
+                 and (len(entry) == 2 or is_pn or isinstance(entry[2], str)),
                  f"train.eval_sets: {entry!r} should be {shape}")
         if is_pn and not isinstance(entry[2], str):
             _require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,

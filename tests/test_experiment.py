@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import REPO
+from megatron_pn.config import ConfigError
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
@@ -85,16 +86,21 @@ def test_learning_curve_runs_share_data_and_evaluation_schedule(tmp_path, monkey
     steps = build_grid(cfg, tmp_path / "out").steps
     topological(steps)
     runs = {n: s for n, s in steps.items() if n.startswith("curves/")}
-    assert sorted(runs) == sorted(f"curves/{v}/s3" for v in cfg.curves.variants)
+    k = cfg.clusters["pn"]
+    assert sorted(runs) == sorted([f"curves/{v}/s3" for v in cfg.curves.variants if v != "mix"]
+                                  + [f"curves/mix/s3/expert_{e:04d}" for e in range(k)])
     for name, step in runs.items():
         args = dict(a.split("=", 1) for a in step.cmd if "=" in a)
-        assert args["train.seed"] == "3" and args["train.steps"] == str(cfg.curves.steps)
+        share = k if "/mix/" in name else 1  # SLM-mix: the steps shared by k experts
+        assert args["train.seed"] == "3" and args["train.steps"] == str(cfg.curves.steps // share)
+        assert args["train.eval_interval"] == str(cfg.curves.eval_interval // share)
         assert args["data.blend_file"].endswith("clusters/pn/generic_blend.json")
         sets = args["train.eval_sets"]
         assert "generic_test" in sets and "bible_valid" in sets
-        is_pn = "/pn_" in name
-        assert ("assign/pn/bible_valid" in sets) == is_pn
-        assert ("model.num_experts" in args) == is_pn
+        routed = "/pn_" in name or "/mix/" in name  # (mix: its own cluster's windows)
+        assert ("assign/pn/bible_valid" in sets) == routed
+        assert ("model.num_experts" in args) == routed
+        assert ("data.expert" in args) == ("/mix/" in name)
         assert {"data/assign/pn/generic_test", "data/assign/pn/bible_valid"} <= set(step.deps)
 
 
@@ -117,6 +123,28 @@ def test_learning_curve_tables_average_seeds(tmp_path, monkeypatch):
     text = write_curves(tmp_path, cfg)
     assert "| slm | 150.0 +- 50.0 | 150.0 +- 50.0 |" in text  # generic: ppl 100 and 200
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_slm_mix_curve_pools_its_experts_by_tokens(tmp_path, monkeypatch):
+    """An SLM-mix expert at its step s is the mixture at step s x k; the mixture's loss on a set
+    is the token-weighted mean of its experts' losses on their own clusters' windows."""
+    from megatron_pn.experiment.curves import read_curves
+
+    monkeypatch.chdir(REPO)
+    cfg = load_experiment(STUDY, ["domains=[bible]", "curves.steps=400", "clusters.pn=2",
+                                  "curves.eval_interval=200", "curves.seeds=[1]",
+                                  "curves.variants={mix: {config: configs/tiny/mix.yaml}}"])
+    for expert, (loss, tokens) in enumerate(((1.0, 300), (4.0, 100))):
+        run = tmp_path / "curves" / "mix" / "s1" / f"expert_{expert:04d}"
+        run.mkdir(parents=True)
+        records = [{"step": 100, "split": f"eval/{name}", "loss": loss, "tokens": tokens}
+                   for name in ("generic", "bible")]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    curves = read_curves(tmp_path, cfg)
+    assert curves["mix"]["generic"][200] == pytest.approx([(1.0 * 300 + 4.0 * 100) / 400])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_experiment(STUDY, ["curves.eval_interval=150", "curves.variants={mix: {config: "
+                                "configs/tiny/mix.yaml}}"])
 
 
 def test_only_the_clusterings_the_methods_use_are_built(tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
     if not cfg.methods and not cfg.curves:
         fail(f"methods: list at least one of {', '.join(METHODS)} (or give curves)")
     if cfg.curves:
-        check_curves(cfg.curves, fail)
+        check_curves(cfg.curves, cfg.clusters.get("pn", 1), fail)
     for name, method in cfg.methods.items():
         if name != "distill" and (not method.budgets or min(method.budgets) <= 0):
             fail(f"methods.{name}.budgets: give pretraining steps (> 0), one run each")
@@ -148,7 +148,7 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
         fail("clusters: give k for 'pn' (PN and SLM-mix) and 'is' (SLM-is)")
 
 
-def check_curves(curves: Curves, fail) -> None:
+def check_curves(curves: Curves, k: int, fail) -> None:
     if curves.steps <= 0 or not 0 < curves.eval_interval <= curves.steps:
         fail("curves: steps > 0 and 0 < eval_interval <= steps")
     if not curves.seeds or not curves.variants:
@@ -160,3 +160,14 @@ def check_curves(curves: Curves, fail) -> None:
             fail(f"curves.variants.{name}: give {{config: FILE, overrides: [key=value, ...]}}")
         if not Path(variant.get("config", "")).is_file():
             fail(f"curves.variants.{name}.config: {variant.get('config')} not found")
+        if load_model_type(variant["config"]) == "mix" and (curves.steps % k or
+                                                        curves.eval_interval % k):
+            fail(f"curves.variants.{name}: SLM-mix trains {k} experts for steps / {k} each: "
+                 f"give curves.steps and eval_interval divisible by clusters.pn = {k}")
+
+
+def load_model_type(config: str) -> str:
+    """model.type of a pn-train config file."""
+    from megatron_pn.config import load_config
+
+    return load_config([config]).model.type

@@ -2,7 +2,7 @@
 pretraining tokens, every variant on the same evaluation schedule, the spread over seeds.
 
 Reads curves/<variant>/s<seed>/metrics.jsonl (the `eval/<set>` records pn-train writes for
-train.eval_sets); writes curves.md (a table at a few points of training) and curves.png.
+train.eval_sets; SLM-mix: one per expert, pooled); writes curves.md (a table at a few points of training) and curves.png.
 """
 
 from __future__ import annotations
@@ -13,27 +13,53 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.experiment.config import ExperimentConfig
+from megatron_pn.experiment.config import ExperimentConfig, load_model_type
 from megatron_pn.fileio import atomic_write_text
+from megatron_pn.layout import expert_dir
 
 MACRO = "domains (macro)"
+
+
+def read_records(path: Path) -> dict:
+    """(set, step) -> (loss, tokens) of a run's eval records (the last: a resumed run re-logs)."""
+    records = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record["split"].startswith("eval/"):
+            records[record["split"][5:], record["step"]] = (record["loss"],
+                                                            record.get("tokens", 1))
+    return records
+
+
+def pooled_mix_records(experts: list[dict]) -> dict:
+    """SLM-mix: expert e evaluated on its cluster's windows at its step s is the mixture at step
+    s x k (the same tokens as the other variants); the mixture's loss on a set is the
+    token-weighted mean over the experts (once every expert has its record)."""
+    k, pooled = len(experts), {}
+    for key in set.intersection(*(set(r) for r in experts)):
+        parts = [experts[e][key] for e in range(k) if experts[e][key][0] is not None]
+        tokens = sum(t for _, t in parts)
+        if tokens:
+            pooled[key[0], key[1] * k] = (sum(loss * t for loss, t in parts) / tokens, tokens)
+    return pooled
 
 
 def read_curves(out: Path, cfg: ExperimentConfig) -> dict:
     """variant -> set -> step -> [loss of each seed]; MACRO: the mean over the domains."""
     curves: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for variant in cfg.curves.variants:
+    k = cfg.clusters["pn"]
+    for variant, spec in cfg.curves.variants.items():
+        is_mix = load_model_type(spec["config"]) == "mix"
         for seed in cfg.curves.seeds:
-            path = out / "curves" / variant / f"s{seed}" / "metrics.jsonl"
-            records = {}  # (set, step) -> loss: the last record (a resumed run re-logs)
-            for line in path.read_text().splitlines() if path.is_file() else []:
-                record = json.loads(line)
-                if record["split"].startswith("eval/"):
-                    records[record["split"][5:], record["step"]] = record["loss"]
-            for (name, step), loss in records.items():
+            run = out / "curves" / variant / f"s{seed}"
+            records = pooled_mix_records([read_records(run / expert_dir(e) / "metrics.jsonl")
+                                          for e in range(k)]) if is_mix else \
+                read_records(run / "metrics.jsonl")
+            losses = {key: loss for key, (loss, _) in records.items()}
+            for (name, step), loss in losses.items():
                 curves[variant][name][step].append(loss)
-            for step in {step for _, step in records}:
-                domains = [records.get((d, step)) for d in cfg.domains]
+            for step in {step for _, step in losses}:
+                domains = [losses.get((d, step)) for d in cfg.domains]
                 if None not in domains:
                     curves[variant][MACRO][step].append(float(np.mean(domains)))
     return curves

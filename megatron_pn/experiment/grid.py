@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_pn.experiment.config import ExperimentConfig
+from megatron_pn.experiment.config import ExperimentConfig, load_model_type
 from megatron_pn.layout import FINISHED, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "soft")
@@ -373,25 +373,35 @@ class Grid:
         deps = ["data/cluster/pn"]
         for data in sets.values():
             deps += [self.assign("pn", data), self.data[data][0]]
+        k = self.cfg.clusters["pn"]
         for variant, spec in curves.variants.items():
-            is_pn = load_model_type(spec["config"]) == "pn"
+            model_type = load_model_type(spec["config"])
+            routed = model_type in ("pn", "mix")  # windows by cluster (mix: its own cluster's)
             eval_sets = [[name, str(self.data[data][1]), *([str(self.assign_dir("pn", data))]
-                                                           if is_pn else [])]
+                                                           if routed else [])]
                          for name, data in sets.items()]
+            # SLM-mix: k dense jobs, one per cluster, of steps / k each (the same tokens in all)
+            jobs = [(e, [f"data.expert={e}"]) for e in range(k)] if model_type == "mix" else \
+                [(None, [])]
+            share = k if model_type == "mix" else 1
             for seed in curves.seeds:
                 run = self.curve_dir(variant, seed)
                 args = [spec["config"], "data.blend=[]",
                         f"data.blend_file={self.clusters('pn') / 'generic_blend.json'}",
                         "data.split=80,20,0", f"data.tokenizer_model={self.tokenizer}.model",
-                        f"model.vocab_size={self.cfg.vocab_size}", f"train.steps={curves.steps}",
-                        f"train.seed={seed}", f"train.eval_interval={curves.eval_interval}",
+                        f"model.vocab_size={self.cfg.vocab_size}",
+                        f"train.steps={curves.steps // share}", f"train.seed={seed}",
+                        f"train.eval_interval={curves.eval_interval // share}",
                         "train.eval_sets=" + yaml_flow(eval_sets),
                         f"train.eval_sets_max_tokens={curves.eval_max_tokens}",
                         "logging.phase=pretrain", f"logging.run_dir={run}", "checkpoint.dir=null",
-                        *([f"model.num_experts={self.cfg.clusters['pn']}"] if is_pn else []),
+                        *([f"model.num_experts={k}"] if routed else []),
                         *self.cfg.pretrain_overrides, *spec.get("overrides", [])]
-                self.add(Step(f"curves/{variant}/s{seed}", "pretrain", finished(run),
-                              python("megatron_pn.train", *args), deps))
+                for expert, extra in jobs:
+                    sub = "" if expert is None else "/" + expert_dir(expert)
+                    self.add(Step(f"curves/{variant}/s{seed}{sub}", "pretrain",
+                                  finished(Path(f"{run}{sub}")),
+                                  python("megatron_pn.train", *args, *extra), deps))
 
     def build(self) -> dict[str, Step]:
         self.build_data()
@@ -402,12 +412,6 @@ class Grid:
         self.build_strategies()
         self.build_exports()
         return self.steps
-
-
-def load_model_type(config: str) -> str:
-    from megatron_pn.config import load_config
-
-    return load_config([config]).model.type
 
 
 def yaml_flow(value: list) -> str:
