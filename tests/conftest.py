@@ -1,12 +1,5 @@
-import sys
-from pathlib import Path
-
-# tests/helpers.py is imported as `helpers` by the test modules.
-sys.path.insert(0, str(Path(__file__).parent))
-
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_pn.distributed import free_port  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 EOD = 256  # byte-level test tokenizer: ids 0-255 are bytes, 256 ends a document
 
@@ -90,14 +92,6 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env=None,
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                              f"\n{proc.stderr[-5000:]}")
     return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
