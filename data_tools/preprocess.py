@@ -435,8 +435,14 @@ def run_preprocess(
     import sentencepiece
 
     shard_index, shard_count = parse_shard(shard)
+    if not Path(tokenizer_model).is_file():
+        raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: not found (the .model "
+                                "of `pn-data train-tokenizer`)")
     sources = readers.discover(inputs, text_field)
     segments = plan_segments(sources, shard_index, shard_count)
+    if shard_count == 1 and sum(s.stop - s.start for s in segments) == 0:
+        raise ValueError(f"--input {' '.join(map(str, inputs))}: empty, no documents to "
+                         "tokenize; give files that hold documents")
     tokenizer_path = str(Path(tokenizer_model).resolve())
     sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
     if sp.eos_id() < 0:

@@ -285,6 +285,11 @@ def _apply(obj, updates: dict, source: str, path: str = "") -> None:
             setattr(obj, key, _convert(value, types_[key], where))
 
 
+def one_line(err: Exception) -> str:
+    """An exception's message on one line (YAML errors span several)."""
+    return " ".join(str(err).split())
+
+
 def split_override(text: str) -> tuple[list[str], object]:
     """'train.lr=3e-4' -> (['train', 'lr'], 0.0003): the dotted key and the value (YAML)."""
     if "=" not in text:
@@ -314,7 +319,7 @@ def load_config(files: list[str], overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+            raise ConfigError(f"{path}: invalid YAML: {one_line(err)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _apply(cfg, data, str(path))

@@ -403,13 +403,22 @@ def export(checkpoint: str, output: str, expert: int | None = None,
 def load_hf(directory: str):
     from transformers import AutoModelForCausalLM
 
-    if not (Path(directory) / "config.json").is_file():
+    root = Path(directory)
+    if not (root / "config.json").is_file():
         raise ToolError(f"--hf {directory}: no config.json there (a Hugging Face model dir)")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    if model.config.model_type not in (LLAMA, GPT2):
-        raise ToolError(f"--hf {directory}: model_type {model.config.model_type} is not "
-                        "supported (llama or gpt2)")
-    return model
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ToolError(f"--hf {root / 'config.json'}: not valid JSON ({err}); re-download or "
+                        "re-export the model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in (LLAMA, GPT2):  # checked before any weights load
+        raise ToolError(f"--hf {directory}: model_type {model_type} is not supported (llama or "
+                        "gpt2)")
+    if not any(root.glob("*.safetensors")) and not any(root.glob("pytorch_model*.bin")):
+        raise ToolError(f"--hf {directory}: no weights there (model.safetensors or "
+                        "pytorch_model.bin); copy the model's weight files next to config.json")
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
 
 def _vocabulary(rows: int, extras: dict) -> dict:

@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.results)
         if not path.is_file():
             raise PlanError(f"--results {path} not found (run `pn-experiment run` first)")
-        results = json.loads(path.read_text())
+        try:
+            results = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PlanError(f"--results {path}: not valid JSON ({err}); rerun "
+                            "`pn-experiment report` on the experiment's directory") from None
         budget = None if args.inference_budget is None else parse_count(args.inference_budget)
         result = plan(results, args.domains, args.spec_size, budget, args.budget, args.scale)
     except PlanError as err:

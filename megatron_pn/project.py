@@ -113,6 +113,14 @@ def expert_losses(model, windows: torch.Tensor, k: int, device, batch_size: int 
     return losses
 
 
+def check_strategy(strategy: str) -> None:
+    """--strategy is one of STRATEGIES (checked before anything is read)."""
+    fixed = STRATEGIES[:-1]
+    if strategy not in fixed and not (strategy.startswith("cluster=")
+                                      and strategy.split("=", 1)[1].isdigit()):
+        raise ProjectionError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+
+
 def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens: int):
     """(expert or None, code or None, details) for a strategy."""
     p, k = spec["p"], len(spec["p"])
@@ -165,6 +173,7 @@ def project(args) -> dict:
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
+    check_strategy(args.strategy)
     check_writable(args.output, args.overwrite)
     path = resolve_checkpoint(args.checkpoint)
     cfg = checkpoint.saved_config(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_pn.config import ConfigError
 from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
@@ -30,7 +31,14 @@ GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON output of the experiment; None while it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); delete it and rerun the step that "
+                          "writes it (pn-experiment run skips the others)") from None
 
 
 def device_hours(run_dir: Path) -> float | None:
