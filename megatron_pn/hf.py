@@ -289,12 +289,6 @@ def megatron_dense_state(loaded, expert: int | None) -> dict:
             if not k.endswith("_extra_state")}
 
 
-def dense_model_config(m):
-    """The model section of the dense model a checkpoint exports as (a PN expert is dense)."""
-    return dataclasses.replace(m, type="dense", num_experts=0, bank_size=0, code_size=0,
-                               project_attention=False)
-
-
 def special_token_ids(eod: int, tokenizer_dir: str | None, vocab: int) -> dict:
     """bos/eos/pad ids for config.json; the tokenizer, when given, must fit the model."""
     if tokenizer_dir is None:
@@ -373,6 +367,7 @@ def export(checkpoint: str, output: str, expert: int | None = None,
     from megatron_pn.fingerprint import (checkpoint_fingerprint, hf_tokenizer_fingerprint,
                                          require_same)
     from megatron_pn.model import padded_vocab_size
+    from megatron_pn.pn.projection import dense_model_config
 
     check_writable(output, overwrite)
     path = resolve_checkpoint(checkpoint)
@@ -480,6 +475,8 @@ def gpt2_fields(c, hf_state: dict, extras: dict) -> dict:
 def imported_model_config(hf_model, base, from_yaml: bool):
     """The model section: shapes from the HF config; what HF does not fix (context of a RoPE
     model, dropout, init std) from --config, else from the exporter's record, else defaults."""
+    from megatron_pn.pn.projection import dense_model_config
+
     c = hf_model.config
     extras = getattr(c, EXTRAS_KEY, None) or {}
     state = hf_model.state_dict()
@@ -497,8 +494,7 @@ def imported_model_config(hf_model, base, from_yaml: bool):
     rows = state["model.embed_tokens.weight" if c.model_type == LLAMA
                  else "transformer.wte.weight"].shape[0]
     fields.update(_vocabulary(rows, extras), tie_embeddings=bool(c.tie_word_embeddings))
-    return dataclasses.replace(m, type="dense", num_experts=0, bank_size=0, code_size=0,
-                               project_attention=False, **fields)
+    return dataclasses.replace(dense_model_config(m), **fields)
 
 
 def import_state(hf_model, m) -> dict:

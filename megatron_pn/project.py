@@ -169,7 +169,7 @@ def project(args) -> dict:
 
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
     from megatron_pn.model import build_model_chunks, transformer_config
-    from megatron_pn.pn.projection import dense_state_dict
+    from megatron_pn.pn.projection import dense_model_config, dense_state_dict
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
@@ -190,9 +190,7 @@ def project(args) -> dict:
         loaded = load_model(args.checkpoint, env)
         expert, code, details = choose(args.strategy, spec, loaded.model, loaded.cfg, env.device,
                                        args.sample_tokens)
-        dense_cfg = dataclasses.replace(loaded.cfg, model=dataclasses.replace(
-            loaded.cfg.model, type="dense", num_experts=0, bank_size=0, code_size=0,
-            project_attention=False))
+        dense_cfg = dataclasses.replace(loaded.cfg, model=dense_model_config(loaded.cfg.model))
         tconfig = transformer_config(dense_cfg, env.device.type)
         tconfig.perform_initialization = False  # every weight comes from the projection
         dense = build_model_chunks(dense_cfg, tconfig)[0]
