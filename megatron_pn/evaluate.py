@@ -78,13 +78,11 @@ class HeldOut:
 def document_windows(lengths: np.ndarray, seq_length: int, max_tokens: int | None) -> np.ndarray:
     """(doc, a, n) for every window of every non-empty document, in order; with `max_tokens`,
     the first windows up to that many predicted tokens (the last one cut)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    counts = -(-lengths // seq_length)
-    docs = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
-    rank = np.arange(len(docs), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    starts = rank * seq_length
-    sizes = np.minimum(seq_length, lengths[docs] - starts)
-    windows = np.stack([docs, starts, sizes], axis=1)
+    from data_tools.windows import split_windows
+
+    windows = split_windows(lengths, seq_length)  # (doc, start, end)
+    windows[:, 2] -= windows[:, 1]
+    sizes = windows[:, 2]
     if max_tokens is not None:
         before = np.cumsum(sizes) - sizes
         windows = windows[before < max_tokens]

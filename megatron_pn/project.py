@@ -75,42 +75,26 @@ def check_same_clustering(cfg: Config, spec: dict, spec_dir: Path) -> None:
 
 # -- choosing the expert --------------------------------------------------------------------------
 
-def spec_sample(prefix: str, seq_length: int, max_tokens: int) -> torch.Tensor:
-    """[n, seq_length + 1] token windows from the start of the spec set's token stream."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix, mmap=True)
-    stream, total = [], 0
-    for i in range(len(dataset)):
-        doc = np.asarray(dataset[i], dtype=np.int64)
-        stream.append(doc)
-        total += len(doc)
-        if total >= max_tokens:
-            break
-    tokens = np.concatenate(stream)[:max_tokens]
-    n = (len(tokens) - 1) // seq_length
-    if n == 0:
-        raise ProjectionError(f"spec data {prefix}: fewer than {seq_length + 1} tokens")
-    windows = [tokens[i * seq_length:(i + 1) * seq_length + 1] for i in range(n)]
-    return torch.from_numpy(np.stack(windows))
-
-
 @torch.no_grad()
-def expert_losses(model, windows: torch.Tensor, k: int, device, batch_size: int = 8) -> np.ndarray:
-    """Mean token loss of every expert on the same windows (all rows routed to that expert)."""
-    losses = np.zeros(k)
-    positions = torch.arange(windows.shape[1] - 1, device=device)
-    for expert in range(k):
-        total, count = 0.0, 0
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size].to(device)
-            ids = [expert] * len(batch)
-            loss = model(batch[:, :-1], positions.expand(len(batch), -1), None,
-                         labels=batch[:, 1:], cluster_ids=ids)
-            total += loss.float().sum().item()
-            count += loss.numel()
-        losses[expert] = total / count
-    return losses
+def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -> np.ndarray:
+    """Per-token NLL of every expert on the first `sample_tokens` of the spec set, in pn-eval's
+    windows (every token predicted once, within its document)."""
+    from types import SimpleNamespace
+
+    from megatron_pn.evaluate import (HeldOut, document_windows, evaluate_set, model_eod_id,
+                                      open_dataset)
+
+    dataset = open_dataset(prefix)
+    held = HeldOut("spec", prefix, dataset, document_windows(
+        dataset.sequence_lengths, cfg.model.seq_length, sample_tokens))
+    if not held.num_tokens:
+        raise ProjectionError(f"spec data {prefix}: no tokens to score the experts on")
+    loaded, eod = SimpleNamespace(model=model.eval(), device=device), model_eod_id(cfg)
+    losses = []
+    for expert in range(cfg.model.num_experts):
+        held.cluster_ids = np.full(len(held.windows), expert, dtype=np.int64)
+        losses.append(evaluate_set(loaded, held, eod, cfg.train.micro_batch_size)["nll"])
+    return np.array(losses)
 
 
 def check_strategy(strategy: str) -> None:
@@ -136,10 +120,9 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
         code = torch.from_numpy(p).to(model.expert_codes) @ model.expert_codes
         return None, code, {"histogram": p.tolist()}
     if strategy == "best-loss":
-        windows = spec_sample(spec["source_prefix"], cfg.model.seq_length, sample_tokens)
-        losses = expert_losses(model.eval(), windows, k, device)
+        losses = expert_losses(model, cfg, spec["source_prefix"], sample_tokens, device)
         expert = int(np.argmin(losses))
-        return expert, None, {"losses": losses.tolist(), "sample_windows": len(windows)}
+        return expert, None, {"losses": losses.tolist(), "sample_tokens": sample_tokens}
     raise ProjectionError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
