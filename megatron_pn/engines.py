@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_pn import checkpoint
 from megatron_pn.config import Config, ConfigError
 from megatron_pn.fileio import atomic_write_text
-from megatron_pn.pn import finalize_pn_model_grads, projected_once_per_step
+from megatron_pn.pn import finalize_pn_model_grads, projected_once
 
 
 def use_fused_adam(optimizer) -> None:
@@ -68,7 +68,7 @@ class MegatronEngine:
             finalize_pn_model_grads if is_pn else finalize_model_grads)
         self.step_scope = contextlib.nullcontext  # PN: every expert projected once per step
         if is_pn and cfg.train.pn_project_once_per_step:
-            self.step_scope = functools.partial(projected_once_per_step, self.model)
+            self.step_scope = functools.partial(projected_once, self.model)
         if cfg.parallel.overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -213,10 +213,12 @@ def evaluate_set(loaded: LoadedModel, held: HeldOut, eod: int, batch_size: int,
                  progress: bool = False) -> dict:
     from tqdm import tqdm
 
+    from megatron_pn.pn import projected_once
+
     total, count = 0.0, 0
     bar = tqdm(total=held.num_tokens, desc=held.name, unit="tok", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    with bar:
+    with bar, projected_once([loaded.model], backprop=False):  # PN: each expert projected once
         for first in range(0, len(held.windows), batch_size):
             rows = np.arange(first, min(first + batch_size, len(held.windows)))
             ids = None if held.cluster_ids is None else torch.from_numpy(held.cluster_ids[rows])

@@ -38,6 +38,7 @@ from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
+from megatron_pn.pn import projected_once
 from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -197,7 +198,8 @@ class Trainer:
                               self.dp_rank, self.dp_size)
         batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
         self.engine.set_training(False)
-        losses = self.engine.run_microbatches(self._forward_step, batches, forward_only=True)
+        with projected_once(self.engine.model, backprop=False):  # PN: each expert once
+            losses = self.engine.run_microbatches(self._forward_step, batches, forward_only=True)
         self.engine.set_training(True)
         # Known on the last pipeline stage; every rank needs it (early stopping is collective).
         loss = torch.tensor([_mean_loss(losses, self.env.device) or 0.0], device=self.env.device)

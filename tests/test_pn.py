@@ -155,7 +155,7 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_pn.pn import projected_once_per_step
+    from megatron_pn.pn import projected_once
     from megatron_pn.pn.layers import ProjectedLinear
 
     cfg = tiny_cfg()
@@ -169,24 +169,47 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
     project = ProjectedLinear.project
     monkeypatch.setattr(ProjectedLinear, "project",
                         lambda self, codes: projections.append(len(codes)) or project(self, codes))
-    scope = projected_once_per_step([ddp]) if once_per_step else contextlib.nullcontext()
+    scope = projected_once([ddp]) if once_per_step else contextlib.nullcontext()
     with scope:
         for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # 2 micro-batches
             tokens, positions = inputs(seed=seed)
             for model in (plain, ddp):
                 model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
         if once_per_step:  # (finalize_pn_model_grads does this in training)
-            wrapped.step_projections.backward()
+            wrapped.projected_weights.backward()
     linears = 2 * cfg.model.num_layers
     # plain: once per linear and micro-batch; DDP: the same, or once per linear and step
     assert len(projections) == 2 * linears + (1 if once_per_step else 2) * linears
-    assert wrapped.step_projections is None
+    assert wrapped.projected_weights is None
     for name, parameter in plain.named_parameters():
         main_grad = dict(wrapped.named_parameters())[name].main_grad
         scale = parameter.grad.abs().max()
         assert torch.allclose(main_grad, parameter.grad, rtol=1e-4, atol=1e-6 * scale), name
     bank = wrapped.decoder.layers[0].mlp.linear_fc1.bank
     assert bank.grad_added_to_main_grad and bank.grad is None
+
+
+def test_evaluation_projects_each_expert_once(world, monkeypatch):
+    """projected_once(backprop=False) (validation, pn-eval): the same outputs, each expert's
+    weights projected once for all batches, and no graph kept."""
+    from megatron_pn.pn import projected_once
+    from megatron_pn.pn.layers import ProjectedLinear
+
+    model = build(tiny_cfg())
+    batches = [(inputs(seed=seed), ids) for seed, ids in enumerate(([0, 2, 2, 3, 1, 0],
+                                                                    [1, 1, 3, 0, 2, 2]))]
+    with torch.no_grad():
+        expected = [model(t, p, None, cluster_ids=ids) for (t, p), ids in batches]
+        projections = []
+        project = ProjectedLinear.project
+        monkeypatch.setattr(ProjectedLinear, "project", lambda self, codes: projections.append(
+            len(codes)) or project(self, codes))
+        with projected_once([model], backprop=False):
+            got = [model(t, p, None, cluster_ids=ids) for (t, p), ids in batches]
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(projections) == 2 * tiny_cfg().model.num_layers  # once per linear
+    assert model.projected_weights is None
 
 
 @pytest.mark.parametrize("code_init", ["random", "shared"])

@@ -13,6 +13,8 @@ this layer's `code_projection`, and T[l] (out x in x h) its `bank`. Equivalently
 The model groups a micro-batch's rows by expert (`ExpertRouting`, built from the caller's cluster
 ids in any order): we materialize one W per distinct expert in it - one bank contraction per
 expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows.
+In training (and evaluation) W is projected once per optimizer step, not per micro-batch, and
+its gradient backpropagated into T, M and E once (`ProjectedWeights`).
 
 Tensor parallelism partitions T exactly like megatron-core partitions the dense weight: along
 `out` for the column-parallel layer (fc1), along `in` for the row-parallel one (fc2); every rank
@@ -80,11 +82,11 @@ class ExpertRouting:
     counts: tuple[int, ...]  # rows of each expert, in grouped order
     order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
     restore: torch.Tensor | None  # the inverse permutation (device)
-    step: "StepProjections | None" = None  # this optimizer step's projections, if it keeps them
+    projected: "ProjectedWeights | None" = None  # W of the step or evaluation, if it keeps them
 
     @classmethod
     def from_cluster_ids(cls, cluster_ids, expert_codes: torch.Tensor,
-                         step: "StepProjections | None" = None) -> "ExpertRouting":
+                         projected: "ProjectedWeights | None" = None) -> "ExpertRouting":
         ids = torch.as_tensor(cluster_ids)
         if ids.device.type != "cpu":
             raise ValueError("cluster_ids must be on the host (a list or a CPU tensor): reading "
@@ -103,7 +105,7 @@ class ExpertRouting:
         experts, counts = torch.unique_consecutive(ids, return_counts=True)
         index = compat.host_to_device(experts, expert_codes.device)
         return cls(codes=expert_codes.index_select(0, index), experts=tuple(experts.tolist()),
-                   counts=tuple(counts.tolist()), order=order, restore=restore, step=step)
+                   counts=tuple(counts.tolist()), order=order, restore=restore, projected=projected)
 
     def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A batch-first tensor [b, ...] in grouped row order (a leading 1 broadcasts: kept)."""
@@ -116,8 +118,9 @@ class ExpertRouting:
         return rows if self.restore is None else rows.index_select(0, self.restore)
 
 
-class StepProjections:
-    """The experts' weights of one optimizer step, each projected once (SLM-pn's fast path).
+class ProjectedWeights:
+    """The experts' weights of one optimizer step (or one evaluation), each projected once:
+    SLM-pn's fast path.
 
     T, M and E do not change within a step, so W[l, i] is the same in every micro-batch. A
     projected linear projects an expert the first time the step uses it and keeps W as a leaf
@@ -125,11 +128,12 @@ class StepProjections:
     once by finalize_pn_model_grads before the data-parallel reduction, sends the sum through
     the projections into T, M and E. The bank is then read about three times per step instead
     of three times per micro-batch; the price is memory for the W and dL/dW of every expert the
-    step uses. It lives for one step only (the optimizer changes T, M and E):
-    `PNGPTModel.projected_once_per_step`.
+    step uses. Without `backprop` (an evaluation) W is kept without a graph. It lives for one
+    step or evaluation only (the optimizer changes T, M and E): `pn.model.projected_once`.
     """
 
-    def __init__(self):
+    def __init__(self, backprop: bool = True):
+        self.backprop = backprop
         self._leaves: dict[tuple, torch.Tensor] = {}  # (linear, expert) -> W, a leaf
         self._projected: list[tuple[torch.Tensor, list]] = []  # (W with its graph, its leaves)
 
@@ -138,10 +142,12 @@ class StepProjections:
         if missing:
             codes = routing.codes if len(missing) == len(routing.experts) else \
                 routing.codes[missing]
-            with torch.enable_grad():  # also under a recomputed layer's no-grad first pass
+            # with a graph also under a recomputed layer's no-grad first pass
+            with torch.set_grad_enabled(self.backprop):
                 projected = linear.project(codes)
-            leaves = [w.detach().requires_grad_() for w in projected.unbind(0)]
-            self._projected.append((projected, leaves))
+            leaves = [w.detach().requires_grad_(self.backprop) for w in projected.unbind(0)]
+            if self.backprop:
+                self._projected.append((projected, leaves))
             for j, leaf in zip(missing, leaves):
                 self._leaves[linear, routing.experts[j]] = leaf
         return [self._leaves[linear, e] for e in routing.experts]
@@ -292,8 +298,8 @@ class ProjectedLinear(MegatronModule):
 
     def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
         """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""
-        if routing.step is not None:
-            return routing.step.weights(self, routing)
+        if routing.projected is not None:
+            return routing.projected.weights(self, routing)
         return list(self.project(routing.codes).unbind(0))
 
     def _apply_experts(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 
-from megatron_pn.pn.layers import ExpertRouting, PNConfig, StepProjections, seeded_generator
+from megatron_pn.pn.layers import ExpertRouting, PNConfig, ProjectedWeights, seeded_generator
 
 
 class PNGPTModel(GPTModel):
@@ -34,7 +34,7 @@ class PNGPTModel(GPTModel):
         self.is_main_code_copy = ps.get_pipeline_model_parallel_rank() == 0 and not self.vp_stage
         if not self.is_main_code_copy:
             self.expert_codes.shared = True
-        self.step_projections: StepProjections | None = None  # see projected_once_per_step
+        self.projected_weights: ProjectedWeights | None = None  # see projected_once
         if config.perform_initialization:
             self._init_expert_codes()
 
@@ -68,7 +68,7 @@ class PNGPTModel(GPTModel):
         stay grouped; only the last stage restores the order.
         """
         routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes,
-                                                 self.step_projections)
+                                                 self.projected_weights)
         if decoder_input is not None:  # [s, b, d]
             decoder_input = routing.group(decoder_input.transpose(0, 1)).transpose(0, 1)
         group = routing.group
@@ -91,17 +91,18 @@ def _unwrap(chunk) -> PNGPTModel:
 
 
 @contextlib.contextmanager
-def projected_once_per_step(model_chunks):
-    """Around one optimizer step's micro-batches: every expert projected once for all of them
-    (StepProjections); finalize_pn_model_grads backpropagates the projections."""
-    models = [_unwrap(chunk) for chunk in model_chunks]
+def projected_once(model_chunks, backprop: bool = True):
+    """Around one optimizer step's micro-batches (finalize_pn_model_grads then backpropagates
+    the projections) or one evaluation (backprop False): every expert's weights projected once
+    for all of them (ProjectedWeights). Models other than PNs are left as they are."""
+    models = [m for m in map(_unwrap, model_chunks) if isinstance(m, PNGPTModel)]
     for model in models:
-        model.step_projections = StepProjections()
+        model.projected_weights = ProjectedWeights(backprop)
     try:
         yield
     finally:
         for model in models:
-            model.step_projections = None
+            model.projected_weights = None
 
 
 def allreduce_expert_code_grads(model_chunks) -> None:
@@ -121,7 +122,7 @@ def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
     finalization (DP reduction, tied embeddings, token scaling), then the expert codes'
     cross-stage reduction."""
     for chunk in model_chunks:
-        if _unwrap(chunk).step_projections is not None:
-            _unwrap(chunk).step_projections.backward()
+        if _unwrap(chunk).projected_weights is not None:
+            _unwrap(chunk).projected_weights.backward()
     finalize_model_grads(model_chunks, num_tokens, **kwargs)
     allreduce_expert_code_grads(model_chunks)
