@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_pn import checkpoint
 from megatron_pn.config import Config
 from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.standalone import ToolError
@@ -164,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def project(args) -> dict:
     import dataclasses
 
+    from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
     from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint

@@ -1,18 +1,22 @@
 """Start-up paid once. Long-lived step workers (megatron_pn/experiment/worker.py): a sequence
 of steps run in one worker gives the same bytes as one fresh interpreter per step; a failed or
-killed step retires its worker and the next step gets a fresh one."""
+killed step retires its worker and the next step gets a fresh one. Light commands (--help, the
+format-only data steps, listings) import neither megatron-core nor what it pulls in."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+import numpy as np
 
 from helpers import (REPO, real_text_documents, tiny_overrides, tiny_pn_overrides,
                      write_byte_dataset, write_cluster_datasets)
@@ -165,3 +169,56 @@ def test_only_single_process_project_commands_go_to_workers():
     assert entry_module([sys.executable, "-c", "pass"]) is None
     assert entry_module(["python3", "-m", "megatron_pn.train"]) is None  # another interpreter
 
+
+# -- light commands ---------------------------------------------------------------------------
+
+HEAVY = ("megatron.core", "torch._inductor", "torch._dynamo", "wandb", "transformers")
+
+
+def heavy_imports(module: str, *args: str) -> list[str]:
+    """The heavy modules `python -m MODULE ARGS` has imported when it exits."""
+    script = (f"import runpy, sys\nsys.argv = [{module!r}, *sys.argv[1:]]\n"
+              f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+              f"except SystemExit:\n    pass\n"
+              f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=step_env(1))
+    line = [l for l in out.stderr.splitlines() if l.startswith("HEAVY")]
+    assert line, out.stderr[-2000:]
+    return eval(line[-1][len("HEAVY "):])
+
+
+@pytest.mark.parametrize("command", [
+    ["megatron_pn.train", "--help"], ["megatron_pn.project", "--help"],
+    ["megatron_pn.evaluate", "--help"], ["megatron_pn.hf", "--help"],
+    ["data_tools", "--help"], ["data_tools", "preprocess", "--help"],
+    ["megatron_pn.plan", "--help"], ["megatron_pn.experiment", "--help"],
+    ["megatron_pn.experiment", "list", "configs/experiments/tiny.yaml", "--out", "/nonexistent"],
+])
+def test_light_commands_import_no_megatron_core(command):
+    assert heavy_imports(*command) == []
+
+
+def test_format_only_data_steps_import_no_megatron_core(data, tmp_path):
+    merged = tmp_path / "merged"
+    assert heavy_imports("data_tools", "merge", "--inputs", str(data["text"]),
+                         str(data["held_out"]), "--output-prefix", str(merged)) == []
+    assert merged.with_suffix(".idx").is_file()
+
+
+def test_index_format_is_megatron_cores(data, tmp_path):
+    """The NumPy writer (data_tools/indexed.py) against megatron-core's builder: the dtype
+    codes, and a concatenation byte for byte (add_index's document boundaries included)."""
+    from data_tools.indexed import DTYPE_CODES, concat_datasets, megatron_indexed_dataset
+
+    mc = megatron_indexed_dataset()
+    assert {code: mc.DType.dtype_from_code(code) for code in DTYPE_CODES} == DTYPE_CODES
+    prefixes = [str(data["text"]), str(data["held_out"]), str(data["text"])]
+    concat_datasets(prefixes, str(tmp_path / "ours"), overwrite=False)
+    builder = mc.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for prefix in prefixes:
+        builder.add_index(prefix)
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        assert ((tmp_path / f"ours{suffix}").read_bytes()
+                == (tmp_path / f"theirs{suffix}").read_bytes()), suffix
