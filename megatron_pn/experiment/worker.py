@@ -13,8 +13,10 @@ MASTER_PORT `init_distributed` sets), the working directory, `sys.argv`, the sig
 (the trainer's stop handlers), warning filters, the root logger's handlers, torch's thread
 count and RNG states (torch, NumPy, Python); after the step, megatron-core's model-parallel
 state, the torch.distributed process group, megatron's num-microbatches calculator and the
-model-parallel RNG tracker are destroyed, open tqdm bars closed. Kept on purpose: imported
-modules (the point) and what `compat.activate()` sets up once per process.
+model-parallel RNG tracker are destroyed, open tqdm bars closed, garbage collected. Kept on
+purpose: imported modules (the point), what `compat.activate()` sets up once per process, and
+the objects that survive a step (modules, caches), frozen out of the garbage collector's way
+(`gc.freeze`: a step's collections then walk only its own objects).
 
 A worker serves only steps that succeed: after a failed step (non-zero exit), or a step that
 imported DeepSpeed (process-global communication state it has no teardown for), it exits and
@@ -242,6 +244,9 @@ def teardown() -> None:
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
     gc.collect()
+    # What survives is the worker's (modules, caches): out of the collector's way, so that the
+    # next step's collections walk only its own objects.
+    gc.freeze()
     if "megatron_pn.compat" in modules:
         modules["megatron_pn.compat"].release_cached_memory()
 
@@ -301,6 +306,9 @@ def serve() -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     fresh = FreshState()
+    import gc
+
+    gc.freeze()
     for line in requests:
         request = json.loads(line)
         rc, healthy = run_step(request["argv"], request["log"], int(request["threads"]), fresh,
