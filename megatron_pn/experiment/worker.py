@@ -29,10 +29,13 @@ JSON reply per line on the worker's original stdout {"rc": N}.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import random
 import select
 import signal
 import subprocess
@@ -188,18 +191,13 @@ class FreshState:
         self.environ = dict(os.environ)
         self.cwd = os.getcwd()
         self.handlers = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
-        self.warning_filters = list(warnings.filters)
-        import random
-
+        self.log_level = logging.getLogger().level
         import numpy as np
         import torch  # every model step needs it: imported once, its fresh RNG state kept
 
         self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
 
     def restore(self, argv: list[str], threads: int) -> None:
-        import logging
-        import random
-
         import numpy as np
         import torch
 
@@ -210,11 +208,10 @@ class FreshState:
         sys.argv = list(argv)
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
-        warnings.filters[:] = self.warning_filters
-        warnings._filters_mutated()
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
+        root.setLevel(self.log_level)
         torch.set_num_threads(threads)
         python_rng, numpy_rng, torch_rng = self.rng
         random.setstate(python_rng)
@@ -224,8 +221,6 @@ class FreshState:
 
 def teardown() -> None:
     """Destroy the process-global state a step may have created (only what it imported)."""
-    import gc
-
     modules = sys.modules
     if "megatron.core.parallel_state" in modules:
         ps = modules["megatron.core.parallel_state"]
@@ -282,7 +277,8 @@ def run_step(argv: list[str], log: str, threads: int, fresh: FreshState,
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            rc = call_main(entry_module(argv), argv[3:])
+            with warnings.catch_warnings():  # the filters a step adds end with it
+                rc = call_main(entry_module(argv), argv[3:])
             healthy = rc == 0
             try:
                 teardown()
@@ -306,8 +302,6 @@ def serve() -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     fresh = FreshState()
-    import gc
-
     gc.freeze()
     for line in requests:
         request = json.loads(line)
