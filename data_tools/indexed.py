@@ -1,18 +1,20 @@
-"""Megatron indexed datasets (PREFIX.bin + PREFIX.idx), written with megatron-core's
-`IndexedDatasetBuilder` so that megatron-core's `IndexedDataset` (and every Megatron-LM tool)
-reads them. One document is one sequence, as in Megatron-LM's tools/preprocess_data.py without
---split-sentences: `sequence_lengths[i]` is the length of document i (its EOD included) and
-`document_indices` is 0, 1, ..., N.
+"""Megatron indexed datasets (PREFIX.bin + PREFIX.idx) in megatron-core's format, so that
+megatron-core's `IndexedDataset` (and every Megatron-LM tool) reads them. One document is one
+sequence, as in Megatron-LM's tools/preprocess_data.py without --split-sentences:
+`sequence_lengths[i]` is the length of document i (its EOD included) and `document_indices` is
+0, 1, ..., N.
 
-megatron-core is imported lazily: importing it costs seconds (it pulls in torch), which the
-`pn-data --help` path and the tokenizer workers should not pay.
+The format is small (a header, then the sequence lengths, their byte offsets and the document
+indices as flat arrays) and written here with NumPy: the data steps (`pn-data preprocess`,
+`merge`, `cluster`, `assign`, `stats`) do not import megatron-core, which costs seconds of CPU
+(torch, torch.compile's inductor, wandb). Tests pin the bytes against megatron-core's
+`IndexedDatasetBuilder` and the dtype codes against its `DType` for the supported version.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
+import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -22,10 +24,15 @@ import numpy as np
 from megatron_pn.fileio import atomic_path
 
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"  # the .idx header, then version (u64) and dtype code (u8)
+_INDEX_VERSION = 1
+# megatron-core's indexed_dataset.DType: the code of each token dtype in the .idx header
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+               7: np.float32, 8: np.uint16}
 
 
 def megatron_indexed_dataset():
-    """The megatron-core module, imported without its "Apex/TE not installed" warnings."""
+    """The megatron-core module (for readers and tests), imported without its "Apex/TE not
+    installed" warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
@@ -49,8 +56,9 @@ def read_index_header(prefix: str) -> tuple[type[np.number], int, int]:
     if len(header) < size or not header.startswith(_INDEX_MAGIC):
         raise ValueError(f"{path} is not a Megatron indexed dataset index")
     code, sequences, document_indices = struct.unpack("<BQQ", header[len(_INDEX_MAGIC) + 8 :])
-    dtype = megatron_indexed_dataset().DType.dtype_from_code(code)
-    return dtype, sequences, document_indices - 1
+    if code not in DTYPE_CODES:
+        raise ValueError(f"{path}: unknown token dtype code {code}")
+    return DTYPE_CODES[code], sequences, document_indices - 1
 
 
 INDEX_HEADER_BYTES = len(_INDEX_MAGIC) + 8 + 1 + 8 + 8
@@ -71,29 +79,29 @@ def map_index(prefix: str) -> tuple[type[np.number], np.ndarray, np.ndarray]:
     return dtype, lengths, pointers
 
 
-def write_index(idx_path: str | Path, dtype: type[np.number], lengths: np.ndarray) -> None:
-    """PREFIX.idx of a text dataset whose documents are one sequence each (document_indices
-    0..n), written by megatron-core's own index writer (a test pins the bytes against
-    `IndexedDatasetBuilder`)."""
+def write_index(idx_path: str | Path, dtype: type[np.number], lengths: np.ndarray,
+                document_indices: np.ndarray | None = None) -> None:
+    """PREFIX.idx of a text dataset: header, sequence lengths (int32), their byte offsets in
+    the .bin (int64, a cumulative sum) and the document indices (int64; default 0..n, one
+    document per sequence), as megatron-core's `_IndexWriter` writes them."""
     lengths = np.asarray(lengths, dtype=np.int32)
-    with _numpy_index_writer()(str(idx_path), dtype) as writer:
-        writer.write(lengths, None, np.arange(len(lengths) + 1, dtype=np.int64))
+    if document_indices is None:
+        document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
+    code = {np.dtype(v): k for k, v in DTYPE_CODES.items()}[np.dtype(dtype)]
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    with open(idx_path, "wb") as f:
+        f.write(_INDEX_MAGIC + struct.pack("<QB", _INDEX_VERSION, code))
+        f.write(struct.pack("<QQ", len(lengths), len(document_indices)))
+        for array in (lengths, pointers, np.asarray(document_indices, dtype=np.int64)):
+            f.write(array.tobytes(order="C"))
 
 
-@functools.lru_cache(maxsize=1)
-def _numpy_index_writer():
-    """megatron-core's `_IndexWriter` with its per-sequence Python loop over the pointers
-    replaced by a cumulative sum: ~1 µs per sequence, minutes for 100M windows, otherwise."""
-
-    class NumpyPointersIndexWriter(megatron_indexed_dataset()._IndexWriter):
-        def _sequence_pointers(self, sequence_lengths):
-            itemsize = np.dtype(self.dtype).itemsize
-            pointers = np.zeros(len(sequence_lengths), dtype=np.int64)
-            np.cumsum(np.asarray(sequence_lengths[:-1], dtype=np.int64) * itemsize,
-                      out=pointers[1:])
-            return pointers
-
-    return NumpyPointersIndexWriter
+def document_indices(prefix: str) -> np.ndarray:
+    """The document indices of PREFIX.idx (after the lengths and pointers), memory-mapped."""
+    _, sequences, documents = read_index_header(prefix)
+    return np.memmap(prefix + ".idx", dtype=np.int64, mode="r",
+                     offset=INDEX_HEADER_BYTES + 12 * sequences, shape=(documents + 1,))
 
 
 def dataset_paths(prefix: str) -> tuple[Path, Path]:
@@ -116,41 +124,46 @@ class DatasetWriter:
         self._stack = contextlib.ExitStack()
         self._tmp_bin = self._stack.enter_context(atomic_path(bin_path, self.overwrite))
         self._tmp_idx = self._stack.enter_context(atomic_path(idx_path, self.overwrite))
-        builder_class = megatron_indexed_dataset().IndexedDatasetBuilder
-        self._builder = builder_class(str(self._tmp_bin), dtype=self.dtype)
+        self._data = open(self._tmp_bin, "wb")
+        self._lengths: list[np.ndarray] = []
+        self._document_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self._sequences = 0
         return self
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents given as one flat token array and the length of each.
-
-        One write per call into the builder's own data file and lists, instead of
-        `IndexedDatasetBuilder.add_document` per document: that costs ~6 µs per document in the
-        (serial) main process, its largest cost on short documents. The bytes are the same
-        (test_preprocess pins it against add_document for the supported megatron-core).
-        """
-        builder = self._builder
-        if builder.multimodal or len(tokens) != int(lengths.sum()):
+        """Append documents given as one flat token array and the length of each (one
+        sequence per document), in one write."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(tokens) != int(lengths.sum()):
             raise ValueError("add_documents: flat tokens must match the lengths (text only)")
-        builder.data_file.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
-        first = len(builder.sequence_lengths)
-        builder.sequence_lengths.extend(lengths.tolist())
-        builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+        self._data.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        self._lengths.append(lengths.astype(np.int32))
+        self._document_ends.append(self._sequences + 1 + np.arange(len(lengths), dtype=np.int64))
+        self._sequences += len(lengths)
         self.documents += len(lengths)
         self.tokens += len(tokens)
 
     def add_dataset(self, prefix: str) -> None:
-        """Append every document of the indexed dataset at `prefix`."""
-        dtype, _, documents = read_index_header(prefix)
+        """Append every document of the indexed dataset at `prefix` (as megatron-core's
+        `IndexedDatasetBuilder.add_index`: its sequences, then its document boundaries)."""
+        dtype, lengths, _ = map_index(prefix)
         if dtype != self.dtype:
             raise ValueError(f"{prefix}.idx holds {dtype.__name__} tokens, expected {self.dtype.__name__}")
-        self._builder.add_index(prefix)
-        self.documents += documents
+        ends = np.asarray(document_indices(prefix)[1:]) + self._sequences
+        self._lengths.append(np.array(lengths, dtype=np.int32))
+        self._document_ends.append(ends)
+        self._sequences += len(lengths)
+        self.documents += len(ends)
+        self.tokens += int(np.asarray(lengths, dtype=np.int64).sum())
+        with open(prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self._data)
 
     def __exit__(self, exc_type, exc, tb):
+        self._data.close()
         if exc_type is None:
-            self._builder.finalize(str(self._tmp_idx))
-        else:
-            self._builder.data_file.close()
+            write_index(self._tmp_idx, self.dtype,
+                        np.concatenate([np.zeros(0, dtype=np.int32), *self._lengths]),
+                        np.concatenate(self._document_ends))
         return self._stack.__exit__(exc_type, exc, tb)
 
 
@@ -159,13 +172,7 @@ def concat_datasets(prefixes: list[str], output_prefix: str, overwrite: bool) ->
     if not prefixes:
         raise ValueError("nothing to concatenate")
     dtype = read_index_header(prefixes[0])[0]
-    # megatron-core's add_index runs gc.collect() per dataset, which walks every object of this
-    # process (torch's included: ~0.3 s each); freezing them first makes it nearly free.
-    gc.freeze()
-    try:
-        with DatasetWriter(output_prefix, dtype, overwrite) as writer:
-            for prefix in prefixes:
-                writer.add_dataset(prefix)
-    finally:
-        gc.unfreeze()
+    with DatasetWriter(output_prefix, dtype, overwrite) as writer:
+        for prefix in prefixes:
+            writer.add_dataset(prefix)
     return writer.documents, Path(output_prefix + ".bin").stat().st_size

@@ -51,7 +51,6 @@ from data_tools.indexed import (
     DatasetWriter,
     concat_datasets,
     dataset_paths,
-    megatron_indexed_dataset,
     read_index_header,
     token_dtype,
 )
@@ -460,7 +459,6 @@ def run_preprocess(
     outputs = [*dataset_paths(output_prefix), Path(output_prefix + ".json")]
     workdir = Path(output_prefix + ".parts")
     lock = prepare_workdir(workdir, plan, outputs, overwrite)
-    megatron_indexed_dataset()  # its slow import (torch) now, not inside the timed loop
     try:
         progress = load_progress(workdir, len(segments))
         reused = sum(len(state.parts) for state in progress)

@@ -191,6 +191,13 @@ def activate() -> str:
     return "cpu"
 
 
+def release_cached_memory() -> None:
+    """Give the memory torch's allocator caches back to the device (between the steps of a
+    long-lived worker, so that the next step, or another process, finds it); nothing on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host tensor (routing indices) to `device` without making the host wait:
     from pinned memory, asynchronously, on CUDA; a plain copy on CPU."""

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_pn import checkpoint
 from megatron_pn.config import Config
 from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.standalone import ToolError
@@ -150,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def project(args) -> dict:
     import dataclasses
 
+    from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
     from megatron_pn.model import build_model_chunks, transformer_config
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict

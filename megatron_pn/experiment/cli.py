@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                              help="local: processes at a time (default: 2, or 1 on one core)")
             cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+            cmd.add_argument("--no-workers", dest="workers", action="store_false",
+                             help="local: one fresh interpreter per step (default: single-"
+                             "process steps run in long-lived workers that import torch and "
+                             "megatron-core once)")
     report = sub.add_parser("report", help="tables and plots from an experiment's outputs")
     report.add_argument("out", help="the experiment's output directory")
     report.add_argument("--target-cost", type=float, help="pretraining device-hours at which "
@@ -112,7 +116,7 @@ def run(args) -> int:
         print(f"submitted {len(jobs)} jobs (ids in {out / 'slurm_jobs.json'}); when they end: "
               f"pn-experiment report {out}")
         return 0
-    LocalRunner(grid, args.jobs, args.quiet).run()
+    LocalRunner(grid, args.jobs, args.quiet, args.workers).run()
     from megatron_pn.experiment.report import write_report
 
     write_report(out, cfg)

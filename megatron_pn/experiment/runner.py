@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from megatron_pn.experiment.grid import Grid, Step
+from megatron_pn.experiment.worker import WorkerPool, entry_module
 from megatron_pn.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,13 +89,29 @@ def eval_batch_cmd(out: Path, steps: list[Step]) -> list[str]:
 
 
 class LocalRunner:
-    """Up to `slots` processes at a time (a torchrun step of N processes takes N slots)."""
+    """Up to `slots` processes at a time (a torchrun step of N processes takes N slots).
 
-    def __init__(self, grid: Grid, slots: int, quiet: bool = False):
+    With `workers` (the default), single-process steps of the project's commands run in up to
+    `slots` long-lived worker processes (experiment/worker.py), which import torch and
+    megatron-core once instead of once per step; torchrun steps and anything else get a
+    process of their own.
+    """
+
+    def __init__(self, grid: Grid, slots: int, quiet: bool = False, workers: bool = True):
         self.grid, self.out, self.slots, self.quiet = grid, grid.out, slots, quiet
         self.threads = max(1, (os.cpu_count() or 1) // slots)
+        self.workers = workers
 
     def run(self) -> None:
+        self.pool = (WorkerPool(self.slots, step_env(self.threads), REPO, self.threads)
+                     if self.workers else None)
+        try:
+            self._run()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+
+    def _run(self) -> None:
         from tqdm import tqdm
 
         todo = pending(self.grid.steps)
@@ -157,6 +174,8 @@ class LocalRunner:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
+            if self.pool is not None and entry_module(cmd) is not None:
+                return self.pool.submit(cmd, log)
             return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                     env=step_env(self.threads))
 

@@ -1,0 +1,224 @@
+"""Start-up paid once. Long-lived step workers (megatron_pn/experiment/worker.py): a sequence
+of steps run in one worker gives the same bytes as one fresh interpreter per step; a failed or
+killed step retires its worker and the next step gets a fresh one. Light commands (--help, the
+format-only data steps, listings) import neither megatron-core nor what it pulls in."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import numpy as np
+
+from helpers import (REPO, real_text_documents, tiny_overrides, tiny_pn_overrides,
+                     write_byte_dataset, write_cluster_datasets)
+from megatron_pn.experiment.grid import Step, finished, python
+from megatron_pn.experiment.runner import LocalRunner, StepFailed, log_path, step_env
+from megatron_pn.experiment.worker import WorkerPool, entry_module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker_data")
+    docs = [d[:2000] for d in real_text_documents(100_000)]
+    return {"text": write_byte_dataset(root / "text", docs),
+            "held_out": write_byte_dataset(root / "held_out", [d.upper() for d in docs[:10]]),
+            "blend_file": write_cluster_datasets(root / "clusters", num_clusters=2)}
+
+
+def step_sequence(root: Path, data) -> dict[str, Step]:
+    """A dense pretraining, its evaluation, a PN pretraining (another config, same worker) and
+    a fine-tuning of the dense model: each one of the project's commands, as the grid builds
+    them."""
+    dense, pn, ft = root / "dense", root / "pn", root / "ft"
+    steps = [
+        Step("dense", "pretrain", finished(dense), python(
+            "megatron_pn.train", "configs/tiny/slm.yaml",
+            *tiny_overrides(data["text"], dense, **{"train.steps": 4,
+                                                   "checkpoint.dir": dense / "ckpt"}))),
+        Step("eval", "eval", root / "eval.json", python(
+            "megatron_pn.evaluate", "--checkpoint", dense / "ckpt", "--data",
+            data["held_out"], "--names", "held_out", "--output", root / "eval.json",
+            "--quiet"), ["dense"]),
+        Step("pn", "pretrain", finished(pn), python(
+            "megatron_pn.train", "configs/tiny/pn.yaml",
+            *tiny_pn_overrides(data["blend_file"], pn, **{
+                "train.steps": 3, "model.num_experts": 2, "data.split": "80,20,0",
+                "checkpoint.dir": pn / "ckpt"})), ["eval"]),
+        Step("ft", "finetune", finished(ft), python(
+            "megatron_pn.train", "configs/tiny/slm.yaml",
+            *tiny_overrides(data["text"], ft, **{
+                "train.steps": 3, "train.lr": 1e-3, "train.seed": 7,
+                "checkpoint.load": dense / "ckpt", "checkpoint.dir": ft / "ckpt"})), ["pn"]),
+    ]
+    return {s.name: s for s in steps}
+
+
+def checkpoint_tensors(run_dir: Path) -> dict:
+    """Every tensor of the run's latest checkpoint (megatron-core's distributed format)."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    step_dir = max((run_dir / "ckpt").glob("iter_*"))
+    state = _load_state_dict_from_keys(storage_reader=FileSystemReader(str(step_dir)))
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", state)
+    return flat
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    timing = ("elapsed", "per_s", "tflops", "mfu", "seconds", "time", "wall")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in records]
+
+
+@pytest.mark.slow
+def test_steps_in_one_worker_give_the_bytes_of_fresh_processes(data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(REPO)
+    outputs = {}
+    for workers in (True, False):
+        root = tmp_path / ("workers" if workers else "processes")
+        steps = step_sequence(root, data)
+        grid = SimpleNamespace(steps=steps, out=root)
+        runner = LocalRunner(grid, slots=1, quiet=True, workers=workers)
+        started = []
+        if workers:  # every step in the same worker process
+            real = WorkerPool.submit
+
+            def spy(pool, cmd, log):
+                job = real(pool, cmd, log)
+                started.append(job.worker.proc.pid)
+                return job
+
+            monkeypatch.setattr(WorkerPool, "submit", spy)
+        runner.run()
+        monkeypatch.undo()
+        monkeypatch.chdir(REPO)
+        if workers:
+            assert len(started) == 4 and len(set(started)) == 1
+            log = log_path(root, "pn").read_text()
+            assert log.startswith("$ ") and "training steps 0 -> 3" in log
+        outputs[workers] = {
+            "eval": json.loads((root / "eval.json").read_text())["datasets"],
+            **{name: (train_records(root / name), checkpoint_tensors(root / name))
+               for name in ("dense", "pn", "ft")}}
+    assert outputs[True]["eval"] == outputs[False]["eval"]
+    for name in ("dense", "pn", "ft"):
+        (records, tensors), (records_ref, tensors_ref) = outputs[True][name], outputs[False][name]
+        assert records == records_ref and len(records) >= 3, name
+        assert tensors.keys() == tensors_ref.keys() and len(tensors) > 10, name
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, tensors_ref[key]), (name, key)
+
+
+def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
+    out = tmp_path / "out"
+    pool = WorkerPool(1, step_env(1), REPO, threads=1)
+    try:
+        bad = python("data_tools", "stats", "--no-such-option")
+        assert entry_module(bad) == "data_tools.cli"
+        log = tmp_path / "bad.log"
+        job = pool.submit(bad, log)
+        while job.poll() is None:
+            time.sleep(0.05)
+        assert job.returncode == 2 and "pn-data stats: error" in log.read_text()
+        first = job.worker
+        assert first.retired
+        # a step killed in the middle (segfault, out of memory): failed, noted, replaced
+        slow = python("megatron_pn.train", "configs/tiny/slm.yaml",
+                      *tiny_overrides(data["text"], out / "killed", **{"train.steps": 1000}))
+        job = pool.submit(slow, tmp_path / "killed.log")
+        assert job.worker is not first
+        time.sleep(1.0)
+        os.kill(job.worker.proc.pid, signal.SIGKILL)
+        while job.poll() is None:
+            time.sleep(0.05)
+        assert job.returncode == -signal.SIGKILL
+        assert "worker process running this step died" in (tmp_path / "killed.log").read_text()
+        help_job = pool.submit(python("megatron_pn.experiment", "--help"), tmp_path / "help.log")
+        while help_job.poll() is None:
+            time.sleep(0.05)
+        assert help_job.returncode == 0 and "pn-experiment" in (tmp_path / "help.log").read_text()
+    finally:
+        pool.close()
+
+
+def test_only_single_process_project_commands_go_to_workers():
+    assert entry_module(python("megatron_pn.train", "c.yaml")) == "megatron_pn.train"
+    assert entry_module(python("megatron_pn.evaluate", "--batch", "b")) == "megatron_pn.evaluate"
+    assert entry_module(python("megatron_pn.train", "c.yaml", procs=2)) is None  # torchrun
+    assert entry_module([sys.executable, "-c", "pass"]) is None
+    assert entry_module(["python3", "-m", "megatron_pn.train"]) is None  # another interpreter
+
+
+# -- light commands ---------------------------------------------------------------------------
+
+HEAVY = ("megatron.core", "torch._inductor", "torch._dynamo", "wandb", "transformers")
+
+
+def heavy_imports(module: str, *args: str) -> list[str]:
+    """The heavy modules `python -m MODULE ARGS` has imported when it exits."""
+    script = (f"import runpy, sys\nsys.argv = [{module!r}, *sys.argv[1:]]\n"
+              f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+              f"except SystemExit:\n    pass\n"
+              f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=step_env(1))
+    line = [l for l in out.stderr.splitlines() if l.startswith("HEAVY")]
+    assert line, out.stderr[-2000:]
+    return eval(line[-1][len("HEAVY "):])
+
+
+@pytest.mark.parametrize("command", [
+    ["megatron_pn.train", "--help"], ["megatron_pn.project", "--help"],
+    ["megatron_pn.evaluate", "--help"], ["megatron_pn.hf", "--help"],
+    ["data_tools", "--help"], ["data_tools", "preprocess", "--help"],
+    ["megatron_pn.plan", "--help"], ["megatron_pn.experiment", "--help"],
+    ["megatron_pn.experiment", "list", "configs/experiments/tiny.yaml", "--out", "/nonexistent"],
+])
+def test_light_commands_import_no_megatron_core(command):
+    assert heavy_imports(*command) == []
+
+
+def test_format_only_data_steps_import_no_megatron_core(data, tmp_path):
+    merged = tmp_path / "merged"
+    assert heavy_imports("data_tools", "merge", "--inputs", str(data["text"]),
+                         str(data["held_out"]), "--output-prefix", str(merged)) == []
+    assert merged.with_suffix(".idx").is_file()
+
+
+def test_index_format_is_megatron_cores(data, tmp_path):
+    """The NumPy writer (data_tools/indexed.py) against megatron-core's builder: the dtype
+    codes, and a concatenation byte for byte (add_index's document boundaries included)."""
+    from data_tools.indexed import DTYPE_CODES, concat_datasets, megatron_indexed_dataset
+
+    mc = megatron_indexed_dataset()
+    assert {code: mc.DType.dtype_from_code(code) for code in DTYPE_CODES} == DTYPE_CODES
+    prefixes = [str(data["text"]), str(data["held_out"]), str(data["text"])]
+    concat_datasets(prefixes, str(tmp_path / "ours"), overwrite=False)
+    builder = mc.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for prefix in prefixes:
+        builder.add_index(prefix)
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):
+        assert ((tmp_path / f"ours{suffix}").read_bytes()
+                == (tmp_path / f"theirs{suffix}").read_bytes()), suffix
