@@ -16,8 +16,10 @@ Three measurements, each in interleaved rounds (best of each: robust to a busy h
                  regrouped once per MLP call so each expert's block is contiguous (what PNMLP
                  does); one expert for the whole micro-batch.
 Goals (issue 11): PN step <= 1.25x dense on CPU with mixed micro-batches; <= 1.15x on a GPU at
-the paper's shape. The floor is the bank read per micro-batch (projection: 2*u*h*out*in FLOPs
-per projected matrix, u distinct experts) and Adam over h x the MLP parameters.
+the paper's shape. Each expert is projected once per step (train.pn_project_once_per_step; the
+"projected per micro-batch" row turns that off), so the floor is the projection and its
+backward once per step (2*u*h*out*in FLOPs each, u distinct experts in the step) and Adam over
+h x the MLP parameters.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def validation_rates(shape: list[str], args) -> dict:
     from megatron.core import tensor_parallel
 
     from megatron_pn.model import build_gpt, transformer_config
+    from megatron_pn.pn import projected_once
     from megatron_pn.standalone import inference_world
 
     with inference_world(single_process=True) as env:
@@ -113,7 +116,8 @@ def validation_rates(shape: list[str], args) -> dict:
                 tokens, positions, None, cluster_ids=[3] * b),
         }
         best = {}
-        with torch.no_grad():
+        # as an evaluation runs: each expert projected once for all its batches (projected_once)
+        with torch.no_grad(), projected_once([models["pn"]], backprop=False):
             for _ in range(args.rounds):
                 for name, call in calls.items():
                     seconds = _best_time(call, env.device, repeats=3 if not args.paper else 10)

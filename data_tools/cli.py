@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from megatron_pn.errors import ArgumentParser, run_command
+
 # Order is the pipeline order shown in --help.
 STEP_MODULES = [
     "data_tools.tokenizer",    # train-tokenizer
@@ -19,7 +21,7 @@ STEP_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-data",
         description="Data pipeline for megatron-pn: tokenizer, Megatron indexed datasets, "
         "Sentence-BERT embeddings, k-means clusters, importance sampling, cluster statistics.",
@@ -38,11 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"pn-data {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # the data tools report bad input with the builtin exceptions
+    return run_command(f"pn-data {args.command}", lambda: args.func(args),
+                       (FileNotFoundError, FileExistsError, ValueError))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_pn.errors import UserError
 from megatron_pn.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged or does not fit the run."""
 
 
 def iteration_dir(root: str | Path, step: int) -> Path:

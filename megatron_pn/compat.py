@@ -31,14 +31,16 @@ import torch
 from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
+from megatron_pn.errors import UserError
+
 # megatron-core versions whose CUDA-only call sites this module was tested against.
 SUPPORTED_MEGATRON_CORE = (Version("0.16.1"), Version("0.17"))  # [min, max)
 
 _active_mode: TorchFunctionMode | None = None
 
 
-class UnsupportedMegatronCore(RuntimeError):
-    pass
+class UnsupportedMegatronCore(UserError):
+    """An installed megatron-core outside the tested range."""
 
 
 def check_megatron_core_version(version: str | None = None) -> str:

@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from megatron_pn.errors import UserError, one_line
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError):
+    """A config file, key or value that cannot work."""
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -283,11 +285,6 @@ def _apply(obj, updates: dict, source: str, path: str = "") -> None:
             _apply(current, value, source, f"{path}{key}.")
         else:
             setattr(obj, key, _convert(value, types_[key], where))
-
-
-def one_line(err: Exception) -> str:
-    """An exception's message on one line (YAML errors span several)."""
-    return " ".join(str(err).split())
 
 
 def split_override(text: str) -> tuple[list[str], object]:

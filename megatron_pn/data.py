@@ -27,10 +27,11 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_pn.config import Config, ConfigError, DataConfig
+from megatron_pn.errors import UserError
 
 
-class DataError(ValueError):
-    pass
+class DataError(UserError):
+    """A dataset that is missing, corrupt or does not fit the run."""
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,10 @@ import numpy as np
 import torch
 
 from megatron_pn.costs import macro_average as macro_average_nll
+from megatron_pn.errors import ArgumentParser, UserError, one_line, run_command
 from megatron_pn.fileio import atomic_write_json, check_writable
-from megatron_pn.standalone import (LoadedModel, ToolError, inference_world, is_user_error,
-                                    load_model, resolve_checkpoint)
+from megatron_pn.standalone import (LoadedModel, ToolError, inference_world, load_model,
+                                    resolve_checkpoint)
 
 EPILOG = """examples:
   pn-eval --checkpoint runs/slm/ckpt --data data/held/arxiv,data/held/wiki --names arxiv,wiki
@@ -349,7 +349,7 @@ def evaluate(args, env) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-eval",
         description="Token-level NLL and perplexity of a checkpoint on held-out indexed datasets "
         "(every token predicted once, EOD included, in non-overlapping windows of the model's "
@@ -436,12 +436,11 @@ def run_batch(jobs: list[argparse.Namespace], env) -> int:
             continue
         try:
             report = evaluate(args, env)
-        except Exception as err:
-            if not is_user_error(err):
-                raise
+        except UserError as err:
             failed += 1
             if env.rank == 0:
-                print(f"pn-eval: error: {args.output}: {err}", file=sys.stderr, flush=True)
+                print(f"pn-eval: error: {args.output}: {one_line(err)}", file=sys.stderr,
+                      flush=True)
             continue
         if env.rank == 0:
             atomic_write_json(args.output, report, overwrite=True)
@@ -454,26 +453,22 @@ def run_batch(jobs: list[argparse.Namespace], env) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        check_arguments(args)
-        if args.batch:
-            jobs = batch_jobs(parser, args.batch)
-            with inference_world() as env:
-                return 2 if run_batch(jobs, env) else 0
+    return run_command("pn-eval", lambda: _evaluate_main(parser, args))
+
+
+def _evaluate_main(parser, args) -> int:
+    check_arguments(args)
+    if args.batch:
+        jobs = batch_jobs(parser, args.batch)
         with inference_world() as env:
-            report = evaluate(args, env)
-        if rank == 0:
-            if args.output:
-                atomic_write_json(args.output, report, overwrite=True)
-            print(markdown_table(report["datasets"], report["macro_average"]), flush=True)
-        return 0
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        if rank == 0:
-            print(f"pn-eval: error: {err}", file=sys.stderr)
-        return 2
+            return 2 if run_batch(jobs, env) else 0
+    with inference_world() as env:
+        report = evaluate(args, env)
+    if env.rank == 0:
+        if args.output:
+            atomic_write_json(args.output, report, overwrite=True)
+        print(markdown_table(report["datasets"], report["macro_average"]), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

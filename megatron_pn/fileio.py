@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from megatron_pn.errors import UserError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(UserError, FileExistsError):
     """An output already exists and the user did not ask to overwrite it."""
 
 

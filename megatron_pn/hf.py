@@ -31,7 +31,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,8 +38,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.evaluate import check_expert, model_eod_id
-from megatron_pn.standalone import (ToolError, inference_world, is_user_error, load_model,
+from megatron_pn.standalone import (ToolError, inference_world, load_model,
                                     resolve_checkpoint)
 from megatron_pn.fileio import atomic_path, atomic_write_text, check_writable
 
@@ -556,7 +556,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
 # -- command lines ------------------------------------------------------------------------------
 
 def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-export-hf",
         description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert) or "
         "one expert of a PN checkpoint, saved at any TP/PP layout, as a Hugging Face model "
@@ -581,7 +581,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def import_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-import-hf",
         description="Import a Hugging Face Llama or GPT-2 model as a megatron-pn checkpoint "
         "(model weights, iteration 0) to initialize training from.",
@@ -598,30 +598,17 @@ def import_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(prog: str, work) -> int:
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        print(work(), flush=True)
-        return 0
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        if rank == 0:
-            print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-
-
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
-    return _run("pn-export-hf", lambda: "wrote " + str(export(
+    return run_command("pn-export-hf", lambda: print("wrote " + str(export(
         args.checkpoint, args.output, args.expert, args.tokenizer, args.dtype, args.overwrite,
-        args.allow_tokenizer_mismatch)))
+        args.allow_tokenizer_mismatch)), flush=True))
 
 
 def import_main(argv: list[str] | None = None) -> int:
     args = import_parser().parse_args(argv)
-    return _run("pn-import-hf", lambda: "wrote " + str(import_hf(
-        args.hf, args.output, args.config, args.overwrite)))
+    return run_command("pn-import-hf", lambda: print("wrote " + str(import_hf(
+        args.hf, args.output, args.config, args.overwrite)), flush=True))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from megatron_pn.errors import ArgumentParser, UserError, run_command
+
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 PORT_BASE, PORT_SPAN = 15000, 15000  # below Linux's ephemeral port range (32768+)
 
@@ -41,7 +43,7 @@ EPILOG = """examples:
       --rdzv-endpoint 127.0.0.1:29400 configs/tiny/slm.yaml"""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError):
     """The launch cannot be planned (one clear line)."""
 
 
@@ -156,23 +158,18 @@ def train(args) -> int:
 
 def finished(train_args: list[str]) -> int:
     from megatron_pn import checkpoint
-    from megatron_pn.config import ConfigError, load_config
-    from megatron_pn.data import DataError
+    from megatron_pn.config import load_config
     from megatron_pn.mix import expert_job
 
     files = [a for a in train_args if "=" not in a]
-    try:
-        cfg = expert_job(load_config(files, [a for a in train_args if "=" in a]))
-        step = checkpoint.latest_step(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    except (ConfigError, DataError, checkpoint.CheckpointError) as err:
-        print(f"launch finished: error: {err}", file=sys.stderr)
-        return 2
+    cfg = expert_job(load_config(files, [a for a in train_args if "=" in a]))
+    step = checkpoint.latest_step(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     print(f"launch: checkpoint at step {step} of {cfg.train.steps}")
     return 0 if step is not None and step >= cfg.train.steps else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m megatron_pn.launch", description=__doc__,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,11 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.train_args:
         build_parser().error("give CONFIG.yaml [key=value ...]")
-    try:
-        return train(args) if args.command == "train" else finished(args.train_args)
-    except LaunchError as err:
-        print(f"launch: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"launch {args.command}", lambda: train(args) if args.command == "train"
+                       else finished(args.train_args))
 
 
 if __name__ == "__main__":

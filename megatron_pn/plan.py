@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_pn.errors import ArgumentParser, UserError, run_command
 from megatron_pn.experiment.config import LABELS
 
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     pass
 
 
@@ -148,7 +149,7 @@ def render(result: dict, unit: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-plan", description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True,
@@ -170,20 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("pn-plan", lambda: _plan_main(args))
+
+
+def _plan_main(args) -> int:
+    path = Path(args.results)
+    if not path.is_file():
+        raise PlanError(f"--results {path} not found (run `pn-experiment run` first)")
     try:
-        path = Path(args.results)
-        if not path.is_file():
-            raise PlanError(f"--results {path} not found (run `pn-experiment run` first)")
-        try:
-            results = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlanError(f"--results {path}: not valid JSON ({err}); rerun "
-                            "`pn-experiment report` on the experiment's directory") from None
-        budget = None if args.inference_budget is None else parse_count(args.inference_budget)
-        result = plan(results, args.domains, args.spec_size, budget, args.budget, args.scale)
-    except PlanError as err:
-        print(f"pn-plan: error: {err}", file=sys.stderr)
-        return 2
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlanError(f"--results {path}: not valid JSON ({err}); rerun "
+                        "`pn-experiment report` on the experiment's directory") from None
+    budget = None if args.inference_budget is None else parse_count(args.inference_budget)
+    result = plan(results, args.domains, args.spec_size, budget, args.budget, args.scale)
     print(json.dumps(result, indent=1) if args.json else render(result, args.unit))
     return 0
 

@@ -22,10 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_pn.errors import ArgumentParser, UserError, run_command
+
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")  # not seen by the other nodes
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """The job would fail: one line saying why."""
 
 
@@ -100,7 +102,7 @@ def preflight(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m megatron_pn.preflight", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
@@ -117,17 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_pn.checkpoint import CheckpointError
-    from megatron_pn.config import ConfigError
-    from megatron_pn.data import DataError
-
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow options
-    try:
-        print(f"preflight: ok: {preflight(args)}")
-        return 0
-    except (PreflightError, ConfigError, DataError, CheckpointError) as err:
-        print(f"preflight: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("preflight", lambda: print(f"preflight: ok: {preflight(args)}"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_pn.config import Config
+from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.standalone import ToolError
 
@@ -128,7 +129,7 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
 # -- the command ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-project", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
@@ -201,15 +202,11 @@ def load_every_weight(dense, state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_pn.standalone import is_user_error
+    return run_command("pn-project", lambda: _project_main(args))
 
-    try:
-        record = project(args)
-    except Exception as err:
-        if not is_user_error(err):
-            raise
-        print(f"pn-project: error: {err}", file=sys.stderr)
-        return 2
+
+def _project_main(args) -> int:
+    record = project(args)
     chosen = record["expert"] if record["expert"] is not None else "soft mixture"
     print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
           f"{args.output} in {record['seconds']:.1f}s")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_pn.fileio import OutputExistsError
+from megatron_pn.errors import UserError
 
 
-class ToolError(ValueError):
+class ToolError(UserError):
     """Bad input to a checkpoint tool (reported as one clear line)."""
 
 
@@ -113,13 +113,3 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
         model = model.cuda()
     common = checkpoint.load(path, [model])
     return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)
-
-
-def is_user_error(err: Exception) -> bool:
-    from megatron_pn.checkpoint import CheckpointError
-    from megatron_pn.compat import UnsupportedMegatronCore
-    from megatron_pn.config import ConfigError
-    from megatron_pn.data import DataError
-
-    return isinstance(err, (ToolError, CheckpointError, ConfigError, DataError, OutputExistsError,
-                            UnsupportedMegatronCore))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EOD, real_text_documents, run_train, tiny_overrides, write_byte_dataset
+from helpers import real_text_documents, run_train, tiny_overrides, write_byte_dataset
 
 SLM = "configs/tiny/slm.yaml"
 
@@ -144,6 +144,12 @@ CASES = [
      "budgets"),
     ("pn-experiment", ["report", "{ws}/nope_dir"], "experiment.json"),
     ("pn-experiment", ["report", "{ws}/exp"], "experiment.json"),
+    # command lines argparse refuses: the same one line
+    ("pn-train", [], "CONFIG.yaml"),
+    ("pn-project", ["--checkpoint", "{ws}/ckpt"], "--spec-data"),
+    ("pn-eval", ["--checkpoint", "{ws}/ckpt", "--precision", "fp8"], "fp8"),
+    ("pn-data", ["preprocess", "--bogus"], "required"),
+    ("pn-experiment", [], "command"),
 ]
 
 

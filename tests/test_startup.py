@@ -21,7 +21,7 @@ import numpy as np
 from helpers import (REPO, real_text_documents, tiny_overrides, tiny_pn_overrides,
                      write_byte_dataset, write_cluster_datasets)
 from megatron_pn.experiment.grid import Step, finished, python
-from megatron_pn.experiment.runner import LocalRunner, StepFailed, log_path, step_env
+from megatron_pn.experiment.runner import LocalRunner, log_path, step_env
 from megatron_pn.experiment.worker import WorkerPool, entry_module
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from megatron_pn.config import ConfigError
+from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import build_grid
 from megatron_pn.fileio import atomic_write_json
@@ -34,7 +35,7 @@ per step). `pn-plan --results OUT/results.json` recommends a method from these n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pn-experiment", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="pn-experiment", description=__doc__.splitlines()[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,16 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_pn.experiment.runner import StepFailed
 
     try:
-        if args.command == "pick-mix-expert":
-            return pick_mix_expert(args)
-        if args.command == "report":
-            from megatron_pn.experiment.report import report_main
-
-            return report_main(Path(args.out), args.target_cost)
-        return run(args)
-    except (ConfigError, StepFailed, FileNotFoundError) as err:
+        return run_command("pn-experiment", lambda: command(args), (FileNotFoundError,))
+    except StepFailed as err:  # the failed steps and their logs' tails: several lines
         print(f"pn-experiment: error: {err}", file=sys.stderr)
-        return 2
+        return 1
+
+
+def command(args) -> int:
+    if args.command == "pick-mix-expert":
+        return pick_mix_expert(args)
+    if args.command == "report":
+        from megatron_pn.experiment.report import report_main
+
+        return report_main(Path(args.out), args.target_cost)
+    return run(args)
 
 
 if __name__ == "__main__":
