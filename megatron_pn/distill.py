@@ -56,9 +56,9 @@ def distillation_loss(student_logits, teacher_logits, labels, weight: float,
     return (1.0 - weight) * cross_entropy + weight * temperature**2 * kl
 
 
-def build_teacher(cfg: Config, tconfig_for):
+def build_teacher(cfg: Config, device_type: str):
     """The teacher model at this run's parallel layout, weights from distill.teacher."""
-    from megatron_pn.model import build_model_chunks, padded_vocab_size
+    from megatron_pn.model import build_model, padded_vocab_size
 
     if cfg.parallel.pipeline > 1:
         raise ConfigError("distill.teacher: distillation needs parallel.pipeline=1")
@@ -70,9 +70,7 @@ def build_teacher(cfg: Config, tconfig_for):
         raise ConfigError(f"distill.teacher: vocabulary {teacher_cfg.model.vocab_size} differs "
                           f"from the student's {cfg.model.vocab_size}; use the same tokenizer")
     teacher_cfg = dataclasses.replace(teacher_cfg, parallel=cfg.parallel, train=cfg.train)
-    teacher = build_model_chunks(teacher_cfg, tconfig_for(teacher_cfg))[0]
-    if torch.cuda.is_available():
-        teacher = teacher.cuda()
+    [teacher] = build_model(teacher_cfg, device_type, initialize=False)
     checkpoint.load(checkpoint.resolve(cfg.distill.teacher), [teacher])
     teacher.eval()
     for parameter in teacher.parameters():

@@ -523,7 +523,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
 
     from megatron_pn.config import load_config
     from megatron_pn.fingerprint import hf_model_fingerprint
-    from megatron_pn.model import build_gpt, transformer_config
+    from megatron_pn.model import build_model
     from megatron_pn.validation import validate_model
 
     check_writable(output, overwrite)
@@ -539,10 +539,8 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     del hf_model
     with inference_world(single_process=True) as env:
         cfg.train.precision = "fp32"
-        tconfig = transformer_config(cfg, env.device.type)
-        tconfig.perform_initialization = False
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-        model = build_gpt(cfg, tconfig)
+        [model] = build_model(cfg, env.device.type, initialize=False)
         expected = model.state_dict()
         state.update({k: v for k, v in expected.items() if k.endswith("_extra_state")})
         check_shapes(state, expected, "import")

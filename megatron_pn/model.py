@@ -157,6 +157,17 @@ def build_model_chunks(cfg: Config, tconfig: TransformerConfig) -> list[GPTModel
     return [build_gpt(cfg, tconfig, vp_stage=i) for i in range(stages)]
 
 
+def build_model(cfg: Config, device_type: str, *, initialize: bool = True,
+                tconfig: TransformerConfig | None = None) -> list[GPTModel]:
+    """This rank's model chunks on its device: the one recipe of training, loading and the
+    tools. initialize=False leaves the weights for a checkpoint to fill (no init cost); the
+    initialization draws from megatron-core's model-parallel RNG, seeded by the caller."""
+    tconfig = tconfig or transformer_config(cfg, device_type)
+    tconfig.perform_initialization = initialize
+    chunks = build_model_chunks(cfg, tconfig)
+    return [chunk.cuda() for chunk in chunks] if device_type == "cuda" else chunks
+
+
 def count_parameters(chunks: list[torch.nn.Module]) -> int:
     """Distinct parameters of these chunks (a tied embedding counts once)."""
     seen = {id(p): p.numel() for chunk in chunks for p in chunk.parameters()}

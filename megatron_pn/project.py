@@ -152,7 +152,7 @@ def project(args) -> dict:
 
     from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
-    from megatron_pn.model import build_model_chunks, transformer_config
+    from megatron_pn.model import build_model
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict
     from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
 
@@ -175,9 +175,8 @@ def project(args) -> dict:
         expert, code, details = choose(args.strategy, spec, loaded.model, loaded.cfg, env.device,
                                        args.sample_tokens)
         dense_cfg = dataclasses.replace(loaded.cfg, model=dense_model_config(loaded.cfg.model))
-        tconfig = transformer_config(dense_cfg, env.device.type)
-        tconfig.perform_initialization = False  # every weight comes from the projection
-        dense = build_model_chunks(dense_cfg, tconfig)[0]
+        # every weight comes from the projection
+        [dense] = build_model(dense_cfg, env.device.type, initialize=False)
         load_every_weight(dense, dense_state_dict(loaded.model, expert, code))
         record = {"source": str(loaded.path), "strategy": args.strategy, "expert": expert,
                   "spec_data": str(args.spec_data), **details,

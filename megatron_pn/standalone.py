@@ -96,7 +96,7 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
     from megatron.core import tensor_parallel
 
     from megatron_pn import checkpoint
-    from megatron_pn.model import build_model_chunks, transformer_config
+    from megatron_pn.model import build_model
     from megatron_pn.validation import validate_model, validate_parallel, validate_pn
 
     path = resolve_checkpoint(checkpoint_path)
@@ -105,11 +105,7 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
     validate_model(cfg)
     validate_pn(cfg)
     validate_parallel(cfg, tensor, env.device.type)
-    tconfig = transformer_config(cfg, env.device.type)
-    tconfig.perform_initialization = False  # every weight comes from the checkpoint
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    [model] = build_model_chunks(cfg, tconfig)
-    if env.device.type == "cuda":
-        model = model.cuda()
+    [model] = build_model(cfg, env.device.type, initialize=False)  # weights: the checkpoint's
     common = checkpoint.load(path, [model])
     return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)

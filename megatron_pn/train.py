@@ -8,10 +8,10 @@ and prints its parameter count; `--print-config` shows every key with its defaul
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from megatron_pn.config import ConfigError, describe, load_config
+from megatron_pn.config import describe, load_config
+from megatron_pn.errors import ArgumentParser, run_command
 
 EPILOG = """examples:
   pn-train configs/tiny/slm.yaml
@@ -23,7 +23,7 @@ Later config files and overrides win. Run `pn-train --print-config` for every ke
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pn-train",
         description="Pretrain or fine-tune a GPT model (dense SLM/LLM) with megatron-core: "
         "tensor, pipeline and data parallelism, distributed optimizer, resumable checkpoints.",
@@ -48,8 +48,7 @@ def parameter_counts(cfg) -> dict:
 
     from megatron_pn import compat
     from megatron_pn.distributed import init_distributed, shutdown
-    from megatron_pn.model import (build_model_chunks, count_expert_parameters,
-                                   count_parameters, transformer_config)
+    from megatron_pn.model import build_model, count_expert_parameters, count_parameters
     from megatron_pn.validation import validate_model
 
     from megatron.core import parallel_state as ps
@@ -62,10 +61,8 @@ def parameter_counts(cfg) -> dict:
     init_distributed("cpu")
     try:
         ps.initialize_model_parallel(1, 1)
-        tconfig = transformer_config(whole, "cpu")
-        tconfig.perform_initialization = False
         with torch.device("meta"):
-            chunks = build_model_chunks(whole, tconfig)
+            chunks = build_model(whole, "cpu", initialize=False)
         return {"total": count_parameters(chunks),
                 "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
                 "expert": count_expert_parameters(chunks) if cfg.model.type == "pn" else None}
@@ -93,34 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args.args if "=" in a]
     if not files:
         build_parser().error("give at least one CONFIG.yaml")
-    rank = int(os.environ.get("RANK", 0))
     try:
-        cfg = load_config(files, overrides)
-        if args.dry_run:
-            dry_run(cfg)
-            return 0
-        from megatron_pn.trainer import Trainer
-
-        Trainer(cfg).train()
-        return 0
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        if not _is_user_error(err):
-            raise
-        if rank == 0:
-            print(f"pn-train: error: {err}", file=sys.stderr)
-        return 2
+        return run_command("pn-train", lambda: train(load_config(files, overrides),
+                                                     args.dry_run))
     finally:
         from megatron_pn.distributed import shutdown
 
         shutdown()
 
 
-def _is_user_error(err: Exception) -> bool:
-    from megatron_pn.checkpoint import CheckpointError
-    from megatron_pn.compat import UnsupportedMegatronCore
-    from megatron_pn.data import DataError
+def train(cfg, dry_run_only: bool = False) -> int:
+    if dry_run_only:
+        dry_run(cfg)
+        return 0
+    from megatron_pn.trainer import Trainer
 
-    return isinstance(err, (ConfigError, DataError, CheckpointError, UnsupportedMegatronCore))
+    Trainer(cfg).train()
+    return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_
 from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import evaluate_set
-from megatron_pn.model import build_model_chunks, flops_per_token, transformer_config
+from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.pn import projected_once
 from megatron_pn.validation import validate_config
 
@@ -81,7 +81,7 @@ class Trainer:
         self.cluster_table = (
             torch.tensor(resolve_blend(cfg.data).cluster_ids) if self.is_pn else None
         )
-        self.teacher = (build_teacher(cfg, lambda c: transformer_config(c, self.device_type))
+        self.teacher = (build_teacher(cfg, self.device_type)
                         if cfg.distill.teacher else None)
         self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
                                           self.is_pn)
@@ -129,9 +129,7 @@ class Trainer:
     def _initial_model(self, resume_from) -> list:
         """Model chunks on the device; weights from checkpoint.load (or a model-only checkpoint
         in checkpoint.dir) unless resuming."""
-        chunks = build_model_chunks(self.cfg, self.tconfig)
-        if self.device_type == "cuda":
-            chunks = [chunk.cuda() for chunk in chunks]
+        chunks = build_model(self.cfg, self.device_type, tconfig=self.tconfig)
         path = self._weights_to_load()
         if path and not resume_from:
             checkpoint.load(path, chunks)
