@@ -18,7 +18,10 @@ DEBUG_VARIABLE = "PN_DEBUG"
 
 
 class UserError(ValueError):
-    """Bad input: the message names the file or key and says what to do."""
+    """Bad input: the message names the file or key and says what to do. A subclass may set
+    another `exit_code` (e.g. 1: a save that failed for lack of disk, not for bad input)."""
+
+    exit_code = 2
 
 
 def one_line(err: BaseException | str) -> str:
@@ -37,7 +40,7 @@ def run_command(prog: str, work: Callable[[], int | None],
             raise
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(err, "exit_code", 2)
 
 
 class ArgumentParser(argparse.ArgumentParser):
