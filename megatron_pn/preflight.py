@@ -47,13 +47,20 @@ def check_layout(cfg, nodes: int, procs: int, device: str) -> int:
 
 
 def check_writable_dir(path: str, key: str) -> None:
-    """Create `path` and write a file in it, as the trainer will."""
+    """Create `path` and write a file in it, as the trainer will (pn-train runs this for every
+    output directory before any work)."""
+    blocker = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "it is a file" if blocker == Path(path) else f"{blocker} is a file"
+        raise PreflightError(f"{key} {path} is not writable: {what}, not a directory ({key}) — "
+                             f"remove it or set {key} to a directory")
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".preflight-"):
             pass
     except OSError as err:
-        raise PreflightError(f"{key} {path} is not writable: {err.strerror or err}") from None
+        raise PreflightError(f"{key} {path} is not writable: {err.strerror or err} ({key}) — "
+                             f"fix its permissions or set {key} elsewhere") from None
 
 
 def check_checkpoints(cfg, require_dir: bool, nodes: int) -> list[str]:
@@ -66,8 +73,11 @@ def check_checkpoints(cfg, require_dir: bool, nodes: int) -> list[str]:
                              "resume; set checkpoint.dir=PATH on storage every node sees")
     if ckpt.dir:
         check_writable_dir(ckpt.dir, "checkpoint.dir")
-        step = checkpoint.latest_step(ckpt.dir)  # a corrupt marker fails here, not in the job
+        # a damaged latest iteration is said here (or fails, on_damaged=stop), not in the job
+        step, warning = checkpoint.resume_step(ckpt.dir, ckpt.on_damaged)
         notes.append(f"resumes from step {step}" if step is not None else "starts from step 0")
+        if warning:
+            notes.append(f"WARNING: {warning}")
         if nodes > 1 and os.path.abspath(ckpt.dir).startswith(NODE_LOCAL):
             notes.append(f"WARNING: checkpoint.dir {ckpt.dir} looks node-local; with {nodes} "
                          "nodes it must be on shared storage")

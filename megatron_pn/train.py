@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if rank == 0:
             print(f"pn-train: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # 2: bad input; 1: a failed save (SaveFailed)
     finally:
         from megatron_pn.distributed import shutdown
 
@@ -111,8 +111,10 @@ def _is_user_error(err: Exception) -> bool:
     from megatron_pn.checkpoint import CheckpointError
     from megatron_pn.compat import UnsupportedMegatronCore
     from megatron_pn.data import DataError
+    from megatron_pn.preflight import PreflightError
 
-    return isinstance(err, (ConfigError, DataError, CheckpointError, UnsupportedMegatronCore))
+    return isinstance(err, (ConfigError, DataError, CheckpointError, UnsupportedMegatronCore,
+                            PreflightError))
 
 
 if __name__ == "__main__":
