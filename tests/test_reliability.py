@@ -7,13 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (read_metrics, real_text_documents, tiny_overrides, tiny_pn_overrides,
-                     write_byte_dataset, write_cluster_datasets)
+from helpers import (read_metrics, real_text_documents, start_train, tiny_overrides,
+                     tiny_pn_overrides, write_byte_dataset, write_cluster_datasets)
 from megatron_pn import checkpoint
 from megatron_pn.train import main
 
@@ -132,6 +134,27 @@ def test_second_run_on_a_locked_checkpoint_dir_is_refused(dataset, tmp_path, cap
     code, _, _ = run(args, capsys)  # free again: it runs, and releases the lock at its end
     assert code == 0 and checkpoint.latest_step(ckpt) == 1
     assert checkpoint.DirLock(ckpt).acquire() is None
+
+
+@pytest.mark.slow
+def test_a_running_job_keeps_its_checkpoint_dir(dataset, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    first = start_train([CONFIG, *tiny_overrides(dataset, tmp_path / "first", **{
+        "train.steps": 100000, "checkpoint.dir": ckpt})])
+    try:
+        deadline = time.time() + 300
+        while not ((ckpt / checkpoint.LOCK).is_file()
+                   and (ckpt / checkpoint.LOCK).read_text().startswith("pid")):
+            assert first.poll() is None and time.time() < deadline, "the first run never locked"
+            time.sleep(0.1)
+        err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "second", **{
+            "checkpoint.dir": ckpt})], capsys)
+        assert f"in use by another run (pid {first.pid} on host {socket.gethostname()}" in err
+        assert not (tmp_path / "second").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves and exits
+        assert first.wait(timeout=300) == 0
+    assert checkpoint.DirLock(ckpt).acquire() is None  # its exit released the lock
 
 
 # -- a failed save -----------------------------------------------------------------------------
