@@ -265,3 +265,35 @@ def test_no_intact_iteration_left(two_saves, dataset, tmp_path, capsys):
     err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
         "train.steps": 3, "checkpoint.dir": ckpt})], capsys)
     assert "no intact iteration is left" in err and "iter_0000001: .metadata is missing" in err
+
+
+def test_damaged_deepspeed_iteration(tmp_path):
+    import torch
+
+    it = tmp_path / "iter_0000004"
+    it.mkdir()
+    assert "neither metadata.json nor DeepSpeed model states" in checkpoint.damage(it)
+    states = it / "mp_rank_00_model_states.pt"
+    torch.save({"iteration": 4, "weights": torch.zeros(1000)}, states)
+    assert checkpoint.damage(it) is None
+    with open(states, "r+b") as f:
+        f.truncate(states.stat().st_size // 2)
+    assert checkpoint.damage(it) == "mp_rank_00_model_states.pt is truncated or unreadable"
+
+
+def test_why_a_save_failed_on_another_rank():
+    """torch's distributed checkpointing gathers every rank's exception into one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert checkpoint.why_failed(CheckpointException("save", {1: (full, None)})) == \
+        "disk full (ENOSPC)"
+    denied = PermissionError(errno.EACCES, "Permission denied", "/ckpt/x.distcp")
+    assert checkpoint.why_failed(RuntimeError("wrapped")) == "RuntimeError: wrapped"
+    try:
+        try:
+            raise denied
+        except OSError as err:
+            raise RuntimeError("write failed") from err
+    except RuntimeError as err:
+        assert checkpoint.why_failed(err) == "Permission denied (EACCES) (/ckpt/x.distcp)"
