@@ -232,10 +232,11 @@ def expert_warnings(cfg: Config, blend) -> list[str]:
     if not idle:
         return []
     shown = ", ".join(map(str, idle[:20])) + (", ..." if len(idle) > 20 else "")
-    return [f"experts {shown} of model.num_experts {cfg.model.num_experts} get no training data "
-            "from the blend (data.blend_file / data.cluster_ids): they are trained on nothing "
-            "and keep their initial codes — lower model.num_experts or add their clusters' data "
-            "unless that is what you mean"]
+    return [f"expert{'s' if len(idle) > 1 else ''} {shown} of model.num_experts "
+            f"{cfg.model.num_experts} get{'' if len(idle) > 1 else 's'} no training data from "
+            "the blend (data.blend_file / data.cluster_ids): trained on nothing, keeping the "
+            "initial codes — lower model.num_experts or add the clusters' data unless that is "
+            "what you mean"]
 
 
 def validate_eval_sets(cfg: Config) -> None:

@@ -115,6 +115,17 @@ def test_expert_without_training_data_is_a_loud_warning(tmp_path):
     assert validate_config(cfg, 1, "cpu") == []
 
 
+def test_pn_train_prints_the_expert_warning_once(tmp_path, capsys):
+    blend = write_cluster_datasets(tmp_path / "clusters", num_clusters=3)
+    code, err, _ = run(["configs/tiny/pn.yaml", *tiny_pn_overrides(blend, tmp_path / "run", **{
+        "model.num_experts": 4, "train.steps": 0})], capsys)
+    assert code == 0
+    assert err == ["pn-train: warning: expert 3 of model.num_experts 4 gets no training data "
+                   "from the blend (data.blend_file / data.cluster_ids): trained on nothing, "
+                   "keeping the initial codes — lower model.num_experts or add the clusters' "
+                   "data unless that is what you mean"]
+
+
 # -- checkpoint.dir: one run at a time ---------------------------------------------------------
 
 
