@@ -29,21 +29,21 @@ class PreflightError(ValueError):
     """The job would fail: one line saying why."""
 
 
-def check_layout(cfg, nodes: int, procs: int, device: str) -> int:
-    """The world size, after pn-train's own checks pass for it."""
+def check_layout(cfg, nodes: int, procs: int, device: str) -> tuple[int, list[str]]:
+    """The world size, after pn-train's own checks pass for it, and their warnings."""
     from megatron_pn.validation import validate_config
 
     if nodes < 1 or procs < 1:
         raise PreflightError(f"--nodes {nodes} and processes per node {procs} must be >= 1")
     world = nodes * procs
-    validate_config(cfg, world, device)
+    warnings = validate_config(cfg, world, device)
     tp = cfg.parallel.tensor
     if procs % tp:
         where = "span nodes" if tp > procs else "straddle node boundaries"
         raise PreflightError(
             f"parallel.tensor {tp} does not divide the {procs} processes per node: tensor-parallel "
             f"groups would {where}; use a TP that divides {procs} (PP and DP may span nodes)")
-    return world
+    return world, warnings
 
 
 def check_writable_dir(path: str, key: str) -> None:
@@ -99,9 +99,10 @@ def preflight(args) -> str:
     gpus = visible_gpus() if args.gpus_per_node is None else args.gpus_per_node
     procs = procs_per_node(gpus, args.cpu_procs)
     device = "cuda" if gpus > 0 else "cpu"
-    world = check_layout(cfg, args.nodes, procs, device)
+    world, warnings = check_layout(cfg, args.nodes, procs, device)
     cfg = expert_job(cfg)  # SLM-mix: this expert's data and directories
     notes = check_checkpoints(cfg, args.require_checkpoint_dir, args.nodes)
+    notes += [f"WARNING: {warning}" for warning in warnings]
     p = cfg.parallel
     dp = world // (p.tensor * p.pipeline)
     return (f"world {world} = {args.nodes} node(s) x {procs} {device} process(es): "
