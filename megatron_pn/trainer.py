@@ -172,6 +172,12 @@ class Trainer:
         path = self.initial_weights or (
             checkpoint.resolve(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None)
         if path and not resume_from:
+            reason = checkpoint.damage(path)
+            if reason:
+                key = "checkpoint.dir" if self.initial_weights else "checkpoint.load"
+                raise checkpoint.CheckpointError(
+                    f"cannot initialize the model from {path}: {reason} ({key}) — restore it, "
+                    "or name another checkpoint")
             checkpoint.load(path, chunks)
             self._print(f"initialized model weights from {path}")
         return chunks

@@ -308,3 +308,13 @@ def test_why_a_save_failed_on_another_rank():
             raise RuntimeError("write failed") from err
     except RuntimeError as err:
         assert checkpoint.why_failed(err) == "Permission denied (EACCES) (/ckpt/x.distcp)"
+
+
+def test_damaged_checkpoint_load_is_one_line(two_saves, dataset, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(two_saves, ckpt)
+    reason = _remove_a_shard(ckpt / "iter_0000002")
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
+        "checkpoint.load": ckpt})], capsys)
+    assert f"cannot initialize the model from {ckpt / 'iter_0000002'}: {reason}" in err
+    assert "(checkpoint.load)" in err and not read_metrics(tmp_path / "run")
