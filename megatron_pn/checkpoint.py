@@ -4,16 +4,16 @@ Layout of `checkpoint.dir`:
 
     iter_0000100/                      one dist_checkpointing directory per saved step
     latest_checkpointed_iteration.txt  the newest *complete* save ("100")
-
-    .pn-train.lock                     flock'ed by the run that uses the directory (pid, host)
+    .pn-train.lock                     flock'ed by the run using the directory (its pid, host)
 
 A save is written to a hidden temporary directory, renamed once every rank has finished, and only
 then is `latest` replaced (atomically). A crash during a save therefore leaves `latest` pointing
 at the previous complete checkpoint; a save that fails (a full disk) removes its temporary
-directory and stops the run with one line (SaveFailed). On resume, `newest_intact` skips a
-damaged latest iteration (a missing or truncated shard, missing metadata). Sharded tensors carry their global shape and offset, so a
-checkpoint loads into any TP/PP layout; per-rank RNG states are restored only when the layout is
-unchanged (the condition for a bit-exact resume).
+directory and stops the run with one line (SaveFailed). On resume, `resume_step` passes over a
+damaged latest iteration (a missing or truncated shard, missing metadata) for the newest intact
+one. Sharded tensors carry their global shape and offset, so a checkpoint loads into any TP/PP
+layout; per-rank RNG states are restored only when the layout is unchanged (the condition for a
+bit-exact resume).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from megatron_pn.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
-
-
 LOCK = ".pn-train.lock"
 
 
