@@ -222,6 +222,24 @@ def resume_step(root: str | Path, on_damaged: str = "fallback") -> tuple[int | N
                   "iteration (checkpoint.on_damaged=stop refuses instead)")
 
 
+RUNTIME_ONLY = {"attention_backend", "fusions", "hidden_dropout", "attention_dropout",
+                "init_method_std", "code_init", "code_init_spread"}  # no parameter shapes
+
+
+def model_differences(path: str | Path, model) -> list[str]:
+    """The model keys that shape parameters whose value in the checkpoint at `path` differs from
+    `model`'s (empty when the checkpoint stores no readable config)."""
+    import dataclasses
+
+    try:
+        saved = saved_config(path).model
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return []
+    return [f"model.{f.name} {getattr(saved, f.name)!r} in the checkpoint, "
+            f"{getattr(model, f.name)!r} here" for f in dataclasses.fields(saved)
+            if f.name not in RUNTIME_ONLY and getattr(saved, f.name) != getattr(model, f.name)]
+
+
 def why_failed(err: BaseException) -> str:
     """A failed save or load in a few words: the OS error under it (a full disk named as such),
     else the first line of the innermost exception."""

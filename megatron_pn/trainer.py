@@ -203,6 +203,12 @@ class Trainer:
         try:
             common = self.engine.load(path, self.scheduler)
         except (Exception, checkpoint.CheckpointException) as err:
+            differences = checkpoint.model_differences(path, self.cfg.model)
+            if differences:
+                raise checkpoint.CheckpointError(
+                    f"cannot resume from {path}: another model ({'; '.join(differences)}) "
+                    "(checkpoint.dir) — resume with the model config it was saved with, or give "
+                    "this model another checkpoint.dir") from err
             raise checkpoint.CheckpointError(
                 f"cannot resume from {path}: {checkpoint.why_failed(err)} (checkpoint.dir) — "
                 f"delete {path.name} to resume from an earlier iteration, or move "

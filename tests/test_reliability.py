@@ -318,3 +318,13 @@ def test_damaged_checkpoint_load_is_one_line(two_saves, dataset, tmp_path, capsy
         "checkpoint.load": ckpt})], capsys)
     assert f"cannot initialize the model from {ckpt / 'iter_0000002'}: {reason}" in err
     assert "(checkpoint.load)" in err and not read_metrics(tmp_path / "run")
+
+
+def test_resuming_another_model_says_what_differs(two_saves, dataset, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(two_saves, ckpt)
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
+        "train.steps": 3, "checkpoint.dir": ckpt, "model.hidden_size": 128})], capsys)
+    assert f"cannot resume from {ckpt / 'iter_0000002'}: another model (model.hidden_size 64 " \
+           "in the checkpoint, 128 here)" in err
+    assert not read_metrics(tmp_path / "run") and checkpoint.latest_step(ckpt) == 2
