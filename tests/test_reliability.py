@@ -328,3 +328,25 @@ def test_resuming_another_model_says_what_differs(two_saves, dataset, tmp_path, 
     assert f"cannot resume from {ckpt / 'iter_0000002'}: another model (model.hidden_size 64 " \
            "in the checkpoint, 128 here)" in err
     assert not read_metrics(tmp_path / "run") and checkpoint.latest_step(ckpt) == 2
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_deepspeed_save(dataset, tmp_path, capsys, monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ckpt, real_save, calls = tmp_path / "ckpt", DeepSpeedEngine.save_checkpoint, []
+
+    def save_then_fill_the_disk(self, save_dir, tag=None, **kwargs):
+        calls.append(tag)
+        if len(calls) == 1:
+            return real_save(self, save_dir, tag=tag, **kwargs)
+        (Path(save_dir) / tag).mkdir()
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save_then_fill_the_disk)
+    err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
+        "engine": "deepspeed", "train.steps": 4, "checkpoint.save_interval": 1,
+        "checkpoint.dir": ckpt})], capsys, code=1)
+    assert "saving checkpoint step 2 failed: disk full (ENOSPC)" in err
+    assert checkpoint.latest_step(ckpt) == 1 and not (ckpt / "iter_0000002").exists()
