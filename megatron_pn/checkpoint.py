@@ -4,18 +4,28 @@ Layout of `checkpoint.dir`:
 
     iter_0000100/                      one dist_checkpointing directory per saved step
     latest_checkpointed_iteration.txt  the newest *complete* save ("100")
+    .pn-train.lock                     flock'ed by the run using the directory (its pid, host)
 
 A save is written to a hidden temporary directory, renamed once every rank has finished, and only
 then is `latest` replaced (atomically). A crash during a save therefore leaves `latest` pointing
-at the previous complete checkpoint. Sharded tensors carry their global shape and offset, so a
-checkpoint loads into any TP/PP layout; per-rank RNG states are restored only when the layout is
-unchanged (the condition for a bit-exact resume).
+at the previous complete checkpoint; a save that fails (a full disk) removes its temporary
+directory and stops the run with one line (SaveFailed). On resume, `resume_step` passes over a
+damaged latest iteration (a missing or truncated shard, missing metadata) for the newest intact
+one. Sharded tensors carry their global shape and offset, so a checkpoint loads into any TP/PP
+layout; per-rank RNG states are restored only when the layout is unchanged (the condition for a
+bit-exact resume).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
+import os
 import random
 import shutil
+import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +35,24 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_pn.distributed import agreed
 from megatron_pn.errors import UserError
 from megatron_pn.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
+LOCK = ".pn-train.lock"
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or does not fit the run."""
+
+
+class SaveFailed(CheckpointError):
+    """A save that did not complete (its partial directory removed, `latest` untouched)."""
+    exit_code = 1
 
 
 def iteration_dir(root: str | Path, step: int) -> Path:
@@ -79,6 +97,201 @@ def saved_config(path: str | Path):
     if "config" not in common:
         raise CheckpointError(f"{path}: no run config in this checkpoint")
     return config_from_dict(common["config"], f"checkpoint {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per directory; damaged iterations
+
+
+class DirLock:
+    """An exclusive lock on a checkpoint directory for the life of a run: `flock` on ROOT/LOCK,
+    which records the holder's pid and host. The kernel drops it when the process ends, however
+    it ends (crash, kill -9); `release` drops it earlier."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Raises CheckpointError when another run holds the lock; returns a warning when this
+        file system cannot lock (the run goes on unlocked)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CheckpointError(
+                f"checkpoint.dir {self.path.parent} is in use by another run "
+                f"({holder or 'starting up'}; {self.path}) — wait for it to end or stop it, or "
+                "give this run another checkpoint.dir") from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP: e.g. Lustre mounted without flock
+            os.close(fd)
+            return (f"checkpoint.dir {self.path.parent}: cannot lock {self.path} "
+                    f"({err.strerror}): nothing stops a second run from using this directory")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None
+
+
+def damage(path: str | Path) -> str | None:
+    """Why the iteration at `path` cannot be resumed from, in a few words; None when it looks
+    intact. Reads metadata and file sizes, not the tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        return "its directory is missing"
+    if not (path / "metadata.json").is_file():
+        return _deepspeed_damage(path)
+    try:
+        json.loads((path / "metadata.json").read_text())
+        if not (path / ".metadata").is_file():
+            return ".metadata is missing"
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata is damage
+        return f"its metadata is unreadable ({type(err).__name__})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)"
+    try:
+        dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001
+        return f"its common state (common.pt) is unreadable ({type(err).__name__})"
+    return None
+
+
+def _deepspeed_damage(path: Path) -> str | None:
+    files = sorted(path.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        return "it holds neither metadata.json nor DeepSpeed model states"
+    for f in files:  # torch.save writes zip archives: a truncated one loses its directory
+        if not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated or unreadable"
+    return None
+
+
+def newest_intact(root: str | Path) -> tuple[int | None, list[str]]:
+    """The step to resume from — the one `latest` names, or when that iteration is damaged the
+    newest intact one before it — and a note for each damaged iteration passed over."""
+    root = Path(root)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None, []
+    text = marker.read_text().strip()
+    named = int(text) if text.isdigit() else None
+    notes = [] if named is not None else [f"{LATEST} names '{text}', not a step"]
+    saved = {int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit()}
+    steps = {s for s in saved if named is None or s < named} | ({named} - {None})
+    for step in sorted(steps, reverse=True):
+        reason = damage(iteration_dir(root, step))
+        if reason is None:
+            return step, notes
+        notes.append(f"{iteration_dir(root, step).name}: {reason}")
+    return None, notes
+
+
+def resume_step(root: str | Path, on_damaged: str = "fallback") -> tuple[int | None, str | None]:
+    """The step a run in `root` resumes from (None: step 0) and, when a damaged iteration was
+    passed over, a warning saying so. With on_damaged="stop", or when no intact iteration is
+    left, a damaged one is a CheckpointError instead."""
+    step, damaged = newest_intact(root)
+    if not damaged:
+        return step, None
+    what = f"damaged checkpoint in {root}: {'; '.join(damaged)}"
+    if step is None:
+        raise CheckpointError(f"{what}; no intact iteration is left (checkpoint.dir) — restore "
+                              "the files, or move the directory away to start from step 0")
+    intact = iteration_dir(root, step).name
+    if on_damaged == "stop":
+        raise CheckpointError(f"{what} (checkpoint.dir) — delete it to resume from {intact}, the "
+                              "newest intact iteration, or set checkpoint.on_damaged=fallback")
+    return step, (f"{what} (checkpoint.dir) — resuming from {intact}, the newest intact "
+                  "iteration (checkpoint.on_damaged=stop refuses instead)")
+
+
+RUNTIME_ONLY = {"attention_backend", "fusions", "hidden_dropout", "attention_dropout",
+                "init_method_std", "code_init", "code_init_spread"}  # no parameter shapes
+
+
+def model_differences(path: str | Path, model) -> list[str]:
+    """The model keys that shape parameters whose value in the checkpoint at `path` differs from
+    `model`'s (empty when the checkpoint stores no readable config)."""
+    import dataclasses
+
+    try:
+        saved = saved_config(path).model
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return []
+    return [f"model.{f.name} {getattr(saved, f.name)!r} in the checkpoint, "
+            f"{getattr(model, f.name)!r} here" for f in dataclasses.fields(saved)
+            if f.name not in RUNTIME_ONLY and getattr(saved, f.name) != getattr(model, f.name)]
+
+
+def why_failed(err: BaseException) -> str:
+    """A failed save or load in a few words: the OS error under it (a full disk named as such),
+    else the first line of the innermost exception."""
+    seen, queue = set(), [err]
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            if e.errno == errno.ENOSPC:
+                return "disk full (ENOSPC)"
+            if e.errno == errno.EDQUOT:
+                return "disk quota exceeded (EDQUOT)"
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}){where}"
+        if isinstance(e, CheckpointException):  # torch's: every rank's exception inside
+            queue += [exc for exc, _ in e.failures.values()]
+        queue += [e.__cause__, e.__context__]
+    inner = err
+    if isinstance(err, CheckpointException) and err.failures:
+        inner = next(iter(err.failures.values()))[0]
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def save_phase(root: Path, step: int, phase, partial: Path) -> None:
+    """Run one phase of a save on every rank. When it failed on any rank, the partial
+    iteration directory is removed and every rank raises SaveFailed saying why; `latest` still
+    names the previous complete save."""
+    def run():
+        try:
+            return phase()
+        except (Exception, CheckpointException) as err:
+            previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+            reason = why_failed(err)
+            todo = ("free space on that disk or set checkpoint.dir elsewhere"
+                    if "ENOSPC" in reason or "EDQUOT" in reason else "fix the cause")
+            resume = f"resumes from step {previous}" if previous else "starts again"
+            raise SaveFailed(
+                f"saving checkpoint step {step} failed: {reason} ({root}) — its partial "
+                f"directory was removed and {LATEST} is unchanged; {todo}, then rerun "
+                f"(it {resume})") from None
+
+    try:
+        agreed(run)
+    except SaveFailed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,12 +373,22 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = root / f".tmp_{final.name}"
-    if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
 
+    def prepare():
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+    def publish():
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write_text(root / LATEST, f"{step}\n")
+            _prune(root, keep_last)
+
+    save_phase(root, step, prepare, tmp)
     metadata = _optimizer_metadata(optimizer_format)
     state = _model_state(chunks)
     if optimizer is not None:
@@ -176,16 +399,9 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
     state["iteration"] = step
     state["layout"] = _layout()
     state.update(extra or {})
-    dist_checkpointing.save(state, str(tmp), content_metadata=metadata)
-    dist.barrier()
-
-    if dist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic_write_text(root / LATEST, f"{step}\n")
-        _prune(root, keep_last)
-    dist.barrier()
+    save_phase(root, step, lambda: dist_checkpointing.save(state, str(tmp),
+                                                           content_metadata=metadata), tmp)
+    save_phase(root, step, publish, tmp)
     return final
 
 

@@ -26,8 +26,39 @@ class ConfigError(UserError):
     """A config file, key or value that cannot work."""
 
 
-def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    kwargs = {"metadata": {"help": text}}
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key (None: unbounded on that side)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {_number(self.low)}"
+        return (f"must be in {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}")
+
+
+def _number(value) -> str:
+    """-1.0 as -1, 1048576 in full, 3e-4 as 0.0003."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # dropout, Adam betas
+MAX_SEQ_LENGTH = 1_048_576
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING,
+          valid: Range | None = None):
+    kwargs = {"metadata": {"help": text, "valid": valid}}
     if factory is not dataclasses.MISSING:
         kwargs["default_factory"] = factory
     else:
@@ -40,32 +71,38 @@ class ModelConfig:
     type: str = _help(
         "dense (a GPT SLM/LLM), pn (projected network, one expert per cluster) or mix "
         "(SLM-mix: a dense SLM trained on one cluster, data.expert)", "dense")
-    num_layers: int = _help("transformer layers", 2)
-    hidden_size: int = _help("model width d_model", 64)
-    num_attention_heads: int = _help("attention heads", 4)
-    num_query_groups: int | None = _help("grouped-query attention groups (None: = heads)", None)
-    ffn_hidden_size: int = _help("MLP width (for swiglu, ~2/3 of a GELU MLP's width)", 176)
+    num_layers: int = _help("transformer layers", 2, valid=AT_LEAST_1)
+    hidden_size: int = _help("model width d_model", 64, valid=AT_LEAST_1)
+    num_attention_heads: int = _help("attention heads", 4, valid=AT_LEAST_1)
+    num_query_groups: int | None = _help("grouped-query attention groups (None: = heads)", None,
+                                         valid=AT_LEAST_1)
+    ffn_hidden_size: int = _help("MLP width (for swiglu, ~2/3 of a GELU MLP's width)", 176,
+                                 valid=AT_LEAST_1)
     activation: str = _help("swiglu (Llama-style, gated) or gelu (GPT-2-style)", "swiglu")
     normalization: str = _help("RMSNorm or LayerNorm", "RMSNorm")
-    norm_epsilon: float = _help("normalization epsilon", 1e-5)
+    norm_epsilon: float = _help("normalization epsilon", 1e-5, valid=ABOVE_0)
     add_bias_linear: bool = _help("biases in linear layers", False)
     position_embedding_type: str = _help("rope or learned_absolute", "rope")
-    rotary_base: int = _help("RoPE base", 10000)
+    rotary_base: int = _help("RoPE base", 10000, valid=ABOVE_0)
     tie_embeddings: bool = _help("share input embedding and output layer weights", True)
-    vocab_size: int = _help("tokenizer vocabulary size (padded up for TP)", 32000)
-    make_vocab_size_divisible_by: int = _help("pad the vocabulary to a multiple of this", 128)
-    seq_length: int = _help("training context length in tokens", 1024)
-    init_method_std: float = _help("std of the normal weight initialization", 0.02)
-    num_experts: int = _help("pn: k, experts = clusters of the training data", 0)
-    bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0)
-    code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0)
+    vocab_size: int = _help("tokenizer vocabulary size (padded up for TP)", 32000, valid=AT_LEAST_1)
+    make_vocab_size_divisible_by: int = _help("pad the vocabulary to a multiple of this", 128,
+                                              valid=AT_LEAST_1)
+    seq_length: int = _help("training context length in tokens", 1024,
+                            valid=Range(1, MAX_SEQ_LENGTH))
+    init_method_std: float = _help("std of the normal weight initialization", 0.02,
+                                   valid=AT_LEAST_0)
+    num_experts: int = _help("pn: k, experts = clusters of the training data", 0, valid=AT_LEAST_0)
+    bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0, valid=AT_LEAST_0)
+    code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0, valid=AT_LEAST_0)
     code_init: str = _help(
         "pn: initial expert codes E: random (independent unit codes: experts start unrelated) "
         "or shared (one unit code plus a per-expert deviation of norm code_init_spread: the "
         "experts start as one network and branch out: better per step, docs/RESULTS.md)",
         "shared")
     code_init_spread: float = _help("pn, code_init shared: size of each expert's deviation "
-                                    "from the shared code (0: identical experts)", 0.1)
+                                    "from the shared code (0: identical experts)", 0.1,
+                                    valid=AT_LEAST_0)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
                                     False)
     attention_backend: str = _help(
@@ -77,15 +114,16 @@ class ModelConfig:
         "pn-export-hf need local) or auto (TE where usable, for dense models)", "local")
     fusions: bool = _help("megatron-core's fused kernels where this device runs them exactly "
                           "enough (compat.fusion_settings; GPU only)", True)
-    hidden_dropout: float = _help("dropout after attention/MLP", 0.0)
-    attention_dropout: float = _help("dropout on attention probabilities", 0.0)
+    hidden_dropout: float = _help("dropout after attention/MLP", 0.0, valid=FRACTION)
+    attention_dropout: float = _help("dropout on attention probabilities", 0.0, valid=FRACTION)
 
 
 @dataclass
 class ParallelConfig:
-    tensor: int = _help("tensor-parallel size (TP)", 1)
-    pipeline: int = _help("pipeline-parallel size (PP)", 1)
-    virtual_pipeline: int | None = _help("model chunks per pipeline rank (interleaved 1F1B)", None)
+    tensor: int = _help("tensor-parallel size (TP)", 1, valid=AT_LEAST_1)
+    pipeline: int = _help("pipeline-parallel size (PP)", 1, valid=AT_LEAST_1)
+    virtual_pipeline: int | None = _help("model chunks per pipeline rank (interleaved 1F1B)", None,
+                                         valid=AT_LEAST_1)
     sequence_parallel: bool = _help("sequence parallelism (needs TP > 1)", False)
     distributed_optimizer: bool = _help("shard optimizer state across data-parallel ranks", False)
     overlap_grad_reduce: bool = _help("overlap DP gradient reduce with backward (GPU)", False)
@@ -102,7 +140,8 @@ class DataConfig:
     cluster_ids: list | None = _help(
         "pn/mix: the cluster id of each blend entry (default: from blend_file)", None)
     expert: int | None = _help(
-        "mix: train on this cluster's data only (run dirs get /expert_NNNN appended)", None)
+        "mix: train on this cluster's data only (run dirs get /expert_NNNN appended)", None,
+        valid=AT_LEAST_0)
     group_by_cluster: bool = _help(
         "pn: order each global batch by cluster so micro-batches hold one or two clusters "
         "(same samples per step, fewer expert projections; the model groups any order itself)",
@@ -116,37 +155,43 @@ class DataConfig:
         "train although the datasets, checkpoint.load, the checkpoint resumed or "
         "distill.teacher record different tokenizers (sha256 of the .model); refused otherwise",
         False)
-    eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2)
+    eod_id: int = _help("end-of-document token id (when no tokenizer_model is given)", 2,
+                        valid=AT_LEAST_0)
     num_workers: int | None = _help(
         "data loader worker processes per rank, reading a step's micro-batches ahead while the "
         "model computes (0: read in the step); None: 2 on GPU, 0 on CPU (compat.data_workers)",
-        None)
+        None, valid=AT_LEAST_0)
     cache_dir: str | None = _help("where megatron-core caches sample indices (default: run dir)", None)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _help("optimizer steps to train", 20)
-    micro_batch_size: int = _help("sequences per micro-batch per data-parallel rank", 4)
-    global_batch_size: int = _help("sequences per step = micro x accumulation x DP", 8)
-    lr: float = _help("peak learning rate", 1e-3)
-    min_lr: float = _help("final learning rate after decay", 1e-4)
-    warmup_steps: int = _help("linear warm-up steps", 2)
+    steps: int = _help("optimizer steps to train", 20, valid=AT_LEAST_0)
+    micro_batch_size: int = _help("sequences per micro-batch per data-parallel rank", 4,
+                                  valid=AT_LEAST_1)
+    global_batch_size: int = _help("sequences per step = micro x accumulation x DP", 8,
+                                   valid=AT_LEAST_1)
+    lr: float = _help("peak learning rate", 1e-3, valid=AT_LEAST_0)
+    min_lr: float = _help("final learning rate after decay", 1e-4, valid=AT_LEAST_0)
+    warmup_steps: int = _help("linear warm-up steps", 2, valid=AT_LEAST_0)
     decay_style: str = _help("cosine, linear or constant", "cosine")
-    decay_steps: int | None = _help("steps over which to decay (default: all steps)", None)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    adam_beta1: float = _help("Adam beta1", 0.9)
-    adam_beta2: float = _help("Adam beta2", 0.95)
-    adam_eps: float = _help("Adam epsilon", 1e-8)
-    clip_grad: float = _help("gradient clipping norm (0: off)", 1.0)
+    decay_steps: int | None = _help("steps over which to decay (default: all steps)", None,
+                                    valid=AT_LEAST_1)
+    weight_decay: float = _help("AdamW weight decay", 0.0, valid=AT_LEAST_0)
+    adam_beta1: float = _help("Adam beta1", 0.9, valid=FRACTION)
+    adam_beta2: float = _help("Adam beta2", 0.95, valid=FRACTION)
+    adam_eps: float = _help("Adam epsilon", 1e-8, valid=ABOVE_0)
+    clip_grad: float = _help("gradient clipping norm (0: off)", 1.0, valid=AT_LEAST_0)
     precision: str = _help("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
-    seed: int = _help("seed for initialization and data order", 1234)
-    eval_interval: int = _help("steps between validation runs (0: off)", 0)
-    eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2)
+    seed: int = _help("seed for initialization and data order", 1234, valid=Range(0, 2**32 - 1))
+    eval_interval: int = _help("steps between validation runs (0: off)", 0, valid=AT_LEAST_0)
+    eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2,
+                            valid=AT_LEAST_1)
     pn_bank_lr_mult: float = _help(
         "pn: learning-rate multiplier of the weight banks T. Under Adam every bank entry moves "
         "about lr per step, so a projected weight W = sum_r alpha_r T_r moves about "
-        "||alpha||_1 x lr (~0.8 sqrt(h) x): 1 / that restores a dense weight's rate", 1.0)
+        "||alpha||_1 x lr (~0.8 sqrt(h) x): 1 / that restores a dense weight's rate", 1.0,
+        valid=ABOVE_0)
     pn_project_once_per_step: bool = _help(
         "pn: project each expert's weights once per optimizer step, reused by every micro-batch "
         "and backpropagated once (megatron engine; memory: W and dL/dW of each expert the step "
@@ -159,26 +204,34 @@ class TrainConfig:
         "[name, prefix, ASSIGN_DIR] keeps the windows of the expert's cluster. Logged as "
         "eval/<name> (loss, ppl, tokens); needs parallel.pipeline=1", factory=list)
     eval_sets_max_tokens: int | None = _help("evaluate at most this many tokens of each of "
-                                             "train.eval_sets (None: all)", 20000)
-    log_interval: int = _help("steps between log lines", 1)
+                                             "train.eval_sets (None: all)", 20000, valid=AT_LEAST_1)
+    log_interval: int = _help("steps between log lines", 1, valid=AT_LEAST_1)
     early_stopping_patience: int | None = _help(
-        "stop when the validation loss has not improved for this many evaluations", None)
+        "stop when the validation loss has not improved for this many evaluations", None,
+        valid=AT_LEAST_1)
     lr_factor_of_loaded: float | None = _help(
         "fine-tuning: lr and min_lr = this factor x those of the checkpoint.load run "
-        "(the paper: 1/3)", None)
-    exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None)
+        "(the paper: 1/3)", None, valid=ABOVE_0)
+    exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None,
+                                         valid=AT_LEAST_0)
     exit_duration_minutes: float | None = _help(
         "stop (with a checkpoint) once this much wall time has passed, e.g. before a job's "
-        "time limit", None)
+        "time limit", None, valid=AT_LEAST_0)
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = _help("checkpoint directory (resumes automatically from its latest)", None)
-    save_interval: int = _help("steps between checkpoints (0: only at the end/on signal)", 0)
+    save_interval: int = _help("steps between checkpoints (0: only at the end/on signal)", 0,
+                               valid=AT_LEAST_0)
     save_at_end: bool = _help("save when training finishes", True)
     load: str | None = _help("initialize the model from this checkpoint (no optimizer)", None)
-    keep_last: int | None = _help("keep only the newest N checkpoints (None: keep all)", None)
+    keep_last: int | None = _help("keep only the newest N checkpoints (None: keep all)", None,
+                                  valid=AT_LEAST_1)
+    on_damaged: str = _help(
+        "a damaged latest iteration when resuming (a missing or truncated shard, missing "
+        "metadata): fallback (say so and resume from the newest intact one) or stop (exit 2)",
+        "fallback")
     keep_best: bool = _help(
         "save at each new best validation loss; best_checkpointed_iteration.txt names it and "
         "tools reading the directory (pn-eval, pn-export-hf, checkpoint.load) use it", False)
@@ -195,7 +248,8 @@ class LoggingConfig:
     tensorboard: bool = _help("write TensorBoard events under run_dir/tensorboard", True)
     wandb_mode: str = _help("wandb: offline, online or disabled", "offline")
     wandb_project: str = _help("wandb project name", "megatron-pn")
-    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (default: known GPUs)", None)
+    peak_tflops: float | None = _help("device peak TFLOP/s for MFU (default: known GPUs)", None,
+                                      valid=ABOVE_0)
     progress_bar: bool = _help("show a tqdm progress bar over steps", False)
     phase: str = _help("cost-accounting label of this run (run_dir/cost.json), e.g. pretrain, "
                        "finetune", "train")
@@ -205,8 +259,9 @@ class LoggingConfig:
 class DistillConfig:
     teacher: str | None = _help("SLM-d: checkpoint of the teacher (a fine-tuned LLM); "
                                 "enables distillation", None)
-    weight: float = _help("weight w of the KL to the teacher (1 - w on the data loss)", 0.5)
-    temperature: float = _help("softmax temperature T of teacher and student", 1.0)
+    weight: float = _help("weight w of the KL to the teacher (1 - w on the data loss)", 0.5,
+                          valid=Range(0, 1))
+    temperature: float = _help("softmax temperature T of teacher and student", 1.0, valid=ABOVE_0)
 
 
 @dataclass
@@ -332,6 +387,17 @@ def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
     return cfg
 
 
+def check_ranges(section, prefix: str = "") -> None:
+    """Every numeric key against the range its field declares (`valid=`), e.g.
+    `train.lr: must be >= 0, got -1`."""
+    for f in dataclasses.fields(section):
+        value, valid = getattr(section, f.name), f.metadata.get("valid")
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+        elif valid is not None and value is not None and value not in valid:
+            raise ConfigError(f"{prefix}{f.name}: {valid}, got {_number(value)}")
+
+
 def describe(cls=Config, prefix: str = "") -> list[str]:
     """One line per key: 'section.key (default): help'."""
     lines = []
@@ -342,5 +408,7 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
             lines += describe(typing.get_type_hints(cls)[f.name], f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+        valid = f.metadata.get("valid")
+        lines.append(f"  {prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}"
+                     + (f" ({valid})" if valid else ""))
     return lines

@@ -149,6 +149,24 @@ def check_split_nonempty(prefix: str, split: str) -> None:
             )
 
 
+def check_long_enough(prefix: str, seq_length: int, split: str | None) -> None:
+    """The training documents of a dataset (its train split when data.split applies) must fill
+    one sequence: seq_length + 1 tokens (megatron-core would silently repeat them)."""
+    dataset = IndexedDataset(prefix, mmap=True)  # alive while its memory map is read
+    lengths = dataset.sequence_lengths
+    if split:
+        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[0]
+        begin, end = (int(round(b * len(lengths))) for b in bounds)
+        lengths = lengths[begin:end]
+    tokens = int(lengths.sum())
+    del lengths, dataset
+    if tokens < seq_length + 1:
+        raise DataError(
+            f"dataset prefix {prefix}: its training documents hold {tokens} tokens, fewer than "
+            f"one sequence of model.seq_length {seq_length} + 1 ({prefix}.bin) — add documents "
+            "or lower model.seq_length")
+
+
 def check_indexed_dataset(prefix: str) -> None:
     """A clear error for a missing or unreadable .bin/.idx pair, before any rank builds."""
     for suffix in (".bin", ".idx"):

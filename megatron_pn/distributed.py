@@ -60,3 +60,29 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agreed(fn):
+    """Run `fn` on every rank and return its result; when it raised on any rank, every rank
+    raises (its own exception, else the first failing rank's). A check that fails on one rank
+    then cannot leave the others waiting in the next collective."""
+    import pickle
+
+    try:
+        result, error = fn(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        result, error = None, err
+    shared = error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+            shared = RuntimeError(f"{type(error).__name__}: {error}")
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, shared)
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return result

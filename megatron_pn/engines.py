@@ -270,11 +270,14 @@ class DeepSpeedEngine:
         client = {"scheduler": scheduler.state_dict(), "rng": checkpoint.rng_states(),
                   "iteration": step,
                   "engine": "deepspeed", **extra}
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()
-        if dist.get_rank() == 0:  # written after every rank's files: never a half checkpoint
-            atomic_write_text(root / checkpoint.LATEST, f"{step}\n")
-        dist.barrier()
+        checkpoint.save_phase(root, step, lambda: self.engine.save_checkpoint(
+            str(root), tag=tag, client_state=client, save_latest=False), root / tag)
+
+        def publish():  # after every rank's files: never a half checkpoint
+            if dist.get_rank() == 0:
+                atomic_write_text(root / checkpoint.LATEST, f"{step}\n")
+
+        checkpoint.save_phase(root, step, publish, root / tag)
         return root / tag
 
 

@@ -31,31 +31,38 @@ class PreflightError(UserError):
     """The job would fail: one line saying why."""
 
 
-def check_layout(cfg, nodes: int, procs: int, device: str) -> int:
-    """The world size, after pn-train's own checks pass for it."""
+def check_layout(cfg, nodes: int, procs: int, device: str) -> tuple[int, list[str]]:
+    """The world size, after pn-train's own checks pass for it, and their warnings."""
     from megatron_pn.validation import validate_config
 
     if nodes < 1 or procs < 1:
         raise PreflightError(f"--nodes {nodes} and processes per node {procs} must be >= 1")
     world = nodes * procs
-    validate_config(cfg, world, device)
+    warnings = validate_config(cfg, world, device)
     tp = cfg.parallel.tensor
     if procs % tp:
         where = "span nodes" if tp > procs else "straddle node boundaries"
         raise PreflightError(
             f"parallel.tensor {tp} does not divide the {procs} processes per node: tensor-parallel "
             f"groups would {where}; use a TP that divides {procs} (PP and DP may span nodes)")
-    return world
+    return world, warnings
 
 
 def check_writable_dir(path: str, key: str) -> None:
-    """Create `path` and write a file in it, as the trainer will."""
+    """Create `path` and write a file in it, as the trainer will (pn-train runs this for every
+    output directory before any work)."""
+    blocker = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "it is a file" if blocker == Path(path) else f"{blocker} is a file"
+        raise PreflightError(f"{key} {path} is not writable: {what}, not a directory ({key}) — "
+                             f"remove it or set {key} to a directory")
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".preflight-"):
             pass
     except OSError as err:
-        raise PreflightError(f"{key} {path} is not writable: {err.strerror or err}") from None
+        raise PreflightError(f"{key} {path} is not writable: {err.strerror or err} ({key}) — "
+                             f"fix its permissions or set {key} elsewhere") from None
 
 
 def check_checkpoints(cfg, require_dir: bool, nodes: int) -> list[str]:
@@ -68,8 +75,11 @@ def check_checkpoints(cfg, require_dir: bool, nodes: int) -> list[str]:
                              "resume; set checkpoint.dir=PATH on storage every node sees")
     if ckpt.dir:
         check_writable_dir(ckpt.dir, "checkpoint.dir")
-        step = checkpoint.latest_step(ckpt.dir)  # a corrupt marker fails here, not in the job
+        # a damaged latest iteration is said here (or fails, on_damaged=stop), not in the job
+        step, warning = checkpoint.resume_step(ckpt.dir, ckpt.on_damaged)
         notes.append(f"resumes from step {step}" if step is not None else "starts from step 0")
+        if warning:
+            notes.append(f"WARNING: {warning}")
         if nodes > 1 and os.path.abspath(ckpt.dir).startswith(NODE_LOCAL):
             notes.append(f"WARNING: checkpoint.dir {ckpt.dir} looks node-local; with {nodes} "
                          "nodes it must be on shared storage")
@@ -91,9 +101,10 @@ def preflight(args) -> str:
     gpus = visible_gpus() if args.gpus_per_node is None else args.gpus_per_node
     procs = procs_per_node(gpus, args.cpu_procs)
     device = "cuda" if gpus > 0 else "cpu"
-    world = check_layout(cfg, args.nodes, procs, device)
+    world, warnings = check_layout(cfg, args.nodes, procs, device)
     cfg = expert_job(cfg)  # SLM-mix: this expert's data and directories
     notes = check_checkpoints(cfg, args.require_checkpoint_dir, args.nodes)
+    notes += [f"WARNING: {warning}" for warning in warnings]
     p = cfg.parallel
     dp = world // (p.tensor * p.pipeline)
     return (f"world {world} = {args.nodes} node(s) x {procs} {device} process(es): "

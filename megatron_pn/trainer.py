@@ -11,6 +11,7 @@ import dataclasses
 import json
 import random
 import signal
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
 from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro_batch_loader,
                               resolve_blend, token_ids)
-from megatron_pn.distributed import init_distributed
+from megatron_pn.distributed import agreed, init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
 from megatron_pn.fingerprint import run_tokenizer
@@ -39,6 +40,7 @@ from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.pn import projected_once
+from megatron_pn.preflight import check_writable_dir
 from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -46,6 +48,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Trainer:
     def __init__(self, cfg: Config):
+        self.lock = None  # rank 0's lock on checkpoint.dir, held until train() ends
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cfg: Config) -> None:
         self.start_time, self.start_cpu = time.time(), time.process_time()
         # Handlers first: a stop signal during the (minutes-long) start-up must not kill us.
         self._stop_requested = False
@@ -53,9 +63,12 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
-        validate_config(cfg, self.env.world_size, self.device_type)
+        warnings = validate_config(cfg, self.env.world_size, self.device_type)
         cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
         self.cfg = cfg = finetuning_lr(cfg)
+        for warning in warnings:
+            self._warn(warning)
+        agreed(self._claim_outputs)  # before any work: not at the first save, hours later
         self.step = 0
         self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
         self.initial_weights = None
@@ -113,10 +126,39 @@ class Trainer:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The latest checkpoint in checkpoint.dir, if it holds a training state to resume."""
+    def _claim_outputs(self) -> None:
+        """Every output directory can be written (an existing file in its place fails here), and
+        rank 0 locks checkpoint.dir for the life of the run: a second run on it is refused."""
+        cfg = self.cfg
+        if cfg.checkpoint.dir:
+            check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+            if self.env.rank == 0:
+                self.lock = checkpoint.DirLock(cfg.checkpoint.dir)
+                warning = self.lock.acquire()
+                if warning:
+                    self._warn(warning)
+        for key, path in (("logging.run_dir", cfg.logging.run_dir),
+                          ("data.cache_dir", cfg.data.cache_dir)):
+            if path:
+                check_writable_dir(path, key)
+
+    def close(self) -> None:
+        """Release checkpoint.dir (the process ending releases it too, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _intact_step(self) -> int | None:
         ckpt = self.cfg.checkpoint
-        step = checkpoint.latest_step(ckpt.dir) if ckpt.dir else None
+        step, warning = checkpoint.resume_step(ckpt.dir, ckpt.on_damaged)
+        if warning:
+            self._warn(warning)
+        return step
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The latest intact checkpoint in checkpoint.dir, if it holds a training state to
+        resume."""
+        ckpt = self.cfg.checkpoint
+        step = agreed(self._intact_step) if ckpt.dir else None
         if step is None:
             return None
         path = checkpoint.iteration_dir(ckpt.dir, step)
@@ -132,6 +174,12 @@ class Trainer:
         chunks = build_model(self.cfg, self.device_type, tconfig=self.tconfig)
         path = self._weights_to_load()
         if path and not resume_from:
+            reason = checkpoint.damage(path)
+            if reason:
+                key = "checkpoint.dir" if self.initial_weights else "checkpoint.load"
+                raise checkpoint.CheckpointError(
+                    f"cannot initialize the model from {path}: {reason} ({key}) — restore it, "
+                    "or name another checkpoint")
             checkpoint.load(path, chunks)
             self._print(f"initialized model weights from {path}")
         return chunks
@@ -159,7 +207,19 @@ class Trainer:
         )
 
     def _resume(self, path: Path) -> None:
-        common = self.engine.load(path, self.scheduler)
+        try:
+            common = self.engine.load(path, self.scheduler)
+        except (Exception, checkpoint.CheckpointException) as err:
+            differences = checkpoint.model_differences(path, self.cfg.model)
+            if differences:
+                raise checkpoint.CheckpointError(
+                    f"cannot resume from {path}: another model ({'; '.join(differences)}) "
+                    "(checkpoint.dir) — resume with the model config it was saved with, or give "
+                    "this model another checkpoint.dir") from err
+            raise checkpoint.CheckpointError(
+                f"cannot resume from {path}: {checkpoint.why_failed(err)} (checkpoint.dir) — "
+                f"delete {path.name} to resume from an earlier iteration, or move "
+                "checkpoint.dir away to start from step 0") from err
         self.step = common["iteration"]
         self.early_stopping.update(common.get("early_stopping", {}))
         self._print(f"resumed from {path} at step {self.step}")
@@ -250,7 +310,13 @@ class Trainer:
             yield [next(micro) for _ in range(self.num_microbatches)]
 
     def train(self) -> int:
-        """Returns the step reached."""
+        """Returns the step reached. checkpoint.dir is released at the end, however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> int:
         t, ckpt = self.cfg.train, self.cfg.checkpoint
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         peak = device_peak_tflops(self.cfg.logging.peak_tflops)
@@ -287,7 +353,8 @@ class Trainer:
             improved = False
             if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
                 improved = self._validate()  # the final model is always evaluated
-            if ckpt.dir and ckpt.save_at_end and checkpoint.latest_step(ckpt.dir) != self.step:
+            saved = checkpoint.newest_intact(ckpt.dir)[0] if ckpt.dir else None
+            if ckpt.dir and ckpt.save_at_end and saved != self.step:
                 self.save()
             if ckpt.dir and improved and ckpt.keep_best and ckpt.save_at_end:
                 checkpoint.mark_best(ckpt.dir, self.step)
@@ -371,6 +438,11 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.env.rank == 0:
             print(message, flush=True)
+
+    def _warn(self, message: str) -> None:
+        """What the run will do that a user may not mean: one line on stderr."""
+        if self.env.rank == 0:
+            print(f"pn-train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def held_out_sets(cfg: Config) -> list:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from megatron_pn.compat import transformer_engine_available
-from megatron_pn.config import Config, ConfigError
-from megatron_pn.data import resolve_blend
+from megatron_pn.config import Config, ConfigError, check_ranges
+from megatron_pn.data import check_long_enough, resolve_blend, used_split
 from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size
 
 CHOICES = {
@@ -18,6 +20,7 @@ CHOICES = {
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "checkpoint.optimizer_format": ("fully_reshardable", "dp_reshardable"),
+    "checkpoint.on_damaged": ("fallback", "stop"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
@@ -38,16 +41,11 @@ def validate_model(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    m = cfg.model
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                "vocab_size", "seq_length"):
-        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    t = cfg.train
-    _require(t.steps >= 0 and t.warmup_steps >= 0, "train.steps and train.warmup_steps must be >= 0")
+    check_ranges(cfg)  # every numeric key against its declared range (config.py)
+    m, t = cfg.model, cfg.train
     _require(t.decay_steps is None or t.warmup_steps < t.decay_steps,
              f"train.warmup_steps {t.warmup_steps} must be below train.decay_steps {t.decay_steps}")
-    workers = cfg.data.num_workers
-    _require(workers is None or workers >= 0, f"data.num_workers must be >= 0, got {workers}")
+    _require(t.min_lr <= t.lr, f"train.min_lr: must be <= train.lr {t.lr:g}, got {t.min_lr:g}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
@@ -56,7 +54,6 @@ def validate_model(cfg: Config) -> None:
 def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vp = p.tensor, p.pipeline, p.virtual_pipeline or 1
-    _require(tp >= 1 and pp >= 1 and vp >= 1, "parallel sizes must be >= 1")
     for name, value in (("model.hidden_size", m.hidden_size),
                         ("model.num_attention_heads", m.num_attention_heads),
                         ("model.num_query_groups", m.num_query_groups or m.num_attention_heads),
@@ -99,10 +96,6 @@ def validate_pn(cfg: Config) -> None:
     _require(m.bank_size >= 1, f"model.bank_size (h) must be >= 1 for model.type pn, got {m.bank_size}")
     _require(m.code_init in ("random", "shared"),
              f"model.code_init must be random or shared, got {m.code_init!r}")
-    _require(cfg.train.pn_bank_lr_mult > 0,
-             f"train.pn_bank_lr_mult must be > 0, got {cfg.train.pn_bank_lr_mult}")
-    _require(m.code_init_spread >= 0,
-             f"model.code_init_spread must be >= 0, got {m.code_init_spread}")
     _require(1 <= m.code_size <= m.bank_size,
              f"model.code_size (m) {m.code_size} must be in [1, model.bank_size {m.bank_size}]: "
              "codes are projected to h mixing weights, so m > h adds nothing")
@@ -128,8 +121,6 @@ def validate_distill(cfg: Config) -> None:
     d = cfg.distill
     if d.teacher is None:
         return
-    _require(0.0 <= d.weight <= 1.0, f"distill.weight must be in [0, 1], got {d.weight}")
-    _require(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
     _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
 
 
@@ -150,17 +141,102 @@ def validate_deepspeed(cfg: Config, device_type: str) -> None:
              "nothing to offload; set deepspeed.offload_optimizer/offload_params=false")
 
 
-def validate_config(cfg: Config, world_size: int, device_type: str) -> None:
+def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]:
+    """Every check that needs no process group; returns warnings (what the run will do that a
+    user may not mean) for the caller to print."""
     validate_model(cfg)
     validate_deepspeed(cfg, device_type)
     validate_distill(cfg)
     validate_pn(cfg)
     validate_transformer_engine(cfg, device_type)
     validate_parallel(cfg, world_size, device_type)
-    validate_pn_data(cfg, resolve_blend(cfg.data))
+    validate_memory(cfg, device_type)
+    blend = resolve_blend(cfg.data)
+    validate_pn_data(cfg, blend)
     if cfg.data.valid_blend:
         resolve_blend(cfg.data, cfg.data.valid_blend)
     validate_eval_sets(cfg)
+    validate_validation_data(cfg)
+    split = None if cfg.data.valid_blend else used_split(cfg.data, bool(cfg.train.eval_interval))
+    for prefix in blend.prefixes:
+        check_long_enough(prefix, cfg.model.seq_length, split)
+    return expert_warnings(cfg, blend)
+
+
+def validate_validation_data(cfg: Config) -> None:
+    """Early stopping and checkpoint.keep_best compare validation losses: they need evaluations
+    and validation data; train.eval_interval needs validation data or train.eval_sets."""
+    t = cfg.train
+    compare = [key for key, on in (("train.early_stopping_patience",
+                                    t.early_stopping_patience is not None),
+                                   ("checkpoint.keep_best", cfg.checkpoint.keep_best)) if on]
+    _require(not compare or t.eval_interval > 0,
+             f"{' and '.join(compare)} compare validation losses, but train.eval_interval is 0 "
+             "(train.eval_interval) — set train.eval_interval to the steps between evaluations")
+    wanted = compare + (["train.eval_interval"] if t.eval_interval > 0 and not t.eval_sets else [])
+    if not wanted or cfg.data.valid_blend:
+        return
+    valid_share = float(used_split(cfg.data, True).split(",")[1])
+    _require(valid_share > 0,
+             f"{' and '.join(wanted)} need validation data, but data.split {cfg.data.split} "
+             "leaves none and data.valid_blend is empty (data.split) — give the split a "
+             "validation share (e.g. 969,30,1) or set data.valid_blend")
+
+
+def activation_bytes(cfg: Config) -> int:
+    """A lower bound of one micro-batch's memory on one device: its fp32 logits, one hidden
+    state per layer, and the [s, s] attention scores of the local backend."""
+    m, p = cfg.model, cfg.parallel
+    tokens = cfg.train.micro_batch_size * m.seq_length
+    logits = tokens * padded_vocab_size(m) // p.tensor * 4
+    hidden = tokens * m.hidden_size * max(m.num_layers // p.pipeline, 1) * 2
+    scores = 0
+    if m.attention_backend == "local":
+        heads = max(m.num_attention_heads // p.tensor, 1)
+        scores = cfg.train.micro_batch_size * heads * m.seq_length ** 2 * 4
+    return logits + hidden + scores
+
+
+def device_memory(device_type: str) -> int | None:
+    """Bytes of this device's memory (None: not known here, e.g. a GPU job checked on a login
+    node without one)."""
+    if device_type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def validate_memory(cfg: Config, device_type: str) -> None:
+    need, have = activation_bytes(cfg), device_memory(device_type)
+    if have is None:
+        return
+    gib = 2 ** 30
+    _require(need <= have,
+             f"model.seq_length {cfg.model.seq_length} x train.micro_batch_size "
+             f"{cfg.train.micro_batch_size} needs at least {need / gib:,.0f} GiB for one "
+             f"micro-batch (logits and activations), more than the {have / gib:,.0f} GiB of this "
+             f"{device_type} device (model.seq_length) — lower model.seq_length or "
+             "train.micro_batch_size, or split the model with parallel.tensor/pipeline")
+
+
+def expert_warnings(cfg: Config, blend) -> list[str]:
+    """PN: experts whose cluster has no (weighted) dataset in the blend train on nothing."""
+    if cfg.model.type != "pn" or blend.cluster_ids is None:
+        return []
+    weights = blend.weights or [1.0] * len(blend.prefixes)
+    fed = {c for c, w in zip(blend.cluster_ids, weights) if w > 0}
+    idle = [e for e in range(cfg.model.num_experts) if e not in fed]
+    if not idle:
+        return []
+    shown = ", ".join(map(str, idle[:20])) + (", ..." if len(idle) > 20 else "")
+    return [f"expert{'s' if len(idle) > 1 else ''} {shown} of model.num_experts "
+            f"{cfg.model.num_experts} get{'' if len(idle) > 1 else 's'} no training data from "
+            "the blend (data.blend_file / data.cluster_ids): trained on nothing, keeping the "
+            "initial codes — lower model.num_experts or add the clusters' data unless that is "
+            "what you mean"]
 
 
 def validate_eval_sets(cfg: Config) -> None:

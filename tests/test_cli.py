@@ -117,10 +117,11 @@ def test_crash_during_save_leaves_latest_loadable(dataset, tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint.dist_checkpointing, "save", crash)
     trainer.step = 3
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(checkpoint.SaveFailed, match="simulated crash"):
         trainer.save()
     monkeypatch.undo()
     assert checkpoint.latest_step(ckpt) == 2
+    assert not list(ckpt.glob(".tmp_*"))  # the failed save removed its debris
     shutdown()
 
     resumed = Trainer(load_config([CONFIG], tiny_overrides(dataset, tmp_path / "run", **{
@@ -128,7 +129,6 @@ def test_crash_during_save_leaves_latest_loadable(dataset, tmp_path, monkeypatch
     assert resumed.step == 2
     assert resumed.train() == 3
     assert checkpoint.latest_step(ckpt) == 3
-    assert not list(ckpt.glob(".tmp_*"))  # the next save replaced the debris
     shutdown()
 
 

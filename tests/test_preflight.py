@@ -107,7 +107,7 @@ def test_corrupt_resume_marker(job, tmp_path, capsys):
     ckpt.mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")  # iter_0000007 is missing
     code, out = preflight([*job, "--gpus-per-node", "0"], capsys)
-    assert code == 2 and "not a saved iteration" in out
+    assert code == 2 and "iter_0000007: its directory is missing; no intact iteration" in out
 
 
 def test_bf16_needs_a_gpu(job, capsys):

@@ -221,6 +221,6 @@ def test_distillation_bad_input(teacher, tmp_path, capsys):
     args = ["configs/tiny/slm.yaml", *tiny_overrides(prefix, tmp_path / "run"),
             f"distill.teacher={root / 'llm' / 'ckpt'}"]
     assert main(args + ["distill.weight=1.5"]) == 2
-    assert "distill.weight must be in [0, 1]" in capsys.readouterr().err
+    assert "distill.weight: must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert main(args + ["model.vocab_size=1000"]) == 2
     assert "vocabulary 257 differs from the student's 1000" in capsys.readouterr().err
