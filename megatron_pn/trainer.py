@@ -68,13 +68,15 @@ class Trainer:
         self.cfg = cfg = finetuning_lr(cfg)
         for warning in warnings:
             self._warn(warning)
-        agreed(self._claim_outputs)  # before any work: not at the first save, hours later
         self.step = 0
         self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
         self.initial_weights = None
         resume_from = self._checkpoint_to_resume()
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
         self.tokenizer = run_tokenizer(cfg, resume_from or self._weights_to_load())
+        # Outputs checked (and created, and locked) once every input passed its checks: before
+        # any work, not at the first save hours later, and nothing left behind by bad input.
+        agreed(self._claim_outputs)
         p = cfg.parallel
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor,
