@@ -34,7 +34,7 @@ import torch
 from megatron_pn.costs import macro_average as macro_average_nll
 from megatron_pn.errors import ArgumentParser, UserError, one_line, run_command
 from megatron_pn.fileio import atomic_write_json, check_writable
-from megatron_pn.standalone import (LoadedModel, ToolError, inference_world, load_model,
+from megatron_pn.inference import (LoadedModel, ToolError, inference_world, load_model,
                                     resolve_checkpoint)
 
 EPILOG = """examples:

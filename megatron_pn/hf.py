@@ -40,7 +40,7 @@ import yaml
 
 from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.evaluate import check_expert, model_eod_id
-from megatron_pn.standalone import (ToolError, inference_world, load_model,
+from megatron_pn.inference import (ToolError, inference_world, load_model,
                                     resolve_checkpoint)
 from megatron_pn.fileio import atomic_path, atomic_write_text, check_writable
 

@@ -28,7 +28,7 @@ import torch
 from megatron_pn.config import Config
 from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.fileio import atomic_write_json, check_writable
-from megatron_pn.standalone import ToolError
+from megatron_pn.inference import ToolError
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
 
@@ -154,7 +154,7 @@ def project(args) -> dict:
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
     from megatron_pn.model import build_model
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict
-    from megatron_pn.standalone import inference_world, load_model, resolve_checkpoint
+    from megatron_pn.inference import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
     check_strategy(args.strategy)

@@ -37,14 +37,14 @@ def spec_dir(root, name, tokens, source):
 @pytest.fixture(scope="module")
 def tool_world():
     """The process world pn-project's functions run in."""
-    from megatron_pn.standalone import inference_world
+    from megatron_pn.inference import inference_world
 
     with inference_world(single_process=True) as env:
         yield env
 
 
 def load_pn(ckpt, env):
-    from megatron_pn.standalone import load_model
+    from megatron_pn.inference import load_model
 
     loaded = load_model(ckpt, env)
     return loaded.cfg, loaded.device, loaded.model
