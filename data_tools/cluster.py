@@ -46,7 +46,6 @@ from data_tools.embed import (
     eod_id_of,
     load_embeddings,
     load_sbert,
-    load_sentencepiece,
     resolve_device,
     windows_of,
 )
@@ -56,6 +55,7 @@ from data_tools.per_cluster import (
     histogram,
     write_cluster_datasets,
 )
+from data_tools.tokenizer import load_sentencepiece
 from data_tools.windows import (
     IndexedTokens,
     check_tokenizer_matches,

@@ -39,6 +39,7 @@ from data_tools.windows import (
     window_token_counts,
 )
 from data_tools.preprocess import parse_shard
+from data_tools.tokenizer import load_sentencepiece
 from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
 
 EMBEDDINGS_FILE = "embeddings.f16"
@@ -83,17 +84,6 @@ def load_sbert(model_path: str, device: str):
     if device.startswith("cuda"):
         model.half()  # fp16 inference: the output is stored as fp16 anyway
     return model
-
-
-def load_sentencepiece(model_file: str | Path):
-    import sentencepiece as spm
-
-    if not Path(model_file).is_file():
-        raise FileNotFoundError(
-            f"tokenizer model {model_file} not found: pass --tokenizer-model with the "
-            f"SentencePiece .model the dataset was preprocessed with (`pn-data train-tokenizer`)"
-        )
-    return spm.SentencePieceProcessor(model_file=str(model_file))
 
 
 def eod_id_of(sp) -> int:

@@ -431,19 +431,16 @@ def run_preprocess(
 ) -> dict:
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx/.json (resuming an unfinished run);
     returns the sidecar contents plus this run's work (`this_run`)."""
-    import sentencepiece
+    from data_tools.tokenizer import load_sentencepiece
 
     shard_index, shard_count = parse_shard(shard)
-    if not Path(tokenizer_model).is_file():
-        raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: not found (the .model "
-                                "of `pn-data train-tokenizer`)")
+    sp = load_sentencepiece(tokenizer_model)  # before any output: a clear error
     sources = readers.discover(inputs, text_field)
     segments = plan_segments(sources, shard_index, shard_count)
     if shard_count == 1 and sum(s.stop - s.start for s in segments) == 0:
         raise ValueError(f"--input {' '.join(map(str, inputs))}: empty, no documents to "
                          "tokenize; give files that hold documents")
     tokenizer_path = str(Path(tokenizer_model).resolve())
-    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
     if sp.eos_id() < 0:
         raise ValueError(f"{tokenizer_model} defines no EOS id, which pn-data appends as EOD")
     dtype = token_dtype(sp.vocab_size())

@@ -37,7 +37,21 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_tools import readers
+from megatron_pn.errors import UserError
 from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
+
+
+def load_sentencepiece(path: str | Path, key: str = "--tokenizer-model"):
+    """A SentencePiece processor, or one clear error naming the file and the key it came from."""
+    import sentencepiece
+
+    if not Path(path).is_file():
+        raise UserError(f"{key} {path}: not found (the .model of `pn-data train-tokenizer`)")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as err:
+        raise UserError(f"{key} {path}: not a SentencePiece model ({err}) — give the .model "
+                        "that `pn-data train-tokenizer` wrote") from None
 
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 EOD_ID = SPECIAL_IDS["eos"]

@@ -227,18 +227,34 @@ RUNTIME_ONLY = {"attention_backend", "fusions", "hidden_dropout", "attention_dro
                 "init_method_std", "code_init", "code_init_spread"}  # no parameter shapes
 
 
-def model_differences(path: str | Path, model) -> list[str]:
-    """The model keys that shape parameters whose value in the checkpoint at `path` differs from
-    `model`'s (empty when the checkpoint stores no readable config)."""
+SHAPES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+          "ffn_hidden_size", "activation", "normalization", "add_bias_linear",
+          "position_embedding_type", "tie_embeddings", "vocab_size")  # of any model type
+PN_SHAPES = ("num_experts", "bank_size", "code_size", "project_attention")  # PN to PN
+
+
+def model_differences(path: str | Path, model, keys=None) -> list[str]:
+    """The model keys (default: all but RUNTIME_ONLY) whose value in the checkpoint at `path`
+    differs from `model`'s (empty when the checkpoint stores no readable config)."""
     import dataclasses
 
     try:
         saved = saved_config(path).model
     except Exception:  # noqa: BLE001 - only a hint for an error message
         return []
-    return [f"model.{f.name} {getattr(saved, f.name)!r} in the checkpoint, "
-            f"{getattr(model, f.name)!r} here" for f in dataclasses.fields(saved)
-            if f.name not in RUNTIME_ONLY and getattr(saved, f.name) != getattr(model, f.name)]
+    keys = keys or [f.name for f in dataclasses.fields(saved) if f.name not in RUNTIME_ONLY]
+    return [f"model.{key} {getattr(saved, key)!r} in the checkpoint, {getattr(model, key)!r} "
+            "here" for key in keys if getattr(saved, key) != getattr(model, key)]
+
+
+def shape_differences(path: str | Path, model) -> list[str]:
+    """model_differences in the keys that shape parameters: a checkpoint the model cannot
+    load (a mix or projected expert still loads into a dense model of its shape)."""
+    try:
+        both_pn = model.type == "pn" and saved_config(path).model.type == "pn"
+    except Exception:  # noqa: BLE001 - no readable config: nothing to compare
+        return []
+    return model_differences(path, model, SHAPES + (PN_SHAPES if both_pn else ()))
 
 
 def why_failed(err: BaseException) -> str:

@@ -52,12 +52,10 @@ class TokenIds:
 
 def token_ids(data: DataConfig, vocab_size: int) -> TokenIds:
     if data.tokenizer_model:
-        import sentencepiece
+        from data_tools.tokenizer import load_sentencepiece
 
         path = Path(data.tokenizer_model)
-        if not path.is_file():
-            raise DataError(f"data.tokenizer_model: {path} does not exist")
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        sp = load_sentencepiece(path, "data.tokenizer_model")
         if sp.get_piece_size() > vocab_size:
             raise DataError(
                 f"data.tokenizer_model: {path} has {sp.get_piece_size()} pieces but "
@@ -165,6 +163,31 @@ def check_long_enough(prefix: str, seq_length: int, split: str | None) -> None:
             f"dataset prefix {prefix}: its training documents hold {tokens} tokens, fewer than "
             f"one sequence of model.seq_length {seq_length} + 1 ({prefix}.bin) — add documents "
             "or lower model.seq_length")
+
+
+TOKEN_CHECK = 1 << 20  # tokens of each dataset read for the vocabulary check
+
+
+def check_token_ids(prefix: str, vocab_size: int) -> None:
+    """Token ids within model.vocab_size: the tokenizer size PREFIX.json records, and the largest
+    id among the first TOKEN_CHECK tokens (an id beyond would fail deep in the embedding)."""
+    sidecar = Path(prefix + ".json")
+    recorded = None
+    if sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text()).get("vocab_size")
+        except (ValueError, UnicodeDecodeError):
+            recorded = None  # (the tokenizer check names a damaged record)
+    dataset = IndexedDataset(prefix, mmap=True)
+    head = np.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")[:TOKEN_CHECK]
+    largest = int(head.max()) if len(head) else -1
+    del head, dataset
+    if (recorded or 0) > vocab_size or largest >= vocab_size:
+        found = f"a tokenizer of {recorded} ids" if (recorded or 0) > vocab_size else \
+            f"token id {largest}"
+        raise DataError(f"dataset prefix {prefix}: {found}, beyond model.vocab_size "
+                        f"{vocab_size} — set model.vocab_size to the tokenizer's size (or more), "
+                        "or tokenize the data with the model's tokenizer")
 
 
 def check_indexed_dataset(prefix: str) -> None:

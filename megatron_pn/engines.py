@@ -66,7 +66,7 @@ class MegatronEngine:
                       for i, chunk in enumerate(chunks)]
         tconfig.finalize_model_grads_func = (
             finalize_pn_model_grads if is_pn else finalize_model_grads)
-        self.step_scope = contextlib.nullcontext  # PN: every expert projected once per step
+        self.step_scope = lambda experts: contextlib.nullcontext()  # PN: projected once per step
         if is_pn and cfg.train.pn_project_once_per_step:
             self.step_scope = functools.partial(projected_once, self.model)
         if cfg.parallel.overlap_grad_reduce:
@@ -97,12 +97,13 @@ class MegatronEngine:
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
         )
 
-    def train_step(self, forward_step, batches, scheduler):
-        """One optimizer step; returns (per-micro-batch loss reports, grad norm)."""
+    def train_step(self, forward_step, batches, scheduler, experts=()):
+        """One optimizer step; returns (per-micro-batch loss reports, grad norm). `experts`: the
+        PN experts the step uses (projected once for all its micro-batches)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self.step_scope():
+        with self.step_scope(experts=experts):
             reports = self.run_microbatches(forward_step, batches, forward_only=False)
         scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
         _, grad_norm, _ = self.optimizer.step()
@@ -249,7 +250,7 @@ class DeepSpeedEngine:
             reports.append(report)
         return reports
 
-    def train_step(self, forward_step, batches, scheduler):
+    def train_step(self, forward_step, batches, scheduler, experts=()):
         scheduler.step(increment=1)  # sets the LR that the boundary step below uses
         reports = self.run_microbatches(forward_step, batches, forward_only=False)
         return reports, float(self.engine.get_global_grad_norm() or 0.0)

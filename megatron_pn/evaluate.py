@@ -52,9 +52,9 @@ def model_eod_id(cfg) -> int:
     """The EOD id the model was trained with: its tokenizer's EOS when that file is here."""
     model_file = cfg.data.tokenizer_model
     if model_file and Path(model_file).is_file():
-        import sentencepiece
+        from data_tools.tokenizer import load_sentencepiece
 
-        return sentencepiece.SentencePieceProcessor(model_file=model_file).eos_id()
+        return load_sentencepiece(model_file, "data.tokenizer_model").eos_id()
     return cfg.data.eod_id
 
 

@@ -370,6 +370,11 @@ def export(checkpoint: str, output: str, expert: int | None = None,
     from megatron_pn.pn.projection import dense_model_config
 
     check_writable(output, overwrite)
+    out = Path(output)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ToolError(f"--output {output} holds files that are not a Hugging Face model "
+                        "(no config.json): --overwrite replaces only an earlier export; give a "
+                        "new or empty directory")
     path = resolve_checkpoint(checkpoint)
     saved = saved_config(path)
     m = dense_model_config(saved.model)

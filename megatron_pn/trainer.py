@@ -74,6 +74,7 @@ class Trainer:
         resume_from = self._checkpoint_to_resume()
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
         self.tokenizer = run_tokenizer(cfg, resume_from or self._weights_to_load())
+        self._check_model_fits(resume_from or self._weights_to_load())
         # Outputs checked (and created, and locked) once every input passed its checks: before
         # any work, not at the first save hours later, and nothing left behind by bad input.
         agreed(self._claim_outputs)
@@ -176,15 +177,34 @@ class Trainer:
         chunks = build_model(self.cfg, self.device_type, tconfig=self.tconfig)
         path = self._weights_to_load()
         if path and not resume_from:
+            key = "checkpoint.dir" if self.initial_weights else "checkpoint.load"
             reason = checkpoint.damage(path)
             if reason:
-                key = "checkpoint.dir" if self.initial_weights else "checkpoint.load"
                 raise checkpoint.CheckpointError(
                     f"cannot initialize the model from {path}: {reason} ({key}) — restore it, "
                     "or name another checkpoint")
-            checkpoint.load(path, chunks)
+            try:
+                checkpoint.load(path, chunks)
+            except (Exception, checkpoint.CheckpointException) as err:
+                differences = checkpoint.model_differences(path, self.cfg.model)
+                why = (f"another model ({'; '.join(differences)})" if differences
+                       else checkpoint.why_failed(err))
+                raise checkpoint.CheckpointError(
+                    f"cannot initialize the model from {path}: {why} ({key}) — use the model "
+                    "config it was saved with, or another checkpoint") from err
             self._print(f"initialized model weights from {path}")
         return chunks
+
+    def _check_model_fits(self, path: Path | None) -> None:
+        """A checkpoint of another model shape is refused before any work (the config it
+        stores says so; what a load would fail on later, after the outputs exist)."""
+        differences = checkpoint.shape_differences(path, self.cfg.model) if path else []
+        if differences:
+            key = "checkpoint.load" if path == self._weights_to_load() and \
+                self.cfg.checkpoint.load else "checkpoint.dir"
+            raise checkpoint.CheckpointError(
+                f"cannot start from {path}: another model ({'; '.join(differences)}) ({key}) — "
+                "use the model config it was saved with, or another checkpoint")
 
     def _weights_to_load(self) -> Path | None:
         """A model-only checkpoint in checkpoint.dir, else checkpoint.load (when not resuming)."""
@@ -245,7 +265,10 @@ class Trainer:
         return output, partial(_token_loss, batch["loss_mask"])
 
     def train_step(self, batches: list[dict]) -> tuple[float | None, float]:
-        reports, grad_norm = self.engine.train_step(self._forward_step, batches, self.scheduler)
+        experts = set(torch.cat([cluster_ids_of(b, self.cluster_table) for b in batches]).tolist()
+                      ) if self.is_pn else ()
+        reports, grad_norm = self.engine.train_step(self._forward_step, batches, self.scheduler,
+                                                    experts)
         return _mean_loss(reports, self.env.device), grad_norm
 
     @torch.no_grad()

@@ -6,7 +6,8 @@ import os
 
 from megatron_pn.compat import transformer_engine_available
 from megatron_pn.config import Config, ConfigError, check_ranges
-from megatron_pn.data import check_long_enough, resolve_blend, used_split
+from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
+                              used_split)
 from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size
 
 CHOICES = {
@@ -158,8 +159,10 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     validate_eval_sets(cfg)
     validate_validation_data(cfg)
     split = None if cfg.data.valid_blend else used_split(cfg.data, bool(cfg.train.eval_interval))
+    token_ids(cfg.data, cfg.model.vocab_size)  # a missing, damaged or too large tokenizer
     for prefix in blend.prefixes:
         check_long_enough(prefix, cfg.model.seq_length, split)
+        check_token_ids(prefix, cfg.model.vocab_size)
     return expert_warnings(cfg, blend)
 
 

@@ -60,6 +60,9 @@ def ws(tmp_path_factory) -> Path:
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
         "vocab_size": 257, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False}))
+    (root / "garbled_hf_parent").mkdir()  # a directory of other files: --overwrite refuses it
+    (root / "garbled_hf_parent" / "notes.txt").write_text("not an export\n")
+    (root / "corrupt.model").write_text("not a SentencePiece model\n")
     (root / "exp").mkdir()
     (root / "exp" / "experiment.json").write_text('{"config": ')
     return root
@@ -105,6 +108,8 @@ CASES = [
                       "{ws}/nope_tok"], "nope_tok"),
     ("pn-export-hf", ["--checkpoint", "{ws}/ckpt", "--output", "{ws}/hf_out", "--expert",
                       "2"], "expert"),
+    ("pn-export-hf", ["--checkpoint", "{ws}/ckpt", "--output", "{ws}/garbled_hf_parent",
+                      "--overwrite"], "not a Hugging Face model"),
     # pn-import-hf
     ("pn-import-hf", ["--hf", "{ws}/nope", "--output", "{ws}/imported"], "nope"),
     ("pn-import-hf", ["--hf", "{ws}/garbled_hf", "--output", "{ws}/imported"], "config.json"),
@@ -118,6 +123,12 @@ CASES = [
                  "{ws}/tok.model", "--output-prefix", "{ws}/pre"], "nope.jsonl"),
     ("pn-data", ["preprocess", "--input", "{ws}/text.jsonl.gz", "--tokenizer-model",
                  "{ws}/nope.model", "--output-prefix", "{ws}/pre"], "nope.model"),
+    ("pn-data", ["preprocess", "--input", "{ws}/text.jsonl.gz", "--tokenizer-model",
+                 "{ws}/corrupt.model", "--output-prefix", "{ws}/pre"], "corrupt.model"),
+    ("pn-train", [SLM, *TRAIN, "model.vocab_size=100"], "vocab"),
+    ("pn-train", [SLM, *TRAIN, "data.tokenizer_model={ws}/corrupt.model"], "corrupt.model"),
+    ("pn-train", [SLM, *TRAIN, "checkpoint.load={ws}/ckpt", "model.hidden_size=128"],
+     "hidden_size"),
     ("pn-data", ["preprocess", "--input", "{ws}/empty.jsonl", "--tokenizer-model",
                  "{ws}/tok.model", "--output-prefix", "{ws}/pre"], "empty.jsonl"),
     ("pn-data", ["preprocess", "--input", "{ws}/text.jsonl.gz", "--tokenizer-model",

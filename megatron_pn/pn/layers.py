@@ -122,55 +122,61 @@ class ProjectedWeights:
     """The experts' weights of one optimizer step (or one evaluation), each projected once:
     SLM-pn's fast path.
 
-    T, M and E do not change within a step, so W[l, i] is the same in every micro-batch. A
-    projected linear projects an expert the first time the step uses it and keeps W as a leaf
-    tensor; autograd sums dL/dW over the micro-batches into that leaf, and `backward()`, called
-    once by finalize_pn_model_grads before the data-parallel reduction, sends the sum through
-    the projections into T, M and E. The bank is then read about three times per step instead
-    of three times per micro-batch; the price is memory for the W and dL/dW of every expert the
-    step uses. Without `backprop` (an evaluation) W is kept without a graph. It lives for one
-    step or evaluation only (the optimizer changes T, M and E): `pn.model.projected_once`.
+    T, M and E do not change within a step, so W[l, i] is the same in every micro-batch. The
+    first micro-batch that reaches a projected linear projects every expert the step uses (one
+    GEMM: the bank read once), kept as leaf tensors; autograd sums dL/dW over the micro-batches
+    into them, and `backward()`, called once by finalize_pn_model_grads before the
+    data-parallel reduction, contracts the sum into T, M and E (one GEMM per linear for each).
+    Per step the bank is read about three times, whatever the number of micro-batches; the
+    price is memory for the W and dL/dW of every expert the step uses. Without `backprop` (an
+    evaluation) nothing is kept for a backward. It lives for one step or evaluation only (the
+    optimizer changes T, M and E): `pn.model.projected_once`.
     """
 
-    def __init__(self, backprop: bool = True):
-        self.backprop = backprop
-        self._leaves: dict[tuple, torch.Tensor] = {}  # (linear, expert) -> W, a leaf
-        self._projected: list[tuple[torch.Tensor, list]] = []  # (W with its graph, its leaves)
+    def __init__(self, expert_codes: torch.Tensor, backprop: bool = True, experts=()):
+        self.expert_codes, self.backprop = expert_codes, backprop
+        self.experts = tuple(sorted(set(experts)))  # the step's, when known: projected at once
+        self._weights: dict = {}  # linear -> {expert: W, a leaf}
 
     def weights(self, linear: "ProjectedLinear", routing: ExpertRouting) -> list[torch.Tensor]:
-        missing = [j for j, e in enumerate(routing.experts) if (linear, e) not in self._leaves]
-        if missing:
-            codes = routing.codes if len(missing) == len(routing.experts) else \
-                routing.codes[missing]
-            # with a graph also under a recomputed layer's no-grad first pass
-            with torch.set_grad_enabled(self.backprop):
-                projected = linear.project(codes)
-            leaves = [w.detach().requires_grad_(self.backprop) for w in projected.unbind(0)]
-            if self.backprop:
-                self._projected.append((projected, leaves))
-            for j, leaf in zip(missing, leaves):
-                self._leaves[linear, routing.experts[j]] = leaf
-        return [self._leaves[linear, e] for e in routing.experts]
+        known = self._weights.setdefault(linear, {})
+        if any(e not in known for e in routing.experts):
+            new = sorted((set(routing.experts) | set(self.experts)) - set(known))
+            index = compat.host_to_device(torch.tensor(new), self.expert_codes.device)
+            with torch.no_grad():
+                projected = linear.project(self.expert_codes.index_select(0, index))
+            for expert, w in zip(new, projected.unbind(0)):
+                known[expert] = w.detach().requires_grad_(self.backprop)
+        return [known[e] for e in routing.experts]
 
     def backward(self) -> None:
         """dL/dW summed over the step's micro-batches -> T (DDP main_grad), M and E."""
-        if not self._projected:
-            return
-        roots = [projected for projected, _ in self._projected]
-        grads = [torch.stack([w.grad if w.grad is not None else torch.zeros_like(w)
-                              for w in leaves]) for _, leaves in self._projected]
-        self._projected, self._leaves = [], {}
-        torch.autograd.backward(roots, grads)
+        weights, self._weights = self._weights, {}
+        for linear, known in weights.items():  # the same order on every TP rank
+            used = [e for e, w in known.items() if w.grad is not None]
+            if used:
+                index = compat.host_to_device(torch.tensor(used), self.expert_codes.device)
+                grads = torch.stack([known[e].grad for e in used])
+                linear.backward_projection(self.expert_codes.index_select(0, index), grads)
+
+
+def _add_bank_grad(bank: torch.Tensor, grad_weights: torch.Tensor, alpha: torch.Tensor):
+    """dL/dT = dL/dW^T x alpha [out*in, h]: into DDP's `main_grad` in place when the bank has
+    one (one addmm, as megatron-core's gradient-accumulation fusion does for dense weights;
+    then a placeholder gradient for DDP's grad-ready hook), else returned for autograd."""
+    if getattr(bank, "grad_added_to_main_grad", None) is None:  # no DDP buffer
+        return (grad_weights.t() @ alpha).view_as(bank)
+    main_grad = bank.main_grad.view(-1, bank.shape[-1])
+    main_grad.addmm_(grad_weights.t().to(main_grad.dtype), alpha.to(main_grad.dtype))
+    bank.grad_added_to_main_grad = True  # DDP's hook then skips its own add
+    return torch.empty_like(bank)
 
 
 class _BankProjection(torch.autograd.Function):
     """weights [u, out*in] = alpha [u, h] x T [out*in, h]^T: one GEMM that reads the bank once;
     each expert's weight comes out contiguous.
 
-    Backward: dL/dalpha = dL/dW x T, and dL/dT = dL/dW^T x alpha. Under megatron-core's DDP the
-    bank has a `main_grad` buffer; dL/dT is then accumulated into it in place (one addmm), as
-    megatron-core's gradient-accumulation fusion does for dense weights: the bank-sized
-    gradient is neither allocated nor added separately, once per micro-batch.
+    Backward: dL/dalpha = dL/dW x T, and dL/dT = dL/dW^T x alpha (`_add_bank_grad`).
     """
 
     @staticmethod
@@ -183,15 +189,26 @@ class _BankProjection(torch.autograd.Function):
     def backward(ctx, grad_weights: torch.Tensor):
         (alpha,) = ctx.saved_tensors
         bank = ctx.bank
-        flat = bank.view(-1, bank.shape[-1])
-        grad_alpha = grad_weights @ flat
-        if getattr(bank, "grad_added_to_main_grad", None) is None:  # no DDP buffer: autograd
-            return grad_alpha, (grad_weights.t() @ alpha).view_as(bank)
-        main_grad = bank.main_grad.view(-1, bank.shape[-1])
-        main_grad.addmm_(grad_weights.t().to(main_grad.dtype), alpha.to(main_grad.dtype))
-        bank.grad_added_to_main_grad = True  # DDP's hook then skips its own add
-        # A placeholder gradient still reaches the bank, so DDP's grad-ready hook runs.
-        return grad_alpha, torch.empty_like(bank)
+        grad_alpha = grad_weights @ bank.view(-1, bank.shape[-1])
+        return grad_alpha, _add_bank_grad(bank, grad_weights, alpha)
+
+
+class _ProjectionBackward(torch.autograd.Function):
+    """The backward of W = alpha x T^T for a dL/dW already summed (ProjectedWeights), without
+    the forward GEMM: a scalar whose backward is _BankProjection's."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, bank: torch.Tensor, grad_weights: torch.Tensor):
+        ctx.save_for_backward(alpha, grad_weights)
+        ctx.bank = bank
+        return alpha.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        alpha, grad_weights = ctx.saved_tensors
+        bank = ctx.bank
+        grad_alpha = grad_weights @ bank.view(-1, bank.shape[-1])
+        return grad_alpha, _add_bank_grad(bank, grad_weights, alpha), None
 
 
 class ProjectedLinear(MegatronModule):
@@ -295,6 +312,12 @@ class ProjectedLinear(MegatronModule):
         alpha = copy_to_tensor_model_parallel_region(alpha, self.tp_group)
         weights = _BankProjection.apply(alpha, self.bank)  # sum_r alpha[r] T[:,:,r]
         return weights.view(len(codes), *self.local_shape)
+
+    def backward_projection(self, codes: torch.Tensor, grad_weights: torch.Tensor) -> None:
+        """Backpropagate a summed dL/dW [u, out_local, in_local] of the experts with `codes`
+        through W = (codes M) T into T, M and E (ProjectedWeights.backward)."""
+        alpha = copy_to_tensor_model_parallel_region(codes @ self.code_projection, self.tp_group)
+        _ProjectionBackward.apply(alpha, self.bank, grad_weights.view(len(codes), -1)).backward()
 
     def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
         """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""

@@ -91,13 +91,14 @@ def _unwrap(chunk) -> PNGPTModel:
 
 
 @contextlib.contextmanager
-def projected_once(model_chunks, backprop: bool = True):
+def projected_once(model_chunks, backprop: bool = True, experts=()):
     """Around one optimizer step's micro-batches (finalize_pn_model_grads then backpropagates
     the projections) or one evaluation (backprop False): every expert's weights projected once
-    for all of them (ProjectedWeights). Models other than PNs are left as they are."""
+    for all of them (ProjectedWeights); `experts`, the step's when known, all at once. Models
+    other than PNs are left as they are."""
     models = [m for m in map(_unwrap, model_chunks) if isinstance(m, PNGPTModel)]
     for model in models:
-        model.projected_weights = ProjectedWeights(backprop)
+        model.projected_weights = ProjectedWeights(model.expert_codes, backprop, experts)
     try:
         yield
     finally:
