@@ -29,7 +29,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint
 from megatron_pn.config import Config, ConfigError
-from megatron_pn.fileio import atomic_write_text
+from megatron_pn.fileio import atomic_write_json, atomic_write_text
+from megatron_pn.fingerprint import DEEPSPEED_TOKENIZER
 from megatron_pn.pn import finalize_pn_model_grads, projected_once
 
 
@@ -275,7 +276,8 @@ class DeepSpeedEngine:
             str(root), tag=tag, client_state=client, save_latest=False), root / tag)
 
         def publish():  # after every rank's files: never a half checkpoint
-            if dist.get_rank() == 0:
+            if dist.get_rank() == 0:  # the tokenizer record, readable without the weights
+                atomic_write_json(root / tag / DEEPSPEED_TOKENIZER, extra.get("tokenizer"))
                 atomic_write_text(root / checkpoint.LATEST, f"{step}\n")
 
         checkpoint.save_phase(root, step, publish, root / tag)

@@ -30,6 +30,7 @@ from megatron_pn.config import ConfigError
 OVERRIDE_FLAG = "--allow-tokenizer-mismatch"
 OVERRIDE_KEY = "data.allow_tokenizer_mismatch"
 HF_RECORD = "pn_tokenizer.json"  # in a Hugging Face tokenizer directory
+DEEPSPEED_TOKENIZER = "pn_tokenizer.json"  # in a DeepSpeed engine's iteration directory
 
 
 class TokenizerMismatch(ConfigError):
@@ -164,20 +165,24 @@ def hf_model_fingerprint(directory: str | Path, extras: dict) -> Fingerprint | N
 
 
 def checkpoint_fingerprint(path: str | Path) -> Fingerprint | None:
-    """What a checkpoint (root or iteration) records; for one saved before tokenizers were
-    recorded, its run config's data.tokenizer_model when that file is still there. None for a
-    DeepSpeed engine checkpoint (not a dist_checkpointing directory) and for a path that is no
-    checkpoint (the command loading it reports that)."""
+    """What a checkpoint (root or iteration) records (a DeepSpeed engine's: its
+    DEEPSPEED_TOKENIZER file); for one saved before tokenizers were recorded, its run config's
+    data.tokenizer_model when that file is still there. None for a path that is no checkpoint
+    (the command loading it reports that)."""
     from megatron.core import dist_checkpointing
 
     from megatron_pn import checkpoint
 
+    deepspeed = Path(path) / DEEPSPEED_TOKENIZER  # a DeepSpeed iteration directory
+    if deepspeed.is_file():
+        return from_record(json.loads(deepspeed.read_text()), path, "checkpoint")
     try:
         iteration = checkpoint.resolve(path)
     except checkpoint.CheckpointError:  # not one: loading it says so
         return None
-    if not (iteration / "metadata.json").is_file():
-        return None
+    if not (iteration / "metadata.json").is_file():  # DeepSpeed's (a root)
+        return checkpoint_fingerprint(iteration) if (iteration / DEEPSPEED_TOKENIZER).is_file() \
+            else None
     common = dist_checkpointing.load_common_state_dict(str(iteration))
     if "tokenizer" in common:
         return from_record(common["tokenizer"], iteration, "checkpoint")

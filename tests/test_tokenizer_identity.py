@@ -129,6 +129,22 @@ def test_pn_train_records_and_refuses_another_tokenizer(data, trained_a, tmp_pat
     assert sorted(p.name for p in trained_a.glob("iter_*")) == ["iter_0000000"]
 
 
+@pytest.mark.slow
+def test_deepspeed_checkpoint_records_its_tokenizer_and_resume_checks_it(data, tmp_path, capsys):
+    """A DeepSpeed engine's checkpoint records the tokenizer beside its files (readable without
+    the weights); resuming it on data of another tokenizer is refused like a megatron one."""
+    from helpers import run_train
+
+    ckpt = tmp_path / "ds"
+    run_train([SLM, *tiny_overrides(data["a"], tmp_path / "run", **{
+        "train.steps": 1, "engine": "deepspeed", "deepspeed.zero_stage": 1,
+        "checkpoint.dir": ckpt, "checkpoint.save_interval": 1})])
+    assert checkpoint_fingerprint(ckpt).sha256 == SHA_A
+    err = train_error([SLM, *tiny_overrides(data["b"], tmp_path / "run", **{
+        "train.steps": 2, "engine": "deepspeed", "checkpoint.dir": ckpt})], capsys)
+    assert_names_both(err, f"{data['b']}.json", str(ckpt), "data.allow_tokenizer_mismatch")
+
+
 def test_pn_train_override_and_matching_tokenizers(data, trained_a, tmp_path, capsys):
     from megatron_pn.train import main
 
