@@ -49,6 +49,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     def __init__(self, cfg: Config):
         self.lock = None  # rank 0's lock on checkpoint.dir, held until train() ends
+        # the stop handlers are ours until train() ends (in-process callers get theirs back)
+        self.previous_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         try:
             self._start(cfg)
         except BaseException:
@@ -74,7 +76,7 @@ class Trainer:
         resume_from = self._checkpoint_to_resume()
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
         self.tokenizer = run_tokenizer(cfg, resume_from or self._weights_to_load())
-        self._check_model_fits(resume_from or self._weights_to_load())
+        self._check_model_fits(resume_from or self._weights_to_load(), bool(resume_from))
         # Outputs checked (and created, and locked) once every input passed its checks: before
         # any work, not at the first save hours later, and nothing left behind by bad input.
         agreed(self._claim_outputs)
@@ -146,9 +148,12 @@ class Trainer:
                 check_writable_dir(path, key)
 
     def close(self) -> None:
-        """Release checkpoint.dir (the process ending releases it too, however it ends)."""
+        """Release checkpoint.dir (the process ending releases it too, however it ends) and
+        give the stop signals their previous handlers back."""
         if self.lock is not None:
             self.lock.release()
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
 
     def _intact_step(self) -> int | None:
         ckpt = self.cfg.checkpoint
@@ -195,16 +200,16 @@ class Trainer:
             self._print(f"initialized model weights from {path}")
         return chunks
 
-    def _check_model_fits(self, path: Path | None) -> None:
+    def _check_model_fits(self, path: Path | None, resuming: bool) -> None:
         """A checkpoint of another model shape is refused before any work (the config it
         stores says so; what a load would fail on later, after the outputs exist)."""
         differences = checkpoint.shape_differences(path, self.cfg.model) if path else []
         if differences:
-            key = "checkpoint.load" if path == self._weights_to_load() and \
-                self.cfg.checkpoint.load else "checkpoint.dir"
+            key = "checkpoint.dir" if resuming or self.initial_weights else "checkpoint.load"
+            what = "resume from" if resuming else "initialize the model from"
             raise checkpoint.CheckpointError(
-                f"cannot start from {path}: another model ({'; '.join(differences)}) ({key}) — "
-                "use the model config it was saved with, or another checkpoint")
+                f"cannot {what} {path}: another model ({'; '.join(differences)}) ({key}) — use "
+                "the model config it was saved with, or another checkpoint")
 
     def _weights_to_load(self) -> Path | None:
         """A model-only checkpoint in checkpoint.dir, else checkpoint.load (when not resuming)."""
