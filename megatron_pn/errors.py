@@ -31,8 +31,8 @@ def one_line(err: BaseException | str) -> str:
 
 def run_command(prog: str, work: Callable[[], int | None],
                 user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """work()'s exit code; a UserError (or one of `user_errors`) is one line and exit 2, on
-    the first rank only."""
+    """work()'s exit code; a UserError (or one of `user_errors`) is one line on the first rank
+    and its `exit_code` (2: bad input)."""
     try:
         return int(work() or 0)
     except (UserError, *user_errors) as err:

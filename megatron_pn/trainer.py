@@ -75,8 +75,9 @@ class Trainer:
         self.initial_weights = None
         resume_from = self._checkpoint_to_resume()
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
-        self.tokenizer = run_tokenizer(cfg, resume_from or self._weights_to_load())
-        self._check_model_fits(resume_from or self._weights_to_load(), bool(resume_from))
+        start = resume_from or self._weights_to_load()
+        self.tokenizer = run_tokenizer(cfg, start)
+        self._check_model_fits(start, bool(resume_from))
         # Outputs checked (and created, and locked) once every input passed its checks: before
         # any work, not at the first save hours later, and nothing left behind by bad input.
         agreed(self._claim_outputs)

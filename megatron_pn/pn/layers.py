@@ -160,23 +160,26 @@ class ProjectedWeights:
                 linear.backward_projection(self.expert_codes.index_select(0, index), grads)
 
 
-def _add_bank_grad(bank: torch.Tensor, grad_weights: torch.Tensor, alpha: torch.Tensor):
-    """dL/dT = dL/dW^T x alpha [out*in, h]: into DDP's `main_grad` in place when the bank has
-    one (one addmm, as megatron-core's gradient-accumulation fusion does for dense weights;
-    then a placeholder gradient for DDP's grad-ready hook), else returned for autograd."""
+def _projection_grads(bank: torch.Tensor, grad_weights: torch.Tensor, alpha: torch.Tensor):
+    """The backward of W = alpha x T^T: (dL/dalpha = dL/dW x T, the bank's gradient). dL/dT =
+    dL/dW^T x alpha goes into DDP's `main_grad` in place when the bank has one (one addmm, as
+    megatron-core's gradient-accumulation fusion does for dense weights; then a placeholder
+    gradient for DDP's grad-ready hook), else it is returned for autograd."""
+    flat = bank.view(-1, bank.shape[-1])
+    grad_alpha = grad_weights @ flat
     if getattr(bank, "grad_added_to_main_grad", None) is None:  # no DDP buffer
-        return (grad_weights.t() @ alpha).view_as(bank)
+        return grad_alpha, (grad_weights.t() @ alpha).view_as(bank)
     main_grad = bank.main_grad.view(-1, bank.shape[-1])
     main_grad.addmm_(grad_weights.t().to(main_grad.dtype), alpha.to(main_grad.dtype))
     bank.grad_added_to_main_grad = True  # DDP's hook then skips its own add
-    return torch.empty_like(bank)
+    return grad_alpha, torch.empty_like(bank)
 
 
 class _BankProjection(torch.autograd.Function):
     """weights [u, out*in] = alpha [u, h] x T [out*in, h]^T: one GEMM that reads the bank once;
     each expert's weight comes out contiguous.
 
-    Backward: dL/dalpha = dL/dW x T, and dL/dT = dL/dW^T x alpha (`_add_bank_grad`).
+    Backward: `_projection_grads`.
     """
 
     @staticmethod
@@ -188,9 +191,7 @@ class _BankProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights: torch.Tensor):
         (alpha,) = ctx.saved_tensors
-        bank = ctx.bank
-        grad_alpha = grad_weights @ bank.view(-1, bank.shape[-1])
-        return grad_alpha, _add_bank_grad(bank, grad_weights, alpha)
+        return _projection_grads(ctx.bank, grad_weights, alpha)
 
 
 class _ProjectionBackward(torch.autograd.Function):
@@ -206,9 +207,7 @@ class _ProjectionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _):
         alpha, grad_weights = ctx.saved_tensors
-        bank = ctx.bank
-        grad_alpha = grad_weights @ bank.view(-1, bank.shape[-1])
-        return grad_alpha, _add_bank_grad(bank, grad_weights, alpha), None
+        return *_projection_grads(ctx.bank, grad_weights, alpha), None
 
 
 class ProjectedLinear(MegatronModule):
