@@ -27,8 +27,8 @@ from megatron_pn.experiment.grid import python  # noqa: E402
 from megatron_pn.experiment.runner import step_env  # noqa: E402
 from megatron_pn.experiment.worker import WorkerPool  # noqa: E402
 
-IMPORTS = ("torch", "megatron.core", "megatron_pn.trainer", "megatron_pn.evaluate",
-           "megatron_pn.project", "data_tools.cli")
+IMPORTS = ("torch", "megatron.core", "megatron_pn.trainer", "megatron_pn.cli.evaluate",
+           "megatron_pn.cli.project", "data_tools.cli")
 
 
 def fresh_cpu(cmd: list[str]) -> float:
@@ -68,10 +68,10 @@ def main() -> None:
         def steps(run: Path) -> dict[str, list[str]]:
             return {
                 "pn-train, 4 steps + checkpoint": python(
-                    "megatron_pn.train", "configs/tiny/slm.yaml", *tiny_overrides(
+                    "megatron_pn.cli.train", "configs/tiny/slm.yaml", *tiny_overrides(
                         data, run, **{"train.steps": 4, "checkpoint.dir": run / "ckpt"})),
                 "pn-eval of that checkpoint": python(
-                    "megatron_pn.evaluate", "--checkpoint", run / "ckpt", "--data", data,
+                    "megatron_pn.cli.evaluate", "--checkpoint", run / "ckpt", "--data", data,
                     "--names", "text", "--output", run / "eval.json", "--quiet"),
                 "pn-data merge (format only)": python(
                     "data_tools", "merge", "--inputs", data, data, "--output-prefix",

@@ -80,7 +80,7 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
             f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.wandb_mode=disabled",
             "checkpoint.dir=null"]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                "-m", "megatron_pn.train"]
+                "-m", "megatron_pn.cli.train"]
     subprocess.run(launcher + args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]

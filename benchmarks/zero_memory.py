@@ -25,7 +25,7 @@ GIB = 2**30
 
 
 def total_parameters(config: str) -> int:
-    out = subprocess.run([sys.executable, "-m", "megatron_pn.train", config, "--dry-run"],
+    out = subprocess.run([sys.executable, "-m", "megatron_pn.cli.train", config, "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if "total" in l)
     return int(line.split("total ")[1].split(" ")[0].replace(",", ""))

@@ -1,13 +1,9 @@
 """megatron-pn: small specialized language models planned early (Grangier et al.).
 
-Layout:
-  compat      the one place that lets megatron-core's CUDA-only code run on CPU (gloo)
-  config      YAML configs as dataclasses, dotted command-line overrides
-  model       megatron-core GPTModel built from a layer spec (dense now; PN specs plug in here)
-  data        megatron-core indexed/GPT/blended datasets -> micro-batch iterators
-  checkpoint  dist_checkpointing save/resume with an atomic `latest` pointer
-  trainer     the training loop (TP x PP x DP, distributed optimizer, schedules, logging)
-  train       the `pn-train` command
+The training library sits at the top of this package (config, model, data, trainer, engines,
+checkpoint, compat; the methods: pn/ for SLM-pn, mix.py for SLM-mix, distill.py for SLM-d,
+data_tools/importance.py for SLM-is), the paper's comparison in experiment/, the commands in
+cli/. README.md ("Architecture") maps every module.
 """
 
 import warnings

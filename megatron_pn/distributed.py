@@ -1,7 +1,7 @@
 """Process-group start-up: one place that reads the launcher's environment.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A plain
-`python -m megatron_pn.train` (no launcher) runs as a world of one. The backend follows the
+`python -m megatron_pn.cli.train` (no launcher) runs as a world of one. The backend follows the
 device: NCCL with CUDA, gloo on CPU.
 """
 

@@ -208,3 +208,28 @@ def flops_per_token(cfg: Config) -> float:
     matmul_weights = layers * (2 * d * d_q + 2 * d * d_kv + c * d * m.ffn_hidden_size)
     matmul_weights += d * padded_vocab_size(m)
     return 6 * matmul_weights + 6 * layers * s * d_q
+
+
+def parameter_counts(cfg) -> dict:
+    """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
+    unsharded on the meta device (no memory, no initialization) in a world of one."""
+    import dataclasses
+
+    from megatron_pn.distributed import init_distributed, shutdown
+    from megatron_pn.validation import validate_model
+
+    validate_model(cfg)
+    whole = dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
+    )
+    compat.activate()
+    init_distributed("cpu")
+    try:
+        ps.initialize_model_parallel(1, 1)
+        with torch.device("meta"):
+            chunks = build_model(whole, "cpu", initialize=False)
+        return {"total": count_parameters(chunks),
+                "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
+                "expert": count_expert_parameters(chunks) if cfg.model.type == "pn" else None}
+    finally:
+        shutdown()

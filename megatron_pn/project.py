@@ -16,9 +16,7 @@ fine-tune it with `pn-train CONFIG checkpoint.load=OUTPUT ...`.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,6 @@ import numpy as np
 import torch
 
 from megatron_pn.config import Config
-from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.fileio import atomic_write_json, check_writable
 from megatron_pn.inference import ToolError
 
@@ -126,27 +123,6 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
     raise ProjectionError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
-# -- the command ----------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="pn-project", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
-    parser.add_argument("--spec-data", required=True, type=Path,
-                        help="`pn-data assign` output directory of the specialization set")
-    parser.add_argument("--strategy", default="most-frequent",
-                        help=f"one of {', '.join(STRATEGIES)} (default: most-frequent)")
-    parser.add_argument("--output", required=True, type=Path, help="dense checkpoint directory")
-    parser.add_argument("--sample-tokens", type=int, default=65536,
-                        help="best-loss: spec tokens each expert is scored on (default 65536)")
-    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                        help="project although the specialization set records another "
-                        "tokenizer than the checkpoint was trained with")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return parser
-
-
 def project(args) -> dict:
     import dataclasses
 
@@ -197,20 +173,3 @@ def load_every_weight(dense, state: dict) -> None:
     if missing or unexpected:
         raise RuntimeError(f"the projected state does not fit the dense model: missing "
                            f"{missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command("pn-project", lambda: _project_main(args))
-
-
-def _project_main(args) -> int:
-    record = project(args)
-    chosen = record["expert"] if record["expert"] is not None else "soft mixture"
-    print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
-          f"{args.output} in {record['seconds']:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

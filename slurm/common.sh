@@ -4,7 +4,7 @@
 # A training job's life (pn_train_job):
 #   1. pre-flight check of config, data, layout and checkpoint dir (fail before the long work);
 #   2. train.exit_duration_minutes from the job's time left minus PN_EXIT_MARGIN;
-#   3. one srun task per node running megatron_pn.launch (torchrun, c10d rendezvous);
+#   3. one srun task per node running megatron_pn.cli.launch (torchrun, c10d rendezvous);
 #   4. the first SIGUSR1/SIGTERM the batch shell gets (--signal=B:USR1@..., scancel --batch,
 #      scancel, preemption) is forwarded to the step as SIGUSR1: the trainer saves and stops;
 #   5. stopped by SIGUSR1 or by the time limit, and not finished: scontrol requeue; the
@@ -163,7 +163,7 @@ pn_train_job() {
     local cpu_procs nodes=${SLURM_JOB_NUM_NODES:-1}
     cpu_procs=$(pn_cpu_procs)
     pn_log "pre-flight: $*"
-    pn_run_once "$PN_PYTHON" -m megatron_pn.preflight --nodes "$nodes" --cpu-procs "$cpu_procs" \
+    pn_run_once "$PN_PYTHON" -m megatron_pn.cli.preflight --nodes "$nodes" --cpu-procs "$cpu_procs" \
         --require-checkpoint-dir "$@" || pn_die "pre-flight check failed: nothing was started"
     local limit=() minutes rc=0
     minutes=$(pn_exit_minutes)
@@ -173,7 +173,7 @@ pn_train_job() {
     fi
     if [[ -z $PN_STOPPED_BY ]]; then
         # The job's own overrides come after ours: a user's train.exit_duration_minutes wins.
-        pn_per_node "$PN_PYTHON" -m megatron_pn.launch train --cpu-procs "$cpu_procs" \
+        pn_per_node "$PN_PYTHON" -m megatron_pn.cli.launch train --cpu-procs "$cpu_procs" \
             --stop-timeout "$PN_STOP_TIMEOUT" "$1" "${limit[@]}" "${@:2}"
         pn_run_step "${PN_CMD[@]}"
         rc=$?
@@ -217,7 +217,7 @@ pn_requeue_if_stopped() {
         fi
         return "$rc"
     fi
-    pn_run_once "$PN_PYTHON" -m megatron_pn.launch finished "$@"
+    pn_run_once "$PN_PYTHON" -m megatron_pn.cli.launch finished "$@"
     case $? in
         0) pn_log "stopped by $reason after training finished: done"; return 0 ;;
         1) ;;

@@ -65,9 +65,9 @@ def tiny_overrides(prefix: Path, run_dir: Path, **extra) -> list[str]:
 def train_command(args: list[str], nproc: int = 1) -> list[str]:
     """pn-train in fresh processes (torchrun when nproc > 1)."""
     if nproc == 1:
-        return [sys.executable, "-m", "megatron_pn.train", *args]
+        return [sys.executable, "-m", "megatron_pn.cli.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "megatron_pn.train", *args]
+            "--master-port", str(free_port()), "-m", "megatron_pn.cli.train", *args]
 
 
 def train_env(extra=None) -> dict:

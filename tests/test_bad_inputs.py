@@ -21,12 +21,12 @@ SLM = "configs/tiny/slm.yaml"
 
 def entry_points() -> dict:
     from data_tools.cli import main as pn_data
-    from megatron_pn.evaluate import main as pn_eval
-    from megatron_pn.experiment.cli import main as pn_experiment
-    from megatron_pn.hf import export_main, import_main
-    from megatron_pn.plan import main as pn_plan
-    from megatron_pn.project import main as pn_project
-    from megatron_pn.train import main as pn_train
+    from megatron_pn.cli.evaluate import main as pn_eval
+    from megatron_pn.cli.experiment import main as pn_experiment
+    from megatron_pn.cli.hf import export_main, import_main
+    from megatron_pn.cli.plan import main as pn_plan
+    from megatron_pn.cli.project import main as pn_project
+    from megatron_pn.cli.train import main as pn_train
 
     return {"pn-train": pn_train, "pn-eval": pn_eval, "pn-project": pn_project,
             "pn-export-hf": export_main, "pn-import-hf": import_main, "pn-data": pn_data,

@@ -80,7 +80,7 @@ def test_signal_on_one_rank_stops_all_ranks_with_one_checkpoint(dataset, tmp_pat
     proc = start_train(args, nproc=2, log_path=tmp_path / "log.txt")
     wait_for_step(run_dir, 2, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "megatron_pn.train" in " ".join(p.cmdline())]
+               if "megatron_pn.cli.train" in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGUSR1)  # only one rank hears it
     assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-3000:]

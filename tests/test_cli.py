@@ -13,7 +13,7 @@ from megatron_pn import checkpoint
 from megatron_pn.compat import UnsupportedMegatronCore, check_megatron_core_version
 from megatron_pn.config import load_config
 from megatron_pn.distributed import shutdown
-from megatron_pn.train import main
+from megatron_pn.cli.train import main
 
 CONFIG = "configs/tiny/slm.yaml"
 

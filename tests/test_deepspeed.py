@@ -9,7 +9,7 @@ import pytest
 
 from helpers import (losses, read_metrics, real_text_documents, run_train, tiny_overrides,
                      tiny_pn_overrides, write_byte_dataset, write_cluster_datasets)
-from megatron_pn.train import main
+from megatron_pn.cli.train import main
 
 CONFIG = "configs/tiny/slm.yaml"
 STEPS = 5

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from megatron_pn.experiment.cli import main as experiment
+from megatron_pn.cli.experiment import main as experiment
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ import torch
 from helpers import perturbed_model as build
 from helpers import EOD, real_text_documents, write_byte_dataset
 from megatron_pn.config import load_config
-from megatron_pn.evaluate import document_windows, main
+from megatron_pn.cli.evaluate import main
+from megatron_pn.evaluate import document_windows
 
 SLM, PN = "configs/tiny/slm.yaml", "configs/tiny/pn.yaml"
 GPT2_STYLE = ["model.activation=gelu", "model.normalization=LayerNorm",

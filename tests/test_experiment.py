@@ -18,8 +18,8 @@ from megatron_pn.config import ConfigError
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
-from megatron_pn.plan import main as pn_plan
-from megatron_pn.plan import plan
+from megatron_pn.cli.plan import main as pn_plan
+from megatron_pn.experiment.plan import plan
 
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
 STUDY = REPO / "configs" / "experiments" / "pn_study.yaml"
@@ -60,10 +60,11 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert len(topological(steps)) == len(steps)
     kinds = [s.kind for s in steps.values()]
     k, sizes = cfg.clusters["pn"], len(cfg.spec_sizes)
-    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: 2 budgets x 1 domain x sizes
-    assert kinds.count("pretrain") == 3 * 3 + 3 * k + 2 * sizes
-    # 4 methods x 3 budgets x sizes, SLM-is 2 x sizes, SLM-d 3 x sizes, Table 5: soft + 1/expert
-    assert kinds.count("finetune") == 4 * 3 * sizes + 2 * sizes + 3 * sizes + 1 + k
+    n_is = len(cfg.methods["is"].budgets)
+    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: its budgets x 1 domain x sizes
+    assert kinds.count("pretrain") == 3 * 3 + 3 * k + n_is * sizes
+    # 4 methods x 3 budgets x sizes, SLM-is and SLM-d: theirs x sizes, Table 5: soft + 1/expert
+    assert kinds.count("finetune") == 4 * 3 * sizes + n_is * sizes + 3 * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
         if step.kind == "finetune":
@@ -72,8 +73,8 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
             made = [steps[d].done.parent for d in step.deps]
             assert source in made or source.parent in made, step.name  # mix: source/expert
     distill = steps["finetune/distill/b3000/bible_s50k"]
-    assert "finetune/llm/b2400/bible_s50k" in distill.deps  # the teacher of the same index
-    assert any(a.startswith("distill.teacher=") and "spec/llm/b2400/bible_s50k/ft/ckpt" in a
+    assert "finetune/llm/b2300/bible_s50k" in distill.deps  # the teacher of the same index
+    assert any(a.startswith("distill.teacher=") and "spec/llm/b2300/bible_s50k/ft/ckpt" in a
                for a in distill.cmd)
     assert {"distill.weight=0.5", "distill.temperature=1.0"} <= set(distill.cmd)
 
@@ -179,7 +180,7 @@ def test_an_override_replaces_its_key_and_only_it(monkeypatch):
                                  "methods.pn.budgets=[7]"])
     assert cfg.spec_sizes == {"a": 10} and cfg.finetune_steps == {"a": 5}
     assert cfg.methods["pn"].budgets == [7] and cfg.methods["pn"].config == "configs/tiny/pn.yaml"
-    assert cfg.methods["slm"].budgets == [500, 1500, 3000]
+    assert cfg.methods["slm"] == load_experiment(TINY, []).methods["slm"]
 
 
 # -- the runners -------------------------------------------------------------------------------
@@ -225,9 +226,9 @@ def test_slurm_runner_chains_pending_steps_with_afterok(one_domain, tmp_path):
         chained = [a.split(":")[1:] for a in argv.split() if a.startswith("--dependency=")]
         assert set(*chained or [[]]) == pending, name
         if step.kind in ("pretrain", "finetune"):
-            assert "slurm/pretrain.sh " in argv and "megatron_pn.train" not in argv
+            assert "slurm/pretrain.sh " in argv and "megatron_pn.cli.train" not in argv
         elif step.kind == "eval":
-            assert "--wrap" in argv and "megatron_pn.evaluate --batch" in argv
+            assert "--wrap" in argv and "megatron_pn.cli.evaluate --batch" in argv
     preprocess = by_id[jobs["data/preprocess/generic"]]
     assert "--dependency" not in preprocess  # its only dependency (the tokenizer) is done
 
@@ -315,7 +316,7 @@ SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
 
 @pytest.mark.slow
 def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys):
-    from megatron_pn.experiment.cli import main
+    from megatron_pn.cli.experiment import main
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "exp"

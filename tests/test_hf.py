@@ -16,7 +16,8 @@ from helpers import perturbed_model as build
 from helpers import (read_metrics, real_text_documents, run_train, tiny_overrides,
                      train_env, write_byte_dataset)
 from megatron_pn.config import load_config
-from megatron_pn.hf import export_main, import_main, write_checkpoint
+from megatron_pn.cli.hf import export_main, import_main
+from megatron_pn.hf import write_checkpoint
 
 SLM, PN = "configs/tiny/slm.yaml", "configs/tiny/pn.yaml"
 GPT2_STYLE = ("model.activation=gelu", "model.normalization=LayerNorm",

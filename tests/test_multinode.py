@@ -1,4 +1,4 @@
-"""The launcher (megatron_pn.launch): its plan from a SLURM job, two torchrun "nodes" on
+"""The launcher (megatron_pn.cli.launch): its plan from a SLURM job, two torchrun "nodes" on
 localhost reproducing a single-node run, and stop signals reaching the workers through it."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_plan_under_slurm(monkeypatch):
     argv = launch.torchrun_argv(plan, ["configs/paper/pn32.yaml", "train.steps=5"])
     assert argv[argv.index("--rdzv-conf") + 1].startswith("is_host=false")  # node 1 joins
     assert "SIGUSR1" in argv[argv.index("--signals-to-handle") + 1].split(",")
-    assert argv[-4:] == ["-m", "megatron_pn.train", "configs/paper/pn32.yaml", "train.steps=5"]
+    assert argv[-4:] == ["-m", "megatron_pn.cli.train", "configs/paper/pn32.yaml", "train.steps=5"]
 
 
 def test_plan_without_gpus_uses_the_requested_cpu_processes():
@@ -62,7 +62,7 @@ def dataset(tmp_path_factory):
 
 
 def launcher(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "megatron_pn.launch", "train", *args],
+    return subprocess.Popen([sys.executable, "-m", "megatron_pn.cli.launch", "train", *args],
                             cwd=REPO, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
 
 

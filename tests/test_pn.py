@@ -11,7 +11,7 @@ import torch
 
 from helpers import (losses, read_metrics, run_train, tiny_pn_overrides, write_cluster_datasets)
 from megatron_pn.config import load_config
-from megatron_pn.train import main
+from megatron_pn.cli.train import main
 
 PN_CONFIG = "configs/tiny/pn.yaml"
 SPLIT = {"data.split": "80,20,0"}
@@ -352,7 +352,7 @@ def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys)
     the NLL pn-eval computes on the checkpoint of the same step."""
     import json
 
-    from megatron_pn.evaluate import main as pn_eval
+    from megatron_pn.cli.evaluate import main as pn_eval
 
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import REPO, tiny_pn_overrides, write_cluster_datasets
-from megatron_pn.preflight import main
+from megatron_pn.cli.preflight import main
 
 PN = str(REPO / "configs/tiny/pn.yaml")
 SLM = str(REPO / "configs/tiny/slm.yaml")

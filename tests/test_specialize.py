@@ -11,7 +11,7 @@ import torch
 
 from helpers import read_metrics, run_train, tiny_overrides, tiny_pn_overrides, write_cluster_datasets
 from megatron_pn import checkpoint
-from megatron_pn.project import main as pn_project
+from megatron_pn.cli.project import main as pn_project
 
 PN_CONFIG = "configs/tiny/pn.yaml"
 
@@ -215,7 +215,7 @@ def test_distillation_from_itself_starts_at_zero_kl_and_matches_across_tp(teache
 
 
 def test_distillation_bad_input(teacher, tmp_path, capsys):
-    from megatron_pn.train import main
+    from megatron_pn.cli.train import main
 
     root, prefix = teacher
     args = ["configs/tiny/slm.yaml", *tiny_overrides(prefix, tmp_path / "run"),

@@ -41,20 +41,20 @@ def step_sequence(root: Path, data) -> dict[str, Step]:
     dense, pn, ft = root / "dense", root / "pn", root / "ft"
     steps = [
         Step("dense", "pretrain", finished(dense), python(
-            "megatron_pn.train", "configs/tiny/slm.yaml",
+            "megatron_pn.cli.train", "configs/tiny/slm.yaml",
             *tiny_overrides(data["text"], dense, **{"train.steps": 4,
                                                    "checkpoint.dir": dense / "ckpt"}))),
         Step("eval", "eval", root / "eval.json", python(
-            "megatron_pn.evaluate", "--checkpoint", dense / "ckpt", "--data",
+            "megatron_pn.cli.evaluate", "--checkpoint", dense / "ckpt", "--data",
             data["held_out"], "--names", "held_out", "--output", root / "eval.json",
             "--quiet"), ["dense"]),
         Step("pn", "pretrain", finished(pn), python(
-            "megatron_pn.train", "configs/tiny/pn.yaml",
+            "megatron_pn.cli.train", "configs/tiny/pn.yaml",
             *tiny_pn_overrides(data["blend_file"], pn, **{
                 "train.steps": 3, "model.num_experts": 2, "data.split": "80,20,0",
                 "checkpoint.dir": pn / "ckpt"})), ["eval"]),
         Step("ft", "finetune", finished(ft), python(
-            "megatron_pn.train", "configs/tiny/slm.yaml",
+            "megatron_pn.cli.train", "configs/tiny/slm.yaml",
             *tiny_overrides(data["text"], ft, **{
                 "train.steps": 3, "train.lr": 1e-3, "train.seed": 7,
                 "checkpoint.load": dense / "ckpt", "checkpoint.dir": ft / "ckpt"})), ["pn"]),
@@ -144,7 +144,7 @@ def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
         first = job.worker
         assert first.retired
         # a step killed in the middle (segfault, out of memory): failed, noted, replaced
-        slow = python("megatron_pn.train", "configs/tiny/slm.yaml",
+        slow = python("megatron_pn.cli.train", "configs/tiny/slm.yaml",
                       *tiny_overrides(data["text"], out / "killed", **{"train.steps": 1000}))
         job = pool.submit(slow, tmp_path / "killed.log")
         assert job.worker is not first
@@ -154,7 +154,7 @@ def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
             time.sleep(0.05)
         assert job.returncode == -signal.SIGKILL
         assert "worker process running this step died" in (tmp_path / "killed.log").read_text()
-        help_job = pool.submit(python("megatron_pn.experiment", "--help"), tmp_path / "help.log")
+        help_job = pool.submit(python("megatron_pn.cli.experiment", "--help"), tmp_path / "help.log")
         while help_job.poll() is None:
             time.sleep(0.05)
         assert help_job.returncode == 0 and "pn-experiment" in (tmp_path / "help.log").read_text()
@@ -163,11 +163,11 @@ def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
 
 
 def test_only_single_process_project_commands_go_to_workers():
-    assert entry_module(python("megatron_pn.train", "c.yaml")) == "megatron_pn.train"
-    assert entry_module(python("megatron_pn.evaluate", "--batch", "b")) == "megatron_pn.evaluate"
-    assert entry_module(python("megatron_pn.train", "c.yaml", procs=2)) is None  # torchrun
+    assert entry_module(python("megatron_pn.cli.train", "c.yaml")) == "megatron_pn.cli.train"
+    assert entry_module(python("megatron_pn.cli.evaluate", "--batch", "b")) == "megatron_pn.cli.evaluate"
+    assert entry_module(python("megatron_pn.cli.train", "c.yaml", procs=2)) is None  # torchrun
     assert entry_module([sys.executable, "-c", "pass"]) is None
-    assert entry_module(["python3", "-m", "megatron_pn.train"]) is None  # another interpreter
+    assert entry_module(["python3", "-m", "megatron_pn.cli.train"]) is None  # another interpreter
 
 
 # -- light commands ---------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def heavy_imports(module: str, *args: str) -> list[str]:
 
 
 @pytest.mark.parametrize("command", [
-    ["megatron_pn.train", "--help"], ["megatron_pn.project", "--help"],
-    ["megatron_pn.evaluate", "--help"], ["megatron_pn.hf", "--help"],
+    ["megatron_pn.cli.train", "--help"], ["megatron_pn.cli.project", "--help"],
+    ["megatron_pn.cli.evaluate", "--help"], ["megatron_pn.cli.hf", "--help"],
     ["data_tools", "--help"], ["data_tools", "preprocess", "--help"],
-    ["megatron_pn.plan", "--help"], ["megatron_pn.experiment", "--help"],
-    ["megatron_pn.experiment", "list", "configs/experiments/tiny.yaml", "--out", "/nonexistent"],
+    ["megatron_pn.cli.plan", "--help"], ["megatron_pn.cli.experiment", "--help"],
+    ["megatron_pn.cli.experiment", "list", "configs/experiments/tiny.yaml", "--out", "/nonexistent"],
 ])
 def test_light_commands_import_no_megatron_core(command):
     assert heavy_imports(*command) == []

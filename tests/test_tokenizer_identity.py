@@ -80,7 +80,7 @@ def test_records_beside_the_data(tmp_path):
 @pytest.fixture(scope="module")
 def trained_a(data, tmp_path_factory):
     """The tiny SLM's initial checkpoint (0 steps) on dataset a: it records a's tokenizer."""
-    from megatron_pn.train import main
+    from megatron_pn.cli.train import main
 
     root = tmp_path_factory.mktemp("tok_train")
     assert main([SLM, *tiny_overrides(data["a"], root / "run", **{
@@ -89,7 +89,7 @@ def trained_a(data, tmp_path_factory):
 
 
 def train_error(args, capsys) -> str:
-    from megatron_pn.train import main
+    from megatron_pn.cli.train import main
 
     assert main([str(a) for a in args]) == 2
     return one_error_line(capsys.readouterr().err)
@@ -146,7 +146,7 @@ def test_deepspeed_checkpoint_records_its_tokenizer_and_resume_checks_it(data, t
 
 
 def test_pn_train_override_and_matching_tokenizers(data, trained_a, tmp_path, capsys):
-    from megatron_pn.train import main
+    from megatron_pn.cli.train import main
 
     for name, prefix, extra in (("allowed", data["b"], {"data.allow_tokenizer_mismatch": "true"}),
                                 ("same", data["a"], {}), ("unrecorded", data["none"], {})):
@@ -181,7 +181,7 @@ def dense(world, tmp_path_factory):
 
 
 def test_pn_eval(dense, data, tmp_path, capsys):
-    from megatron_pn.evaluate import main
+    from megatron_pn.cli.evaluate import main
 
     out = tmp_path / "out.json"
     base = ["--checkpoint", dense["a"], "--output", out, "--quiet", "--max-tokens", 200]
@@ -227,7 +227,7 @@ def spec(root, name, sha):
 
 
 def test_pn_project(world, tmp_path, capsys):
-    from megatron_pn.project import main
+    from megatron_pn.cli.project import main
 
     cfg = tiny_config(PN, "model.num_experts=4", "model.bank_size=3", "model.code_size=2")
     ckpt = write(cfg, tmp_path / "pn")
@@ -270,7 +270,7 @@ def tokenizers(tmp_path_factory):
 
 
 def test_pn_export_hf_and_import(world, tokenizers, tmp_path, capsys):
-    from megatron_pn.hf import export_main, import_main
+    from megatron_pn.cli.hf import export_main, import_main
 
     cfg = tiny_config(vocab=400, eod=2)
     ckpt = write(cfg, tmp_path / "ckpt", {"sha256": tokenizers["sha"],

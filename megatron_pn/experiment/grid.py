@@ -180,7 +180,7 @@ class Grid:
             args.append(f"data.expert={expert}")
             done = finished(run / expert_dir(expert))
             name += "/" + expert_dir(expert)
-        return self.add(Step(name, "pretrain", done, python("megatron_pn.train", *args,
+        return self.add(Step(name, "pretrain", done, python("megatron_pn.cli.train", *args,
                                                             procs=spec.procs), deps, spec.procs))
 
     def build_pretraining(self) -> None:
@@ -227,7 +227,7 @@ class Grid:
             deps = [f"pretrain/mix/b{b}/{expert_dir(e)}" for e in range(self.cfg.clusters["pn"])]
             step = self.add(Step(f"project/mix/b{b}/{d}_{size}", "project",
                                  target / "expert.json", python(
-                                     "megatron_pn.experiment", "pick-mix-expert", "--experts",
+                                     "megatron_pn.cli.experiment", "pick-mix-expert", "--experts",
                                      experts, "--spec-data", self.assign_dir("pn", f"{d}_{size}"),
                                      "--output", target),
                                  [*deps, f"data/assign/pn/{d}_{size}"]))
@@ -238,7 +238,7 @@ class Grid:
         ckpt = self.pretrain_dir("pn", b) / "ckpt"
         step = self.add(Step(f"project/pn/b{b}/{d}_{size}/{strategy}", "project",
                              target / "projection.json", python(
-                                 "megatron_pn.project", "--checkpoint", ckpt, "--spec-data",
+                                 "megatron_pn.cli.project", "--checkpoint", ckpt, "--spec-data",
                                  self.assign_dir("pn", f"{d}_{size}"), "--strategy", strategy,
                                  "--output", target),
                              [f"pretrain/pn/b{b}", f"data/assign/pn/{d}_{size}"]))
@@ -254,7 +254,7 @@ class Grid:
                 f"model.vocab_size={cfg.vocab_size}", f"logging.run_dir={run}",
                 f"train.steps={cfg.finetune_steps[size]}", *cfg.finetune_overrides, *extra]
         return self.add(Step(name, "finetune", finished(run),
-                             python("megatron_pn.train", *args),
+                             python("megatron_pn.cli.train", *args),
                              [*deps, self.data[f"{d}_{size}"][0], self.data[f"{d}_valid"][0]]))
 
     def evaluation(self, name: str, checkpoint: Path, data: str, output: Path, deps: list,
@@ -298,7 +298,7 @@ class Grid:
             for d in domains:
                 target = self.out / "hf" / method / d
                 self.add(Step(f"export/{method}/{d}", "export", target / "config.json", python(
-                    "megatron_pn.hf", "--checkpoint", self.spec_dir(method, b, d, size) / "ft"
+                    "megatron_pn.cli.hf", "--checkpoint", self.spec_dir(method, b, d, size) / "ft"
                     / "ckpt", "--output", target, "--tokenizer", f"{self.tokenizer}_hf"),
                     [f"finetune/{method}/b{b}/{d}_{size}"]))
 
@@ -401,7 +401,7 @@ class Grid:
                     sub = "" if expert is None else "/" + expert_dir(expert)
                     self.add(Step(f"curves/{variant}/s{seed}{sub}", "pretrain",
                                   finished(Path(f"{run}{sub}")),
-                                  python("megatron_pn.train", *args, *extra), deps))
+                                  python("megatron_pn.cli.train", *args, *extra), deps))
 
     def build(self) -> dict[str, Step]:
         self.build_data()

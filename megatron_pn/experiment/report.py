@@ -202,7 +202,7 @@ class Collector:
     def parameters(self) -> dict:
         """(pretraining, inference) parameter counts (pn-train --dry-run's)."""
         from megatron_pn.config import load_config
-        from megatron_pn.train import parameter_counts
+        from megatron_pn.model import parameter_counts
 
         counts = {}
         for method, spec in self.cfg.methods.items():

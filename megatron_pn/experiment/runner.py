@@ -81,7 +81,7 @@ def eval_batch_cmd(out: Path, steps: list[Step]) -> list[str]:
     """One pn-eval process for many evaluations (loading megatron-core once)."""
     batch = out / "logs" / f"eval_batch_{time.time_ns()}.json"
     atomic_write_json(batch, [s.eval_job for s in steps])
-    return [sys.executable, "-m", "megatron_pn.evaluate", "--batch", str(batch)]
+    return [sys.executable, "-m", "megatron_pn.cli.evaluate", "--batch", str(batch)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class SlurmRunner:
         if step.eval_job is not None:
             argv = [*options, "--wrap", shlex.join(eval_batch_cmd(self.out, [step]))]
         elif step.kind in ("pretrain", "finetune"):
-            train_args = step.cmd[step.cmd.index("megatron_pn.train") + 1:]
+            train_args = step.cmd[step.cmd.index("megatron_pn.cli.train") + 1:]
             argv = [*options, str(REPO / "slurm" / "pretrain.sh"), *train_args]
         else:
             argv = [*options, "--wrap", shlex.join(step.cmd)]

@@ -45,13 +45,9 @@ import warnings
 from pathlib import Path
 
 # `python -m KEY` -> the module whose main(argv) runs it.
-ENTRY_POINTS = {
-    "megatron_pn.train": "megatron_pn.train",
-    "megatron_pn.evaluate": "megatron_pn.evaluate",
-    "megatron_pn.project": "megatron_pn.project",
-    "megatron_pn.experiment": "megatron_pn.experiment.cli",
-    "data_tools": "data_tools.cli",
-}
+ENTRY_POINTS = {**{command: command for command in (
+    "megatron_pn.cli.train", "megatron_pn.cli.evaluate", "megatron_pn.cli.project",
+    "megatron_pn.cli.experiment")}, "data_tools": "data_tools.cli"}
 # A step that imported one of these retires its worker (global state without a teardown).
 RETIRING_MODULES = ("deepspeed",)
 STEPS_PER_WORKER = 200  # then a fresh worker (bounds memory fragmentation over a long run)

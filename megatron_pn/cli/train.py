@@ -1,6 +1,6 @@
 """`pn-train CONFIG.yaml [CONFIG.yaml ...] [section.key=value ...]`
 
-Launch with torchrun for several processes (`torchrun --nproc-per-node 8 -m megatron_pn.train
+Launch with torchrun for several processes (`torchrun --nproc-per-node 8 -m megatron_pn.cli.train
 configs/paper/slm.yaml`); run directly for one. `--dry-run` builds the model on the meta device
 and prints its parameter count; `--print-config` shows every key with its default.
 """
@@ -16,7 +16,7 @@ from megatron_pn.errors import ArgumentParser, run_command
 EPILOG = """examples:
   pn-train configs/tiny/slm.yaml
   pn-train configs/paper/slm.yaml --dry-run
-  torchrun --nproc-per-node 4 -m megatron_pn.train configs/tiny/slm.yaml parallel.tensor=2 \\
+  torchrun --nproc-per-node 4 -m megatron_pn.cli.train configs/tiny/slm.yaml parallel.tensor=2 \\
       checkpoint.dir=runs/ckpt train.steps=100
 
 Later config files and overrides win. Run `pn-train --print-config` for every key."""
@@ -39,38 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parameter_counts(cfg) -> dict:
-    """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
-    unsharded on the meta device (no memory, no initialization) in a world of one."""
-    import dataclasses
-
-    import torch
-
-    from megatron_pn import compat
-    from megatron_pn.distributed import init_distributed, shutdown
-    from megatron_pn.model import build_model, count_expert_parameters, count_parameters
-    from megatron_pn.validation import validate_model
-
-    from megatron.core import parallel_state as ps
-
-    validate_model(cfg)
-    whole = dataclasses.replace(
-        cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
-    )
-    compat.activate()
-    init_distributed("cpu")
-    try:
-        ps.initialize_model_parallel(1, 1)
-        with torch.device("meta"):
-            chunks = build_model(whole, "cpu", initialize=False)
-        return {"total": count_parameters(chunks),
-                "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
-                "expert": count_expert_parameters(chunks) if cfg.model.type == "pn" else None}
-    finally:
-        shutdown()
-
-
 def dry_run(cfg) -> None:
+    from megatron_pn.model import parameter_counts
+
     counts = parameter_counts(cfg)
     total, non_embedding = counts["total"], counts["total"] - counts["embedding"]
     print(f"model: {cfg.model.type}, {cfg.model.num_layers} layers, d_model {cfg.model.hidden_size}")

@@ -1,7 +1,7 @@
 """Start pn-train on one node: torchrun with a c10d rendezvous, under SLURM or by hand.
 
-    python -m megatron_pn.launch train [options] CONFIG.yaml [key=value ...]
-    python -m megatron_pn.launch finished CONFIG.yaml [key=value ...]
+    python -m megatron_pn.cli.launch train [options] CONFIG.yaml [key=value ...]
+    python -m megatron_pn.cli.launch finished CONFIG.yaml [key=value ...]
 
 `train` runs one torchrun agent for this node. Under SLURM (one task per node, started by
 slurm/common.sh) every option has a default from the job: the node count, this node's index,
@@ -35,11 +35,11 @@ PORT_BASE, PORT_SPAN = 15000, 15000  # below Linux's ephemeral port range (32768
 
 EPILOG = """examples:
   # under SLURM, one task per node (slurm/common.sh does this):
-  srun --ntasks-per-node=1 python -m megatron_pn.launch train configs/paper/pn32.yaml
+  srun --ntasks-per-node=1 python -m megatron_pn.cli.launch train configs/paper/pn32.yaml
   # two "nodes" by hand, one process each (run both commands):
-  python -m megatron_pn.launch train --nnodes 2 --node-rank 0 --nproc-per-node 1 \\
+  python -m megatron_pn.cli.launch train --nnodes 2 --node-rank 0 --nproc-per-node 1 \\
       --rdzv-endpoint 127.0.0.1:29400 configs/tiny/slm.yaml
-  python -m megatron_pn.launch train --nnodes 2 --node-rank 1 --nproc-per-node 1 \\
+  python -m megatron_pn.cli.launch train --nnodes 2 --node-rank 1 --nproc-per-node 1 \\
       --rdzv-endpoint 127.0.0.1:29400 configs/tiny/slm.yaml"""
 
 
@@ -127,7 +127,7 @@ def torchrun_argv(plan: Plan, train_args: list[str]) -> list[str]:
         "--rdzv-conf", f"is_host={str(plan.node_rank == 0).lower()},read_timeout=300",
         "--max-restarts", "0",
         "--signals-to-handle", STOP_SIGNALS, "--shutdown-timeout", str(plan.stop_timeout),
-        "-m", "megatron_pn.train", *train_args,
+        "-m", "megatron_pn.cli.train", *train_args,
     ]
 
 
@@ -170,7 +170,7 @@ def finished(train_args: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m megatron_pn.launch", description=__doc__,
+        prog="python -m megatron_pn.cli.launch", description=__doc__,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train", help="run torchrun + pn-train on this node",

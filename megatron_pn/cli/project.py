@@ -1,0 +1,47 @@
+"""`pn-project` (megatron_pn/project.py has the strategies and the projection)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_pn import project as projection
+from megatron_pn.errors import ArgumentParser, run_command
+from megatron_pn.project import STRATEGIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="pn-project", description=projection.__doc__.split("\n\n")[0],
+        epilog=projection.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
+    parser.add_argument("--spec-data", required=True, type=Path,
+                        help="`pn-data assign` output directory of the specialization set")
+    parser.add_argument("--strategy", default="most-frequent",
+                        help=f"one of {', '.join(STRATEGIES)} (default: most-frequent)")
+    parser.add_argument("--output", required=True, type=Path, help="dense checkpoint directory")
+    parser.add_argument("--sample-tokens", type=int, default=65536,
+                        help="best-loss: spec tokens each expert is scored on (default 65536)")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="project although the specialization set records another "
+                        "tokenizer than the checkpoint was trained with")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("pn-project", lambda: _project_main(args))
+
+
+def _project_main(args) -> int:
+    record = projection.project(args)
+    chosen = record["expert"] if record["expert"] is not None else "soft mixture"
+    print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
+          f"{args.output} in {record['seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

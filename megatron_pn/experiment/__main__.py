@@ -1,5 +1,0 @@
-import sys
-
-from megatron_pn.experiment.cli import main
-
-sys.exit(main())
