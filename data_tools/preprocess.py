@@ -659,10 +659,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="input files or directories: .jsonl/.json (optionally .gz or .zst), "
-                   ".parquet, .txt, directories of them (e.g. a Hugging Face Hub-layout folder) "
-                   "or a Hugging Face "
-                   "`save_to_disk` dataset directory (read in the order given)")
+                   help=readers.INPUTS_HELP)
     p.add_argument("--tokenizer-model", required=True, metavar="MODEL",
                    help="SentencePiece .model (from pn-data train-tokenizer); its EOS id is the EOD")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",

@@ -53,6 +53,9 @@ TEXT_FILE = "text"  # bytes of one .txt file
 STRING = "str"  # a str (or None) from a Parquet column
 
 # Skip reasons that are errors unless the caller asked to skip bad records.
+INPUTS_HELP = ("input files or directories: .jsonl/.json (optionally .gz or .zst), .parquet, "
+               ".txt, directories of them (e.g. a Hugging Face Hub-layout folder) or a Hugging "
+               "Face `save_to_disk` dataset directory (read in the order given)")
 BAD_REASONS = ("malformed_json", "missing_field", "not_a_string", "invalid_utf8")
 # Skip reasons that are never errors.
 EMPTY_REASONS = ("blank_line", "empty")

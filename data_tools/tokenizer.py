@@ -243,10 +243,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="input files or directories: .jsonl/.json (optionally .gz or .zst), "
-                   ".parquet, .txt, directories of them (e.g. a Hugging Face Hub-layout folder) "
-                   "or a Hugging Face "
-                   "`save_to_disk` dataset directory")
+                   help=readers.INPUTS_HELP)
     p.add_argument("--output", required=True, metavar="PREFIX",
                    help="writes PREFIX.model, PREFIX.vocab, PREFIX_hf/ and PREFIX.json")
     p.add_argument("--vocab-size", type=_positive_int, default=32000, metavar="N",
