@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import shutil
 import sys
@@ -42,16 +43,25 @@ from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
 
 
 def load_sentencepiece(path: str | Path, key: str = "--tokenizer-model"):
-    """A SentencePiece processor, or one clear error naming the file and the key it came from."""
-    import sentencepiece
-
-    if not Path(path).is_file():
+    """A SentencePiece processor, or one clear error naming the file and the key it came from.
+    Loaded once per file version (a run's start-up asks for it from several checks)."""
+    path = Path(path)
+    if not path.is_file():
         raise UserError(f"{key} {path}: not found (the .model of `pn-data train-tokenizer`)")
+    stat = path.stat()
     try:
-        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return _load_sentencepiece(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     except RuntimeError as err:
         raise UserError(f"{key} {path}: not a SentencePiece model ({err}) — give the .model "
                         "that `pn-data train-tokenizer` wrote") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sentencepiece(path: str, mtime_ns: int, size: int):  # the file's version is the key
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=path)
+
 
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 EOD_ID = SPECIAL_IDS["eos"]
