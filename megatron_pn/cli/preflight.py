@@ -49,7 +49,8 @@ def preflight(args) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m megatron_pn.cli.preflight", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                         help="what pn-train would get: YAML config files, then dotted overrides")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")

@@ -14,7 +14,8 @@ from megatron_pn.project import STRATEGIES
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="pn-project", description=projection.__doc__.split("\n\n")[0],
-        epilog=projection.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=projection.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
     parser.add_argument("--spec-data", required=True, type=Path,
                         help="`pn-data assign` output directory of the specialization set")
