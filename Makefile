@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pn-experiment run configs/experiments/demo.yaml --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=12 tests
 
 # Wheels a lent GPU machine needs (Python 3.12 with torch, no package registry); carry the folder
 # and run benchmarks/gpu_check.sh there (benchmarks/README.md). torch itself is never fetched.
