@@ -150,14 +150,22 @@ class ProjectedWeights:
         return [known[e] for e in routing.experts]
 
     def backward(self) -> None:
-        """dL/dW summed over the step's micro-batches -> T (DDP main_grad), M and E."""
+        """dL/dW summed over the step's micro-batches -> T (DDP main_grad), M and E: one
+        autograd pass for every linear (a pass per linear costs more than its GEMMs at small
+        shapes, and E's gradient hook then fires once)."""
         weights, self._weights = self._weights, {}
+        codes: dict = {}  # the codes of one set of experts, selected once
+        outputs = []
         for linear, known in weights.items():  # the same order on every TP rank
-            used = [e for e, w in known.items() if w.grad is not None]
+            used = tuple(e for e, w in known.items() if w.grad is not None)
             if used:
-                index = compat.host_to_device(torch.tensor(used), self.expert_codes.device)
+                if used not in codes:
+                    index = compat.host_to_device(torch.tensor(used), self.expert_codes.device)
+                    codes[used] = self.expert_codes.index_select(0, index)
                 grads = torch.stack([known[e].grad for e in used])
-                linear.backward_projection(self.expert_codes.index_select(0, index), grads)
+                outputs.append(linear.projection_backward(codes[used], grads))
+        if outputs:
+            torch.autograd.backward(outputs)
 
 
 def _projection_grads(bank: torch.Tensor, grad_weights: torch.Tensor, alpha: torch.Tensor):
@@ -312,11 +320,11 @@ class ProjectedLinear(MegatronModule):
         weights = _BankProjection.apply(alpha, self.bank)  # sum_r alpha[r] T[:,:,r]
         return weights.view(len(codes), *self.local_shape)
 
-    def backward_projection(self, codes: torch.Tensor, grad_weights: torch.Tensor) -> None:
-        """Backpropagate a summed dL/dW [u, out_local, in_local] of the experts with `codes`
-        through W = (codes M) T into T, M and E (ProjectedWeights.backward)."""
+    def projection_backward(self, codes: torch.Tensor, grad_weights: torch.Tensor):
+        """A scalar whose backward takes a summed dL/dW [u, out_local, in_local] of the experts
+        with `codes` through W = (codes M) T into T, M and E (ProjectedWeights.backward)."""
         alpha = copy_to_tensor_model_parallel_region(codes @ self.code_projection, self.tp_group)
-        _ProjectionBackward.apply(alpha, self.bank, grad_weights.view(len(codes), -1)).backward()
+        return _ProjectionBackward.apply(alpha, self.bank, grad_weights.view(len(codes), -1))
 
     def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
         """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""
