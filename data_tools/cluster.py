@@ -206,18 +206,6 @@ def load_clustering(directory: str | Path):
     return params, centroids
 
 
-def load_assignments(directory: str | Path, windows_expected: int | None = None) -> np.ndarray:
-    """assignments.npy of a cluster/assign directory, checked against its window count."""
-    path = Path(directory) / "assignments.npy"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `pn-data cluster` or `pn-data assign`")
-    assignments = np.load(path)
-    if windows_expected is not None and len(assignments) != windows_expected:
-        raise ValueError(f"{path} has {len(assignments)} entries but its window index has "
-                         f"{windows_expected} windows; rerun the step that wrote it")
-    return assignments
-
-
 # ---------------------------------------------------------------- cluster command
 
 

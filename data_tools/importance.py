@@ -103,13 +103,6 @@ def build_blend(manifest, generic_dir: Path, share: np.ndarray):
     return blend, ids
 
 
-def load_blend(path: str | Path):
-    """([(weight, prefix), ...], cluster ids) of a blend file written by this module (or a
-    cluster directory's generic_blend.json)."""
-    blend = json.loads(Path(path).read_text())
-    return [(float(w), prefix) for w, prefix in blend["blend"]], blend["cluster_ids"]
-
-
 def report(result: dict) -> str:
     share = np.asarray(result["target_share"])
     repeats = np.asarray(result["expected_repeat_factor"]["per_cluster"])

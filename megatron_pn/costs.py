@@ -30,15 +30,6 @@ def total_cost(generic: float, specialization: float, domains: int | np.ndarray)
     return generic + np.asarray(domains) * specialization
 
 
-def break_even_domains(a: tuple[float, float], b: tuple[float, float]) -> float | None:
-    """N at which methods a and b, given as (C_generic, C_spec), cost the same (None: never)."""
-    (ga, sa), (gb, sb) = a, b
-    if sa == sb:
-        return None
-    n = (gb - ga) / (sa - sb)
-    return n if n >= 0 else None
-
-
 def interpolate_at_cost(costs, values, target: float) -> float:
     """A value (e.g. perplexity) at pretraining cost `target`, linear in log-cost between the
     measured budgets (the paper interpolates its curves at 200 and 400 GPU-hours)."""

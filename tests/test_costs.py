@@ -1,4 +1,4 @@
-"""Bookkeeping on constructed numbers: macro-average, C_total, break-even, interpolation at
+"""Bookkeeping on constructed numbers: macro-average, C_total, interpolation at
 equal cost, reading cost logs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from megatron_pn.costs import (break_even_domains, device_hours, interpolate_at_cost,
+from megatron_pn.costs import (device_hours, interpolate_at_cost,
                                macro_average, total_cost)
 
 
@@ -18,12 +18,8 @@ def test_macro_average_is_exp_of_mean_nll():
     # (not the mean of perplexities, 25, nor a token-weighted average)
 
 
-def test_total_cost_and_break_even():
+def test_total_cost():
     assert list(total_cost(100.0, 2.0, [0, 1, 10])) == [100.0, 102.0, 120.0]
-    # PN: 200 generic + 1 per domain; SLM-is: 0 generic + 130 per domain -> equal at 200/129
-    assert break_even_domains((200, 1), (0, 130)) == pytest.approx(200 / 129)
-    assert break_even_domains((10, 1), (20, 1)) is None  # parallel lines never meet
-    assert break_even_domains((10, 2), (20, 1)) == pytest.approx(10.0)
 
 
 def test_interpolation_at_equal_cost_is_linear_in_log_cost():

@@ -360,7 +360,7 @@ def table5(results: dict) -> str:
 
 
 def cost_table(results: dict) -> str:
-    """C_total(N) = C_generic + N * C_spec at each method's largest budget, and break-evens."""
+    """C_total(N) = C_generic + N * C_spec at each method's largest budget."""
     unit = cost_unit(results)
     size = list(results["spec_sizes"])[0]
     lines = [f"Total cost for N domains (largest budget of each method, spec set {size}; "

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools import cluster as cluster_mod
 from data_tools import embed as embed_mod
 from data_tools.cli import main
 from data_tools.windows import IndexedTokens, split_windows
@@ -249,11 +248,6 @@ def test_truncated_embeddings_are_an_error(corpus, embedded, capsys):
         f.truncate(100)
     assert run_cluster(tampered, corpus["root"] / "clusters_truncated") == 2
     assert "embeddings.f16" in capsys.readouterr().err
-
-
-def test_assignments_sidecar_length_is_checked(clustered):
-    with pytest.raises(ValueError, match="assignments.npy"):
-        cluster_mod.load_assignments(clustered, windows_expected=3)
 
 
 def test_cluster_refuses_to_overwrite(corpus, embedded, clustered, capsys):

@@ -15,13 +15,19 @@ import pytest
 
 from data_tools import cluster as cluster_mod
 from data_tools.cli import main
-from data_tools.importance import importance_weights, load_blend, repeat_factors
+from data_tools.importance import importance_weights, repeat_factors
 from data_tools.indexed import megatron_indexed_dataset
 from data_tools.stats import concentration
 from data_tools.windows import IndexedTokens
 
 EOD = 2
 MARK = 100  # token value of cluster c = MARK + c
+
+
+def read_blend(path) -> tuple[list, list]:
+    """([(weight, prefix), ...], cluster ids) of a blend file, as the trainer reads it."""
+    blend = json.loads(Path(path).read_text())
+    return [(float(w), prefix) for w, prefix in blend["blend"]], blend["cluster_ids"]
 
 
 # ---------------------------------------------------------------- known answers
@@ -137,7 +143,7 @@ def test_blend_file_weights_and_prefixes(tmp_path, clustering, capsys):
     stdout = capsys.readouterr().out
     assert "ESS" in stdout and "repeat factor" in stdout
 
-    entries, ids = load_blend(out)
+    entries, ids = read_blend(out)
     for (_, prefix), c in zip(entries, ids):
         assert prefix == str(clustering / f"cluster_{c:04d}")
         data = IndexedTokens(prefix)
@@ -149,7 +155,7 @@ def test_resampled_histogram_matches_the_specialization_histogram(tmp_path, clus
     spec = write_spec(tmp_path, spec_tokens)
     out = tmp_path / "blend.json"
     assert run_importance(clustering, spec, out) == 0
-    entries, _ = load_blend(out)
+    entries, _ = read_blend(out)
     weights = np.array([w for w, _ in entries])
     expected = np.array([t for t in spec_tokens if t]) / sum(spec_tokens)
 
@@ -203,7 +209,7 @@ def test_importance_refuses_to_overwrite(tmp_path, clustering, capsys):
 
 
 def test_generic_blend_is_the_generic_distribution(clustering):
-    entries, ids = load_blend(clustering / "generic_blend.json")
+    entries, ids = read_blend(clustering / "generic_blend.json")
     assert ids == [0, 1, 2, 4]
     np.testing.assert_allclose([w for w, _ in entries], np.array([40, 25, 10, 5]) / 80)
 
