@@ -388,6 +388,7 @@ def plot_fig4(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = list(results["spec_sizes"])
     panels = [("no fine-tuning", sizes[0], "nll_before"),
@@ -403,6 +404,7 @@ def plot_fig4(results: dict, path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", label=LABELS[method])
         ax.set(title=title, xscale="log", xlabel=f"pretraining cost ({unit[0]})",
                ylabel="macro-avg spec perplexity")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels would overlap
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Specialized perplexity vs pretraining cost (SLM-is: its per-domain "
