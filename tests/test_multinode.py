@@ -13,7 +13,7 @@ import pytest
 
 from helpers import (REPO, free_port, losses, read_metrics, real_text_documents, run_train,
                      tiny_overrides, train_env, write_byte_dataset)
-from megatron_pn import launch
+from megatron_pn.cli import launch
 
 CONFIG = "configs/tiny/slm.yaml"
 
