@@ -60,11 +60,12 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert len(topological(steps)) == len(steps)
     kinds = [s.kind for s in steps.values()]
     k, sizes = cfg.clusters["pn"], len(cfg.spec_sizes)
-    n_is = len(cfg.methods["is"].budgets)
-    # slm, llm, pn: 3 budgets; mix: 3 budgets x k experts; SLM-is: its budgets x 1 domain x sizes
-    assert kinds.count("pretrain") == 3 * 3 + 3 * k + n_is * sizes
-    # 4 methods x 3 budgets x sizes, SLM-is and SLM-d: theirs x sizes, Table 5: soft + 1/expert
-    assert kinds.count("finetune") == 4 * 3 * sizes + n_is * sizes + 3 * sizes + 1 + k
+    n = {name: len(method.budgets) for name, method in cfg.methods.items() if name != "distill"}
+    # a run per budget (mix: per budget and expert; SLM-is: per budget, domain (1) and size)
+    assert kinds.count("pretrain") == (n["slm"] + n["llm"] + n["pn"] + n["mix"] * k
+                                       + n["is"] * sizes)
+    # each run per size (SLM-d: one per SLM budget), Table 5: soft + one per expert
+    assert kinds.count("finetune") == (sum(n.values()) + n["slm"]) * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
         if step.kind == "finetune":
