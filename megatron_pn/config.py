@@ -362,6 +362,11 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """A command line's `CONFIG.yaml ... key=value ...` as (config files, dotted overrides)."""
+    return [a for a in args if "=" not in a], [a for a in args if "=" in a]
+
+
 def load_config(files: list[str], overrides: list[str] = ()) -> Config:
     cfg = Config()
     for name in files:

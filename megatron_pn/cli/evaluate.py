@@ -21,8 +21,6 @@ EPILOG = """examples:
 Runs on the GPU when one is visible (CUDA_VISIBLE_DEVICES= forces the CPU)."""
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="pn-eval",

@@ -158,11 +158,10 @@ def train(args) -> int:
 
 def finished(train_args: list[str]) -> int:
     from megatron_pn import checkpoint
-    from megatron_pn.config import load_config
+    from megatron_pn.config import load_config, split_args
     from megatron_pn.mix import expert_job
 
-    files = [a for a in train_args if "=" not in a]
-    cfg = expert_job(load_config(files, [a for a in train_args if "=" in a]))
+    cfg = expert_job(load_config(*split_args(train_args)))
     step = checkpoint.latest_step(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     print(f"launch: checkpoint at step {step} of {cfg.train.steps}")
     return 0 if step is not None and step >= cfg.train.steps else 1

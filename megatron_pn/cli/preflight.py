@@ -24,14 +24,14 @@ from megatron_pn.preflight import PreflightError, check_checkpoints, check_layou
 
 
 def preflight(args) -> str:
-    from megatron_pn.config import load_config
     from megatron_pn.cli.launch import procs_per_node, visible_gpus
+    from megatron_pn.config import load_config, split_args
     from megatron_pn.mix import expert_job
 
-    files = [a for a in args.args if "=" not in a]
+    files, overrides = split_args(args.args)
     if not files:
         raise PreflightError("give at least one CONFIG.yaml")
-    cfg = load_config(files, [a for a in args.args if "=" in a])
+    cfg = load_config(files, overrides)
     gpus = visible_gpus() if args.gpus_per_node is None else args.gpus_per_node
     procs = procs_per_node(gpus, args.cpu_procs)
     device = "cuda" if gpus > 0 else "cpu"

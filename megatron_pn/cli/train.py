@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_pn.config import describe, load_config
+from megatron_pn.config import describe, load_config, split_args
 from megatron_pn.errors import ArgumentParser, run_command
 
 EPILOG = """examples:
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print("\n".join(describe()))
         return 0
-    files = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
+    files, overrides = split_args(args.args)
     if not files:
         build_parser().error("give at least one CONFIG.yaml")
     try:

@@ -66,6 +66,12 @@ def seeded_generator(seed: int, *names) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + key)
 
 
+def select_codes(expert_codes: torch.Tensor, experts) -> torch.Tensor:
+    """The rows of E of `experts` (host ids, ascending), on E's device; gradients flow into E."""
+    index = compat.host_to_device(torch.as_tensor(experts), expert_codes.device)
+    return expert_codes.index_select(0, index)
+
+
 @dataclass(frozen=True)
 class ExpertRouting:
     """Which expert computes which rows of a micro-batch, built on the host from the caller's
@@ -103,8 +109,7 @@ class ExpertRouting:
             order = compat.host_to_device(host_order, expert_codes.device)
             restore = compat.host_to_device(torch.argsort(host_order), expert_codes.device)
         experts, counts = torch.unique_consecutive(ids, return_counts=True)
-        index = compat.host_to_device(experts, expert_codes.device)
-        return cls(codes=expert_codes.index_select(0, index), experts=tuple(experts.tolist()),
+        return cls(codes=select_codes(expert_codes, experts), experts=tuple(experts.tolist()),
                    counts=tuple(counts.tolist()), order=order, restore=restore, projected=projected)
 
     def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -142,9 +147,8 @@ class ProjectedWeights:
         known = self._weights.setdefault(linear, {})
         if any(e not in known for e in routing.experts):
             new = sorted((set(routing.experts) | set(self.experts)) - set(known))
-            index = compat.host_to_device(torch.tensor(new), self.expert_codes.device)
             with torch.no_grad():
-                projected = linear.project(self.expert_codes.index_select(0, index))
+                projected = linear.project(select_codes(self.expert_codes, new))
             for expert, w in zip(new, projected.unbind(0)):
                 known[expert] = w.detach().requires_grad_(self.backprop)
         return [known[e] for e in routing.experts]
@@ -160,8 +164,7 @@ class ProjectedWeights:
             used = tuple(e for e, w in known.items() if w.grad is not None)
             if used:
                 if used not in codes:
-                    index = compat.host_to_device(torch.tensor(used), self.expert_codes.device)
-                    codes[used] = self.expert_codes.index_select(0, index)
+                    codes[used] = select_codes(self.expert_codes, used)
                 grads = torch.stack([known[e].grad for e in used])
                 outputs.append(linear.projection_backward(codes[used], grads))
         if outputs:
