@@ -25,8 +25,9 @@ test: $(STAMP)
 
 # Wheels a lent GPU machine needs (Python 3.12 with torch, no package registry); carry the folder
 # and run benchmarks/gpu_check.sh there (benchmarks/README.md). torch itself is never fetched.
-GPU_WHEELS := .gpu-wheels
-GPU_PLATFORM := --python-version 3.12 --implementation cp --only-binary=:all: --no-deps \
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= 3.12
+GPU_PLATFORM := --python-version $(GPU_PYTHON) --implementation cp --only-binary=:all: --no-deps \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 # megatron-core and DeepSpeed's imports, pytest, and what a bare torch install lacks.
 GPU_DEPS := numpy PyYAML packaging tqdm pytest pluggy iniconfig Pygments pytest-timeout \

@@ -36,6 +36,11 @@ from megatron_pn.model import FLOPS_FORMULA, flops_per_token  # noqa: E402
 SECTION = "## Training throughput"
 
 
+class RunFailed(Exception):
+    """A measured pn-train run exited non-zero (out of memory, say): its row says so and the
+    other runs still go on, so a one-shot GPU session keeps every number it got."""
+
+
 def matmul_tflops(device: str, dtype: torch.dtype, size: int, repeats: int) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -81,7 +86,10 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
             "checkpoint.dir=null"]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                 "-m", "megatron_pn.cli.train"]
-    subprocess.run(launcher + args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    # stderr stays this script's: a run's progress and error land in the benchmark's log
+    proc = subprocess.run(launcher + args, cwd=REPO, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RunFailed(f"pn-train exit code {proc.returncode}, its error above in the log")
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in train if r["step"] > warmup)
@@ -127,7 +135,12 @@ def main() -> int:
                     overrides += ["train.micro_batch_size=1", "train.global_batch_size=1"]
                 if micro is not None:
                     overrides.append(f"train.micro_batch_size={micro}")
-                rows.append(measure(config, overrides, args.nproc, steps, warmup, Path(tmp)))
+                try:
+                    row = measure(config, overrides, args.nproc, steps, warmup, Path(tmp))
+                except RunFailed as error:
+                    row = {"config": config, "overrides": " ".join(overrides), "failed": str(error)}
+                print(table_row(row, peak, baseline), flush=True)  # kept in the log if cut short
+                rows.append(row)
 
     lines = [f"Device: {device_description()} ({'bf16' if on_gpu else 'fp32'}); "
              f"date {datetime.date.today()}; {args.nproc} process(es); "
@@ -138,16 +151,20 @@ def main() -> int:
              "| config | overrides | tokens/s | model TFLOP/s per device | vs matmul | MFU "
              "| peak memory GiB |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        mfu = f"{r['model_tflops'] / peak:.1%}" if peak else "n/a"
-        memory = f"{r['max_mem_gib']:.1f}" if r["max_mem_gib"] is not None else "n/a"
-        lines.append(f"| {r['config']} | {r['overrides'] or '-'} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['model_tflops']:.3f} | {r['model_tflops'] / baseline:.2f}x | {mfu} "
-                     f"| {memory} |")
+    lines += [table_row(r, peak, baseline) for r in rows]
     report = "\n".join(lines)
     print(report)
     write_section(Path(args.results), report, SECTION, "`benchmarks/train_throughput.py`.")
-    return 0
+    return 1 if any("failed" in r for r in rows) else 0
+
+
+def table_row(r: dict, peak: float | None, baseline: float) -> str:
+    if "failed" in r:
+        return f"| {r['config']} | {r['overrides'] or '-'} | failed ({r['failed']}) | | | | |"
+    mfu = f"{r['model_tflops'] / peak:.1%}" if peak else "n/a"
+    memory = f"{r['max_mem_gib']:.1f}" if r["max_mem_gib"] is not None else "n/a"
+    return (f"| {r['config']} | {r['overrides'] or '-'} | {r['tokens_per_s']:,.0f} | "
+            f"{r['model_tflops']:.3f} | {r['model_tflops'] / baseline:.2f}x | {mfu} | {memory} |")
 
 
 def write_section(path: Path, body: str, section: str, intro: str) -> None:

@@ -26,3 +26,19 @@ def test_gpu_check_cpu_smoke(tmp_path):
     # a copy, added to: every section of the repository's file is still there, whole
     for section in (REPO / "benchmarks" / "RESULTS.md").read_text().split("\n## "):
         assert section.rstrip() in results
+
+
+def test_throughput_sweep_keeps_its_numbers_when_one_run_fails(tmp_path):
+    """A one-shot GPU session must not lose the sweep to one run (out of memory, say): the failed
+    run is a row of its own, the others are measured, and the exit status says something failed."""
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--configs", "configs/tiny/slm.yaml",
+         "--micro-batch-sizes", "3", "2", "--steps", "2", "--warmup", "0", "--results", str(results)],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "not divisible by train.micro_batch_size 3" in proc.stderr  # pn-train's own line
+    table = results.read_text()
+    assert "| train.micro_batch_size=3 | failed (pn-train exit code" in table
+    measured = [line for line in table.splitlines() if "| train.micro_batch_size=2 |" in line]
+    assert len(measured) == 1 and float(measured[0].split("|")[3].replace(",", "")) > 0
