@@ -207,7 +207,8 @@ class TrainConfig:
                                              "train.eval_sets (None: all)", 20000, valid=AT_LEAST_1)
     log_interval: int = _help("steps between log lines", 1, valid=AT_LEAST_1)
     early_stopping_patience: int | None = _help(
-        "stop when the validation loss has not improved for this many evaluations", None,
+        "stop when the validation loss has not improved for this many evaluations (from "
+        "loaded weights, the model at step 0 is evaluated first and counts)", None,
         valid=AT_LEAST_1)
     lr_factor_of_loaded: float | None = _help(
         "fine-tuning: lr and min_lr = this factor x those of the checkpoint.load run "
@@ -234,7 +235,8 @@ class CheckpointConfig:
         "fallback")
     keep_best: bool = _help(
         "save at each new best validation loss; best_checkpointed_iteration.txt names it and "
-        "tools reading the directory (pn-eval, pn-export-hf, checkpoint.load) use it", False)
+        "tools reading the directory (pn-eval, pn-export-hf, checkpoint.load) use it; from "
+        "loaded weights (fine-tuning) step 0 is a candidate too", False)
     optimizer_format: str = _help(
         "distributed optimizer layout on disk: fully_reshardable (any TP/PP/DP) or "
         "dp_reshardable (faster, same TP/PP)",

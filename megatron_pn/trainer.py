@@ -356,6 +356,8 @@ class Trainer:
         self._print(f"training steps {self.step} -> {stop_at} of {t.steps}")
         if self.cfg.logging.progress_bar:
             self.metrics.start_progress(self.step, stop_at)
+        if self._fine_tuning_from_start():
+            self._starting_model_as_candidate()
         interrupted = early_stopped = False
         while self.step < stop_at and not (interrupted or early_stopped):
             start = time.perf_counter()
@@ -423,6 +425,22 @@ class Trainer:
             return True
         self.early_stopping["evals_since_best"] += 1
         return False
+
+    def _fine_tuning_from_start(self) -> bool:
+        """Step 0 of a run from loaded weights that picks checkpoints by validation loss."""
+        t = self.cfg.train
+        compares = t.early_stopping_patience is not None or self.cfg.checkpoint.keep_best
+        return (self.step == 0 and self.early_stopping["best_step"] is None and compares
+                and bool(t.eval_interval) and self._weights_to_load() is not None)
+
+    def _starting_model_as_candidate(self) -> None:
+        """The loaded model is the first candidate of early stopping and keep_best: fine-tuning
+        on a small set can make every checkpoint worse on validation than no fine-tuning at all
+        (docs/RESULTS.md), and then the run keeps the model it started from."""
+        ckpt = self.cfg.checkpoint
+        if self._validate() and ckpt.dir and ckpt.keep_best:
+            self.save()
+            checkpoint.mark_best(ckpt.dir, self.step)
 
     def _patience_exhausted(self) -> bool:
         patience = self.cfg.train.early_stopping_patience

@@ -131,6 +131,36 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
     assert 0 < cost["runs"][-1]["cpu_seconds"] < 10 * cost["runs"][-1]["wall_seconds"]
 
 
+
+@pytest.mark.slow
+def test_finetuning_that_only_hurts_keeps_the_starting_model(trained_pn, tmp_path):
+    """The loaded model is early stopping's first candidate: when every fine-tuned checkpoint is
+    worse on validation (here an lr 300x the pretraining one), the run's best is step 0, whose
+    weights are the ones it started from."""
+    root, _, ckpt = trained_pn
+    spec_train = root / "data" / "cluster_0003"
+    projected = tmp_path / "projected"
+    assert pn_project(["--checkpoint", str(ckpt), "--output", str(projected), "--spec-data",
+                       str(spec_dir(root, "s3", [1, 2, 3, 90], spec_train))]) == 0
+    common = {"data.valid_blend": f"[{root / 'data' / 'cluster_0001'}]", "data.split": "100,0,0",
+              "train.eval_interval": 1, "train.eval_steps": 1, "train.log_interval": 1}
+    run_dir = tmp_path / "ft"
+    run_train(["configs/tiny/slm.yaml", "configs/finetune/tiny.yaml", *tiny_overrides(
+        spec_train, run_dir, **common, **{
+            "checkpoint.load": projected, "checkpoint.dir": run_dir / "ckpt",
+            "train.lr_factor_of_loaded": 300, "train.early_stopping_patience": 2,
+            "train.steps": 50})])
+    losses = {step: v["loss"] for step, v in read_metrics(run_dir, "valid").items()}
+    assert sorted(losses) == [0, 1, 2] and min(losses, key=losses.get) == 0
+    assert json.loads((run_dir / "finished.json").read_text()) == {
+        "step": 2, "reason": "early stopping", "best_step": 0}
+    assert checkpoint.resolve(run_dir / "ckpt") == checkpoint.iteration_dir(run_dir / "ckpt", 0)
+    # what the run keeps evaluates as the projected model did
+    again = tmp_path / "again"
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(spec_train, again, **common, **{
+        "checkpoint.load": run_dir / "ckpt", "train.steps": 0})])
+    assert read_metrics(again, "valid")[0]["loss"] == pytest.approx(losses[0], rel=1e-6)
+
 def test_bad_input(trained_pn, tmp_path, capsys):
     root, blend, ckpt = trained_pn
     spec = spec_dir(root, "bad", [1, 1, 1, 1], root / "data" / "cluster_0000")
