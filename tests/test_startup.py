@@ -162,6 +162,44 @@ def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
         pool.close()
 
 
+
+@pytest.mark.parametrize("workers", [True, False])
+def test_a_stopped_runner_stops_its_steps_and_the_rerun_resumes(data, tmp_path, workers):
+    """SIGTERM to `pn-experiment run` (a job scheduler, `kill`): the running pn-train gets it
+    too, saves and exits, its checkpoint directory is free (no orphan holds its lock), and the
+    same steps run again resume where they stopped."""
+    import fcntl
+    import threading
+
+    from megatron_pn.experiment.runner import Stopped
+
+    run = tmp_path / "long"
+
+    def long_step(steps):
+        return {"long": Step("long", "pretrain", finished(run), python(
+            "megatron_pn.cli.train", "configs/tiny/slm.yaml", *tiny_overrides(
+                data["text"], run, **{"train.steps": steps, "checkpoint.dir": run / "ckpt"})))}
+
+    grid = SimpleNamespace(steps=long_step(100_000), out=tmp_path / "out")
+    log = log_path(grid.out, "long")
+
+    def stop_once_training():
+        while "training steps" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_training, daemon=True).start()
+    with pytest.raises(Stopped, match="SIGTERM"):
+        LocalRunner(grid, slots=1, quiet=True, workers=workers).run()
+    assert "stop requested (signal or time limit): saved step" in log.read_text()
+    with open(run / "ckpt" / ".pn-train.lock") as lock:  # released: nothing still runs there
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    saved = int((run / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    grid.steps = long_step(saved + 2)
+    LocalRunner(grid, slots=1, quiet=True, workers=workers).run()
+    assert f"resumed from {run / 'ckpt'}" in log.read_text()
+    assert json.loads((run / "finished.json").read_text())["step"] == saved + 2
+
 def test_only_single_process_project_commands_go_to_workers():
     assert entry_module(python("megatron_pn.cli.train", "c.yaml")) == "megatron_pn.cli.train"
     assert entry_module(python("megatron_pn.cli.evaluate", "--batch", "b")) == "megatron_pn.cli.evaluate"

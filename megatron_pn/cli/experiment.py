@@ -126,13 +126,17 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_pn.experiment.runner import StepFailed
+    from megatron_pn.experiment.runner import StepFailed, Stopped
 
     try:
         return run_command("pn-experiment", lambda: command(args), (FileNotFoundError,))
     except StepFailed as err:  # the failed steps and their logs' tails: several lines
         print(f"pn-experiment: error: {err}", file=sys.stderr)
         return 1
+    except Stopped as err:
+        print(f"pn-experiment: stopped ({err}); the same command continues where it stopped",
+              file=sys.stderr)
+        return 130
 
 
 def command(args) -> int:

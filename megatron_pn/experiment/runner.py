@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,15 @@ EVAL_BATCH = 64  # evaluations per pn-eval process
 
 class StepFailed(RuntimeError):
     pass
+
+
+class Stopped(Exception):
+    """The runner was told to stop (SIGTERM, SIGHUP or Ctrl-C); its running steps were stopped
+    the way a scheduler stops a job, so a rerun resumes them."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def first_documents(source: Path, target: Path, max_chars: int | None) -> Path:
@@ -105,18 +115,45 @@ class LocalRunner:
     def run(self) -> None:
         self.pool = (WorkerPool(self.slots, step_env(self.threads), REPO, self.threads)
                      if self.workers else None)
+        self.running: dict[subprocess.Popen, tuple[list[Step], Path]] = {}
+        handlers = {sig: signal.signal(sig, _raise_stopped)
+                    for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             self._run()
+        except KeyboardInterrupt:
+            raise Stopped("SIGINT") from None
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self._stop_running()
             if self.pool is not None:
                 self.pool.close()
+
+    def _stop_running(self, grace: float = 120.0) -> None:
+        """Left early (a signal, Ctrl-C): send the steps still running SIGTERM, as a scheduler
+        would (pn-train saves a checkpoint at its next step boundary and exits), and wait for
+        them; left running, they would hold their checkpoint directories' locks against the
+        rerun, and finish steps nobody waits for."""
+        if not self.running:
+            return
+        print(f"stopping {len(self.running)} running step(s) (up to {grace:.0f} s): "
+              f"{', '.join(steps[0].name for steps, _ in self.running.values())}",
+              file=sys.stderr, flush=True)
+        for proc in self.running:
+            proc.terminate()
+        deadline = time.time() + grace
+        while any(p.poll() is None for p in self.running) and time.time() < deadline:
+            time.sleep(0.2)
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
 
     def _run(self) -> None:
         from tqdm import tqdm
 
         todo = pending(self.grid.steps)
         done = set(self.grid.steps) - set(todo)
-        running: dict[subprocess.Popen, tuple[list[Step], Path]] = {}
+        running = self.running
         failed: list[tuple[Step, Path]] = []
         bar = tqdm(total=len(todo), desc="experiment steps", unit="step", dynamic_ncols=True,
                    disable=self.quiet)

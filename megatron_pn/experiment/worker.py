@@ -131,6 +131,14 @@ class WorkerJob:
             return self._finish(code or 1)
         return None
 
+    def terminate(self) -> None:
+        """SIGTERM to the worker: the step's stop handler (pn-train: save and exit), else the
+        default (the worker exits; `poll` then reports the step failed)."""
+        self.worker.proc.terminate()
+
+    def kill(self) -> None:
+        self.worker.proc.kill()
+
     def _finish(self, code: int) -> int:
         self.returncode = code
         self.worker.job = None
