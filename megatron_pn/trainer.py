@@ -183,21 +183,14 @@ class Trainer:
         chunks = build_model(self.cfg, self.device_type, tconfig=self.tconfig)
         path = self._weights_to_load()
         if path and not resume_from:
-            key = "checkpoint.dir" if self.initial_weights else "checkpoint.load"
             reason = checkpoint.damage(path)
             if reason:
-                raise checkpoint.CheckpointError(
-                    f"cannot initialize the model from {path}: {reason} ({key}) — restore it, "
-                    "or name another checkpoint")
+                raise self._refusal(path, False, reason, "restore it, or name another checkpoint")
             try:
                 checkpoint.load(path, chunks)
             except (Exception, checkpoint.CheckpointException) as err:
-                differences = checkpoint.model_differences(path, self.cfg.model)
-                why = (f"another model ({'; '.join(differences)})" if differences
-                       else checkpoint.why_failed(err))
-                raise checkpoint.CheckpointError(
-                    f"cannot initialize the model from {path}: {why} ({key}) — use the model "
-                    "config it was saved with, or another checkpoint") from err
+                raise self._refusal(path, False, self._why_not_loaded(path, err)[0], (
+                    "use the model config it was saved with, or another checkpoint")) from err
             self._print(f"initialized model weights from {path}")
         return chunks
 
@@ -206,11 +199,23 @@ class Trainer:
         stores says so; what a load would fail on later, after the outputs exist)."""
         differences = checkpoint.shape_differences(path, self.cfg.model) if path else []
         if differences:
-            key = "checkpoint.dir" if resuming or self.initial_weights else "checkpoint.load"
-            what = "resume from" if resuming else "initialize the model from"
-            raise checkpoint.CheckpointError(
-                f"cannot {what} {path}: another model ({'; '.join(differences)}) ({key}) — use "
-                "the model config it was saved with, or another checkpoint")
+            raise self._refusal(path, resuming, f"another model ({'; '.join(differences)})",
+                                "use the model config it was saved with, or another checkpoint")
+
+    def _refusal(self, path: Path, resuming: bool, why: str,
+                 advice: str) -> checkpoint.CheckpointError:
+        """One form for every checkpoint this run cannot start from: which one, why, the key
+        that named it (checkpoint.dir when resuming or starting from weights found there)."""
+        key = "checkpoint.dir" if resuming or self.initial_weights else "checkpoint.load"
+        what = "resume from" if resuming else "initialize the model from"
+        return checkpoint.CheckpointError(f"cannot {what} {path}: {why} ({key}) — {advice}")
+
+    def _why_not_loaded(self, path: Path, err: BaseException) -> tuple[str, bool]:
+        """Why a load failed, and whether it is because the checkpoint holds another model."""
+        differences = checkpoint.model_differences(path, self.cfg.model)
+        if differences:
+            return f"another model ({'; '.join(differences)})", True
+        return checkpoint.why_failed(err), False
 
     def _weights_to_load(self) -> Path | None:
         """A model-only checkpoint in checkpoint.dir, else checkpoint.load (when not resuming)."""
@@ -238,16 +243,12 @@ class Trainer:
         try:
             common = self.engine.load(path, self.scheduler)
         except (Exception, checkpoint.CheckpointException) as err:
-            differences = checkpoint.model_differences(path, self.cfg.model)
-            if differences:
-                raise checkpoint.CheckpointError(
-                    f"cannot resume from {path}: another model ({'; '.join(differences)}) "
-                    "(checkpoint.dir) — resume with the model config it was saved with, or give "
-                    "this model another checkpoint.dir") from err
-            raise checkpoint.CheckpointError(
-                f"cannot resume from {path}: {checkpoint.why_failed(err)} (checkpoint.dir) — "
+            why, other_model = self._why_not_loaded(path, err)
+            raise self._refusal(path, True, why, (
+                "resume with the model config it was saved with, or give this model another "
+                "checkpoint.dir") if other_model else (
                 f"delete {path.name} to resume from an earlier iteration, or move "
-                "checkpoint.dir away to start from step 0") from err
+                "checkpoint.dir away to start from step 0")) from err
         self.step = common["iteration"]
         self.early_stopping.update(common.get("early_stopping", {}))
         self._print(f"resumed from {path} at step {self.step}")
