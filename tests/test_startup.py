@@ -200,6 +200,46 @@ def test_a_stopped_runner_stops_its_steps_and_the_rerun_resumes(data, tmp_path, 
     assert f"resumed from {run / 'ckpt'}" in log.read_text()
     assert json.loads((run / "finished.json").read_text())["step"] == saved + 2
 
+
+def test_a_killed_runner_leaves_no_step_running(data, tmp_path):
+    """SIGKILL gives the runner no say (the OOM killer, `kill -9`): its worker gets SIGTERM from
+    the kernel (Linux: PR_SET_PDEATHSIG), so the step it ran saves and stops, no orphan."""
+    import fcntl
+
+    run, out = tmp_path / "long", tmp_path / "out"
+    script = tmp_path / "runner.py"
+    script.write_text(f"""
+from pathlib import Path
+from types import SimpleNamespace
+from megatron_pn.experiment.grid import Step, finished, python
+from megatron_pn.experiment.runner import LocalRunner
+cmd = python("megatron_pn.cli.train", *{["configs/tiny/slm.yaml", *map(str, tiny_overrides(
+    data["text"], run, **{"train.steps": 100_000, "checkpoint.dir": run / "ckpt"}))]!r})
+grid = SimpleNamespace(steps={{"long": Step("long", "pretrain", finished(Path({str(run)!r})),
+                                           cmd)}}, out=Path({str(out)!r}))
+LocalRunner(grid, slots=1, quiet=True).run()
+""")
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=REPO)
+    log = log_path(out, "long")
+    deadline = time.time() + 300
+    while "training steps" not in (log.read_text() if log.exists() else ""):
+        assert runner.poll() is None and time.time() < deadline, "the step never started"
+        time.sleep(0.1)
+    runner.kill()
+    runner.wait()
+    while "stop requested (signal or time limit): saved step" not in log.read_text():
+        assert time.time() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+    lock = run / "ckpt" / ".pn-train.lock"
+    while True:  # the step's process lets go of its checkpoint directory
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the step still holds its checkpoint lock"
+                time.sleep(0.1)
+
 def test_only_single_process_project_commands_go_to_workers():
     assert entry_module(python("megatron_pn.cli.train", "c.yaml")) == "megatron_pn.cli.train"
     assert entry_module(python("megatron_pn.cli.evaluate", "--batch", "b")) == "megatron_pn.cli.evaluate"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from megatron_pn.experiment.grid import Grid, Step
-from megatron_pn.experiment.worker import WorkerPool, entry_module
+from megatron_pn.experiment.worker import WorkerPool, entry_module, stop_with_parent
 from megatron_pn.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ class LocalRunner:
             if self.pool is not None and entry_module(cmd) is not None:
                 return self.pool.submit(cmd, log)
             return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                    env=step_env(self.threads))
+                                    env=step_env(self.threads), preexec_fn=stop_with_parent)
 
     @staticmethod
     def _wait_any(running) -> subprocess.Popen:

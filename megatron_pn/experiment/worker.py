@@ -29,6 +29,7 @@ JSON reply per line on the worker's original stdout {"rc": N}.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -53,6 +54,18 @@ RETIRING_MODULES = ("deepspeed",)
 STEPS_PER_WORKER = 200  # then a fresh worker (bounds memory fragmentation over a long run)
 
 
+PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def stop_with_parent() -> None:
+    """`preexec_fn` of every step process: SIGTERM when the runner dies, even by SIGKILL
+    (Linux), so that a step saves and stops instead of running on as an orphan that holds its
+    checkpoint lock (elsewhere only a runner that is stopped stops its steps)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def entry_module(cmd: list[str]) -> str | None:
     """The module whose main() runs `cmd` in a worker, or None when it must be a process of
     its own (torchrun, another interpreter, an unknown module)."""
@@ -71,7 +84,8 @@ class Worker:
     def __init__(self, env: dict, cwd: Path):
         self.proc = subprocess.Popen([sys.executable, "-m", "megatron_pn.experiment.worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+                                     stderr=subprocess.DEVNULL, env=env, cwd=cwd,
+                                     preexec_fn=stop_with_parent)
         self.steps = 0
         self.job: WorkerJob | None = None
         self.retired = False  # it exits after its step: the next step needs a fresh worker
