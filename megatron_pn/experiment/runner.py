@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,8 +117,10 @@ class LocalRunner:
         self.pool = (WorkerPool(self.slots, step_env(self.threads), REPO, self.threads)
                      if self.workers else None)
         self.running: dict[subprocess.Popen, tuple[list[Step], Path]] = {}
-        handlers = {sig: signal.signal(sig, _raise_stopped)
-                    for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # (signal handlers belong to the main thread; a runner elsewhere leaves them be)
+        handlers = ({sig: signal.signal(sig, _raise_stopped)
+                     for sig in (signal.SIGTERM, signal.SIGHUP)}
+                    if threading.current_thread() is threading.main_thread() else {})
         try:
             self._run()
         except KeyboardInterrupt:
