@@ -184,6 +184,18 @@ def test_an_override_replaces_its_key_and_only_it(monkeypatch):
     assert cfg.methods["slm"] == load_experiment(TINY, []).methods["slm"]
 
 
+
+def test_overrides_may_follow_the_options(capsys):
+    from megatron_pn.cli.experiment import parse_args
+
+    args = parse_args(["run", str(TINY), "a=1", "--out", "x", "--jobs", "1", "b={c: [1, 2]}"])
+    assert (args.overrides, args.out, args.jobs) == (["a=1", "b={c: [1, 2]}"], "x", 1)
+    for bad in (["run", str(TINY), "--out", "x", "stray"], ["report", "out", "a=1"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(bad)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
 # -- the runners -------------------------------------------------------------------------------
 
 def shell_step(name, tmp, deps=(), code=0, kind="data"):

@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None):
+    """Overrides may also follow an option (`run CONFIG --out DIR key=value`): argparse leaves
+    those over, and they join the others; anything else left over is an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides")
+                  or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
+    return args
+
+
 def output_dir(args, cfg) -> Path:
     return Path(args.out or Path("experiments_out") / cfg.name)
 
@@ -125,7 +138,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from megatron_pn.experiment.runner import StepFailed, Stopped
 
     try:

@@ -53,7 +53,7 @@ def dry_run(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options anywhere among the args
     if args.print_config:
         print("\n".join(describe()))
         return 0
