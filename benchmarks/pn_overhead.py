@@ -81,14 +81,13 @@ def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
     best = {}
     for _ in range(args.rounds):
         for name, (config, overrides) in runs.items():
-            # each result printed as it comes: kept in the log if the run is cut short
             try:
                 rate = measure(config, overrides, 1, args.steps, args.warmup, work)["tokens_per_s"]
                 best[name] = max(best.get(name) or 0.0, rate)
-                print(f"{name}: {rate:,.0f} tokens/s", flush=True)
             except RunFailed as error:  # the other variants still run; the table says which
                 best.setdefault(name, None)
-                print(f"{name}: failed ({error})", flush=True)
+                rate = error
+            print(f"{name}: {rate}", flush=True)  # kept in the log if the run is cut short
     return best
 
 

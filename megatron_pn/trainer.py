@@ -41,7 +41,7 @@ from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.pn import projected_once
 from megatron_pn.preflight import check_writable_dir
-from megatron_pn.validation import validate_config, validation_comparisons
+from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -428,11 +428,11 @@ class Trainer:
         return False
 
     def _fine_tuning_from_start(self) -> bool:
-        """Step 0 of a run from loaded weights that picks checkpoints by validation loss
-        (validate_config has made sure such a run evaluates)."""
-        return (self.step == 0 and self.early_stopping["best_step"] is None
-                and bool(validation_comparisons(self.cfg))
-                and self._weights_to_load() is not None)
+        """Step 0 of a run from loaded weights that picks checkpoints by validation loss."""
+        t = self.cfg.train
+        compares = t.early_stopping_patience is not None or self.cfg.checkpoint.keep_best
+        return (self.step == 0 and self.early_stopping["best_step"] is None and compares
+                and bool(t.eval_interval) and self._weights_to_load() is not None)
 
     def _starting_model_as_candidate(self) -> None:
         """The loaded model is the first candidate of early stopping and keep_best: fine-tuning

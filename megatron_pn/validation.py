@@ -166,18 +166,13 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     return expert_warnings(cfg, blend)
 
 
-def validation_comparisons(cfg: Config) -> list[str]:
-    """The settings on that pick checkpoints by comparing validation losses."""
-    return [key for key, on in (("train.early_stopping_patience",
-                                 cfg.train.early_stopping_patience is not None),
-                                ("checkpoint.keep_best", cfg.checkpoint.keep_best)) if on]
-
-
 def validate_validation_data(cfg: Config) -> None:
     """Early stopping and checkpoint.keep_best compare validation losses: they need evaluations
     and validation data; train.eval_interval needs validation data or train.eval_sets."""
     t = cfg.train
-    compare = validation_comparisons(cfg)
+    compare = [key for key, on in (("train.early_stopping_patience",
+                                    t.early_stopping_patience is not None),
+                                   ("checkpoint.keep_best", cfg.checkpoint.keep_best)) if on]
     _require(not compare or t.eval_interval > 0,
              f"{' and '.join(compare)} compare validation losses, but train.eval_interval is 0 "
              "(train.eval_interval) — set train.eval_interval to the steps between evaluations")
