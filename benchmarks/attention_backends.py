@@ -29,12 +29,14 @@ def modules(device: str):
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_pn.config import load_config
-    from megatron_pn.model import CORE_ATTENTION, transformer_config
+    from megatron_pn.families.dense import ATTENTION_BACKENDS, core_attention
+    from megatron_pn.model import transformer_config
 
     tconfig = transformer_config(load_config([str(REPO / "configs/paper/slm.yaml")]), device)
-    return {name: cls(tconfig, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                      attention_type="self").to(device)
-            for name, cls in CORE_ATTENTION.items()}, tconfig
+    return {name: core_attention(name)(tconfig, layer_number=1,
+                                       attn_mask_type=AttnMaskType.causal,
+                                       attention_type="self").to(device)
+            for name in ATTENTION_BACKENDS}, tconfig
 
 
 def seconds(module, query, key, value, device) -> float:

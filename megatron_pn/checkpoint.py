@@ -230,7 +230,6 @@ RUNTIME_ONLY = {"attention_backend", "fusions", "hidden_dropout", "attention_dro
 SHAPES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
           "ffn_hidden_size", "activation", "normalization", "add_bias_linear",
           "position_embedding_type", "tie_embeddings", "vocab_size")  # of any model type
-PN_SHAPES = ("num_experts", "bank_size", "code_size", "project_attention")  # PN to PN
 
 
 def model_differences(path: str | Path, model, keys=None) -> list[str]:
@@ -249,12 +248,17 @@ def model_differences(path: str | Path, model, keys=None) -> list[str]:
 
 def shape_differences(path: str | Path, model) -> list[str]:
     """model_differences in the keys that shape parameters: a checkpoint the model cannot
-    load (a mix or projected expert still loads into a dense model of its shape)."""
+    load (a mix or projected expert still loads into a dense model of its shape; two models
+    of one family compare the family's own shape keys too, e.g. a PN's k, h and m)."""
+    from megatron_pn.families import family_of
+
     try:
-        both_pn = model.type == "pn" and saved_config(path).model.type == "pn"
+        saved = saved_config(path).model
     except Exception:  # noqa: BLE001 - no readable config: nothing to compare
         return []
-    return model_differences(path, model, SHAPES + (PN_SHAPES if both_pn else ()))
+    family = family_of(model)
+    same_family = family is family_of(saved)
+    return model_differences(path, model, SHAPES + (family.shape_keys if same_family else ()))
 
 
 def why_failed(err: BaseException) -> str:

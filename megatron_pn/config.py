@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from megatron_pn.errors import UserError, one_line
 
 class ConfigError(UserError):
     """A config file, key or value that cannot work."""
+
+
+def require(condition: bool, message: str) -> None:
+    """The checks' one form: a ConfigError with `message` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -297,6 +304,9 @@ class Config:
 # Loading
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -314,6 +324,8 @@ def _convert(value, typ, where: str):
         raise ConfigError(f"{where}: is a section; set its keys, e.g. {where}.<key>=...")
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if typ is list and isinstance(value, list):
         return value
     if typ in (int, str, bool) and type(value) is typ:

@@ -58,12 +58,13 @@ def distillation_loss(student_logits, teacher_logits, labels, weight: float,
 
 def build_teacher(cfg: Config, device_type: str):
     """The teacher model at this run's parallel layout, weights from distill.teacher."""
+    from megatron_pn.families import family_of
     from megatron_pn.model import build_model, padded_vocab_size
 
     if cfg.parallel.pipeline > 1:
         raise ConfigError("distill.teacher: distillation needs parallel.pipeline=1")
     teacher_cfg = checkpoint.saved_config(cfg.distill.teacher)
-    if teacher_cfg.model.type == "pn":
+    if family_of(teacher_cfg).routed:  # its forward needs each row's cluster
         raise ConfigError("distill.teacher: a projected network cannot teach; project an expert "
                           "(pn-project) or use a dense checkpoint")
     if padded_vocab_size(teacher_cfg.model) != padded_vocab_size(cfg.model):

@@ -13,8 +13,6 @@ scheduler (same schedule) and save to `checkpoint.dir/iter_NNNNNNN` with the sam
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel as DDP
-from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_optimizer,
                                      get_standard_config_overrides)
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -30,8 +28,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_pn import checkpoint
 from megatron_pn.config import Config, ConfigError
 from megatron_pn.fileio import atomic_write_json, atomic_write_text
+from megatron_pn.families import family_of
 from megatron_pn.fingerprint import DEEPSPEED_TOKENIZER
-from megatron_pn.pn import finalize_pn_model_grads, projected_once
 
 
 def use_fused_adam(optimizer) -> None:
@@ -56,8 +54,9 @@ def use_fused_adam(optimizer) -> None:
 
 
 class MegatronEngine:
-    def __init__(self, cfg: Config, tconfig, chunks: list, is_pn: bool):
+    def __init__(self, cfg: Config, tconfig, chunks: list):
         self.cfg, self.tconfig = cfg, tconfig
+        family = family_of(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -65,11 +64,8 @@ class MegatronEngine:
         )
         self.model = [DDP(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
                       for i, chunk in enumerate(chunks)]
-        tconfig.finalize_model_grads_func = (
-            finalize_pn_model_grads if is_pn else finalize_model_grads)
-        self.step_scope = lambda experts: contextlib.nullcontext()  # PN: projected once per step
-        if is_pn and cfg.train.pn_project_once_per_step:
-            self.step_scope = functools.partial(projected_once, self.model)
+        tconfig.finalize_model_grads_func = family.finalize_grads
+        self.step_scope = family.step_scope(cfg, self.model)  # PN: projected once per step
         if cfg.parallel.overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -81,8 +77,8 @@ class MegatronEngine:
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         )
         overrides = get_standard_config_overrides(config)  # no decay on biases and norms
-        if is_pn and t.pn_bank_lr_mult != 1.0:
-            overrides[ParamKey(name="*.bank")] = bank_lr(t)
+        for pattern, schedule in family.lr_overrides(t).items():  # PN: the banks' own LR
+            overrides[ParamKey(name=pattern)] = schedule
         self.optimizer = get_megatron_optimizer(config, self.model, overrides)
         use_fused_adam(self.optimizer)
         use_sync_free_grad_norm()
@@ -191,39 +187,37 @@ def _merged(base: dict, override: dict) -> dict:
     return out
 
 
-def bank_lr(train) -> dict:
-    """The LR schedule of a PN's banks: train.pn_bank_lr_mult x the run's (max_lr, min_lr are
-    what megatron-core's scheduler reads from a parameter group)."""
-    return {"max_lr": train.lr * train.pn_bank_lr_mult,
-            "min_lr": train.min_lr * train.pn_bank_lr_mult}
-
-
-def _param_groups(model: torch.nn.Module, train) -> list[dict]:
-    """As megatron-core: no weight decay on biases and 1-D parameters (norms); a PN's banks at
-    their own LR when train.pn_bank_lr_mult is set."""
-    decay, no_decay, banks = [], [], []
-    for name, p in model.named_parameters():
-        if p.ndim == 1 or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            (banks if name.endswith(".bank") and train.pn_bank_lr_mult != 1.0 else decay).append(p)
+def _param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """As megatron-core builds them: no weight decay on biases and 1-D parameters (norms);
+    parameters the family gives their own LR schedule (max_lr, min_lr: what megatron-core's
+    scheduler reads from a group) in a group of their own."""
+    family, train = family_of(cfg), cfg.train
     # (wd_mult: megatron-core's LR/WD scheduler multiplies the scheduled decay by it)
-    groups = ({"params": decay, "weight_decay": train.weight_decay, "wd_mult": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
-              {"params": banks, "weight_decay": train.weight_decay, "wd_mult": 1.0,
-               **bank_lr(train)})
-    return [g for g in groups if g["params"]]
+    decay = {"params": [], "weight_decay": train.weight_decay, "wd_mult": 1.0}
+    no_decay = {"params": [], "weight_decay": 0.0, "wd_mult": 0.0}
+    own: dict = {}  # pattern's schedule -> its group
+    for name, p in model.named_parameters():
+        schedule = family.lr_override(name, train)
+        if p.ndim == 1 or name.endswith(".bias"):
+            no_decay["params"].append(p)
+        elif schedule is not None:
+            key = tuple(sorted(schedule.items()))
+            own.setdefault(key, {"params": [], "weight_decay": train.weight_decay,
+                                 "wd_mult": 1.0, **schedule})["params"].append(p)
+        else:
+            decay["params"].append(p)
+    return [g for g in (decay, no_decay, *own.values()) if g["params"]]
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg: Config, tconfig, chunks: list, is_pn: bool):
+    def __init__(self, cfg: Config, tconfig, chunks: list):
         import deepspeed
 
         self.cfg = cfg
         t, module = cfg.train, chunks[0]
         num_microbatches = t.global_batch_size // (
             t.micro_batch_size * ps.get_data_parallel_world_size())
-        optimizer = torch.optim.AdamW(_param_groups(module, t), lr=t.lr,
+        optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=t.lr,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                       fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_pn.costs import macro_average as macro_average_nll
+from megatron_pn.families import family_of
 from megatron_pn.inference import (LoadedModel, ToolError, load_model,
                                     resolve_checkpoint)
 
@@ -198,12 +199,10 @@ def evaluate_set(loaded: LoadedModel, held: HeldOut, eod: int, batch_size: int,
                  progress: bool = False) -> dict:
     from tqdm import tqdm
 
-    from megatron_pn.pn import projected_once
-
     total, count = 0.0, 0
     bar = tqdm(total=held.num_tokens, desc=held.name, unit="tok", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    with bar, projected_once([loaded.model], backprop=False):  # PN: each expert projected once
+    with bar, family_of(loaded.cfg).eval_scope([loaded.model]):  # PN: each expert once
         for first in range(0, len(held.windows), batch_size):
             rows = np.arange(first, min(first + batch_size, len(held.windows)))
             ids = None if held.cluster_ids is None else torch.from_numpy(held.cluster_ids[rows])
@@ -247,8 +246,9 @@ def markdown_table(results: list[dict], macro: dict) -> str:
 
 def check_expert(m, expert: int | None, checkpoint, purpose: str,
                  other_routing: bool = False) -> None:
-    """A PN checkpoint needs an expert (unless routed otherwise); a dense one takes none."""
-    if m.type != "pn":
+    """A routed (PN) checkpoint needs an expert (unless routed otherwise); a dense one takes
+    none."""
+    if not family_of(m).routed:
         if expert is not None or other_routing:
             raise ToolError(f"expert routing (--expert, --cluster-ids-from) applies to PN "
                             f"checkpoints; {checkpoint} is a model.type {m.type} checkpoint")
@@ -267,7 +267,7 @@ def route(m, args, sets: list[HeldOut]) -> dict:
     check_expert(m, args.expert, args.checkpoint, "compute every sequence with expert I (or "
                  "--cluster-ids-from ASSIGN_DIR for each window's cluster)",
                  other_routing=bool(args.cluster_ids_from))
-    if m.type != "pn":
+    if not family_of(m).routed:
         return {}
     if args.expert is not None:
         for held in sets:
@@ -293,11 +293,12 @@ def only_cluster(m, args, sets: list[HeldOut]) -> dict:
     if len(dirs) != len(sets):
         raise ToolError(f"--only-cluster needs --cluster-ids-from with one directory per --data "
                         f"prefix ({len(sets)})")
-    if m.type == "pn":
+    routed = family_of(m).routed
+    if routed:
         check_expert(m, cluster, args.checkpoint, "")
     for held, directory in zip(sets, dirs):  # a cluster absent from a set: 0 tokens, no NLL
         held.windows = held.windows[window_clusters(directory, held) == cluster]
-        if m.type == "pn":
+        if routed:
             held.cluster_ids = np.full(len(held.windows), cluster, dtype=np.int64)
     return {"cluster_ids_from": dirs, "only_cluster": cluster}
 

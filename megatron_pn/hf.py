@@ -277,12 +277,7 @@ def check_shapes(got: dict, expected: dict, what: str) -> None:
 
 def megatron_dense_state(loaded, expert: int | None) -> dict:
     """The full (TP=1) state of the dense model: the checkpoint's, or PN expert `expert`'s."""
-    from megatron_pn.pn.projection import dense_state_dict
-
-    if loaded.is_pn:
-        state = dense_state_dict(loaded.model, expert)
-    else:
-        state = loaded.model.state_dict()
+    state = loaded.family.dense_state(loaded.model, expert)
     return {k: v.detach().cpu().float() for k, v in state.items()
             if not k.endswith("_extra_state")}
 
@@ -490,7 +485,7 @@ def imported_model_config(hf_model, base, from_yaml: bool):
                 setattr(m, key, extras["model"][key])
         if c.model_type == LLAMA and "seq_length" not in extras.get("model", {}):
             m.seq_length = c.max_position_embeddings
-    if m.type != "dense":
+    if dense_model_config(m).type != m.type:
         print(f"pn-import-hf: note: model.type {m.type} of --config becomes dense",
               file=sys.stderr)
     fields = llama_fields(c) if c.model_type == LLAMA else gpt2_fields(c, state, extras)

@@ -67,8 +67,10 @@ class LoadedModel:
     device: torch.device
 
     @property
-    def is_pn(self) -> bool:
-        return self.cfg.model.type == "pn"
+    def family(self):
+        from megatron_pn.families import family_of
+
+        return family_of(self.cfg)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -97,13 +99,12 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
 
     from megatron_pn import checkpoint
     from megatron_pn.model import build_model
-    from megatron_pn.validation import validate_model, validate_parallel, validate_pn
+    from megatron_pn.validation import validate_model, validate_parallel
 
     path = resolve_checkpoint(checkpoint_path)
     tensor = ps.get_tensor_model_parallel_world_size()
     cfg = inference_config(checkpoint.saved_config(path), tensor, precision)
     validate_model(cfg)
-    validate_pn(cfg)
     validate_parallel(cfg, tensor, env.device.type)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     [model] = build_model(cfg, env.device.type, initialize=False)  # weights: the checkpoint's

@@ -1,10 +1,9 @@
 """The model: megatron-core `GPTModel` built from a layer spec.
 
-`decoder_spec(cfg, ...)` is the seam where model families plug in: the dense SLM/LLM use
-megatron-core's local layer spec (pure-torch modules, so CPU and GPU share one code path);
-projected networks replace the MLP's linears in the same spec, one spec per layer (each seeds its
-projected weights by its global layer number). Both get their core attention from `with_core_attention`
-(SDPA by default). `build_model_chunks` returns one module per virtual pipeline stage of this rank.
+The model's family (`megatron_pn.families`, by model.type) supplies its decoder spec and model
+class: the dense SLM/LLM use megatron-core's local layer spec (pure-torch modules, so CPU and GPU
+share one code path); projected networks replace the MLP's linears in the same spec.
+`build_model_chunks` returns one module per virtual pipeline stage of this rank.
 """
 
 from __future__ import annotations
@@ -15,19 +14,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                      get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_pn import compat
-from megatron_pn.attention import SDPAttention
 from megatron_pn.config import Config, ModelConfig
-from megatron_pn.pn import PNConfig, PNGPTModel, pn_block_spec
+from megatron_pn.families import family_of
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
-CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
 
 
 def padded_vocab_size(model: ModelConfig) -> int:
@@ -87,56 +80,14 @@ def transformer_config(cfg: Config, device_type: str) -> TransformerConfig:
     )
 
 
-def pn_config(cfg: Config) -> PNConfig:
-    m = cfg.model
-    return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
-                    seed=cfg.train.seed, code_init=m.code_init,
-                    code_init_spread=m.code_init_spread)
-
-
-def uses_transformer_engine(model: ModelConfig) -> bool:
-    """model.transformer_impl resolved: `auto` takes TE for a dense model where it is usable."""
-    if model.transformer_impl == "auto":
-        return model.type != "pn" and compat.transformer_engine_available()
-    return model.transformer_impl == "transformer_engine"
-
-
-def with_core_attention(spec: ModuleSpec, backend: str) -> ModuleSpec:
-    """A local-spec layer with its core attention chosen by model.attention_backend."""
-    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[backend]
-    return spec
-
-
-def layer_spec(cfg: Config) -> ModuleSpec:
-    """A dense layer: megatron-core's local spec (or TE's, by model.transformer_impl)."""
-    m = cfg.model
-    if uses_transformer_engine(m):  # TE's own fused attention, norms and linears
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=m.normalization)
-    return with_core_attention(spec, m.attention_backend)
-
-
-def decoder_spec(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None):
-    """The decoder of one (virtual) pipeline stage: a layer spec, or PN's per-layer block spec."""
-    m = cfg.model
-    if m.type != "pn":
-        return layer_spec(cfg)
-    block = pn_block_spec(tconfig, m.normalization, pn_config(cfg), m.project_attention,
-                          vp_stage)
-    for spec in block.layer_specs:
-        with_core_attention(spec, m.attention_backend)
-    return block
-
-
 def build_gpt(cfg: Config, tconfig: TransformerConfig, vp_stage: int | None = None) -> GPTModel:
     pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    model_class, extra = GPTModel, {}
-    if cfg.model.type == "pn":
-        model_class, extra = PNGPTModel, {"pn": pn_config(cfg)}
+    family = family_of(cfg)
+    model_class, extra = family.model_class(cfg)
     return model_class(
         config=tconfig,
-        transformer_layer_spec=decoder_spec(cfg, tconfig, vp_stage),
+        transformer_layer_spec=family.decoder_spec(cfg, tconfig, vp_stage),
         vocab_size=padded_vocab_size(cfg.model),
         max_sequence_length=cfg.model.seq_length,
         pre_process=pre,
@@ -172,20 +123,6 @@ def count_parameters(chunks: list[torch.nn.Module]) -> int:
     """Distinct parameters of these chunks (a tied embedding counts once)."""
     seen = {id(p): p.numel() for chunk in chunks for p in chunk.parameters()}
     return sum(seen.values())
-
-
-def count_expert_parameters(chunks: list[torch.nn.Module]) -> int:
-    """Parameters of one projected expert: the shared ones plus one dense matrix per bank."""
-    from megatron_pn.pn.layers import ProjectedLinear
-
-    total = count_parameters(chunks)
-    for chunk in chunks:
-        total -= chunk.expert_codes.numel()
-        for module in chunk.modules():
-            if isinstance(module, ProjectedLinear):
-                total += math.prod(module.full_shape) - module.bank.numel()
-                total -= module.code_projection.numel()
-    return total
 
 
 FLOPS_FORMULA = (
@@ -228,8 +165,9 @@ def parameter_counts(cfg) -> dict:
         ps.initialize_model_parallel(1, 1)
         with torch.device("meta"):
             chunks = build_model(whole, "cpu", initialize=False)
-        return {"total": count_parameters(chunks),
+        total = count_parameters(chunks)
+        return {"total": total,
                 "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
-                "expert": count_expert_parameters(chunks) if cfg.model.type == "pn" else None}
+                "expert": family_of(cfg).expert_parameters(chunks, total)}
     finally:
         shutdown()

@@ -86,7 +86,7 @@ def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -
         dataset.sequence_lengths, cfg.model.seq_length, sample_tokens))
     if not held.num_tokens:
         raise ProjectionError(f"spec data {prefix}: no tokens to score the experts on")
-    loaded, eod = SimpleNamespace(model=model.eval(), device=device), model_eod_id(cfg)
+    loaded, eod = SimpleNamespace(model=model.eval(), cfg=cfg, device=device), model_eod_id(cfg)
     losses = []
     for expert in range(cfg.model.num_experts):
         held.cluster_ids = np.full(len(held.windows), expert, dtype=np.int64)
@@ -127,6 +127,7 @@ def project(args) -> dict:
     import dataclasses
 
     from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
+    from megatron_pn.families import family_of
     from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
     from megatron_pn.model import build_model
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict
@@ -137,7 +138,7 @@ def project(args) -> dict:
     check_writable(args.output, args.overwrite)
     path = resolve_checkpoint(args.checkpoint)
     cfg = checkpoint.saved_config(path)
-    if cfg.model.type != "pn":
+    if not family_of(cfg).projectable:
         raise ProjectionError(f"--checkpoint {args.checkpoint} is a {cfg.model.type} checkpoint; "
                               "pn-project needs a projected network (model.type pn)")
     spec = read_spec(args.spec_data, cfg.model.num_experts)

@@ -26,8 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
-from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro_batch_loader,
-                              resolve_blend, token_ids)
+from megatron_pn.data import (StepSampler, build_datasets, micro_batch_loader, token_ids)
 from megatron_pn.distributed import agreed, init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.fileio import atomic_write_json
@@ -35,11 +34,10 @@ from megatron_pn.fingerprint import run_tokenizer
 from megatron_pn.layout import FINISHED
 from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
                                  peak_memory)
-from megatron_pn.mix import expert_job
 from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import evaluate_set
+from megatron_pn.families import family_of
 from megatron_pn.model import build_model, flops_per_token, transformer_config
-from megatron_pn.pn import projected_once
 from megatron_pn.preflight import check_writable_dir
 from megatron_pn.validation import validate_config
 
@@ -66,7 +64,8 @@ class Trainer:
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
         warnings = validate_config(cfg, self.env.world_size, self.device_type)
-        cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
+        self.family = family_of(cfg)
+        cfg = self.family.job_config(cfg)  # SLM-mix: this job's cluster and directories
         self.cfg = cfg = finetuning_lr(cfg)
         for warning in warnings:
             self._warn(warning)
@@ -95,15 +94,10 @@ class Trainer:
         self._seed(cfg.train.seed)
 
         self.tconfig = transformer_config(cfg, self.device_type)
-        self.is_pn = cfg.model.type == "pn"
-        # PN: the cluster of each blend entry (a sample's `dataset_id` indexes it).
-        self.cluster_table = (
-            torch.tensor(resolve_blend(cfg.data).cluster_ids) if self.is_pn else None
-        )
+        self.routing_table = self.family.routing_table(cfg)  # PN: each blend entry's cluster
         self.teacher = (build_teacher(cfg, self.device_type)
                         if cfg.distill.teacher else None)
-        self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from),
-                                          self.is_pn)
+        self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from))
         self.scheduler = self._build_scheduler(self.engine.optimizer)
         if hasattr(self.engine, "parameter_elements"):
             held, total = self.engine.parameter_elements()
@@ -256,9 +250,8 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
 
     def _forward_step(self, data_iterator, model):
-        batch, routing = next(data_iterator), {}
-        if self.is_pn:  # PN: the expert of each row, on the host (the model groups the rows)
-            routing["cluster_ids"] = cluster_ids_of(batch, self.cluster_table)
+        batch = next(data_iterator)
+        routing = self.family.batch_routing(batch, self.routing_table)  # PN: each row's expert
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         inputs = (batch["tokens"], batch["position_ids"], None)
         if self.teacher is not None and model.training:  # SLM-d (validation: plain loss)
@@ -272,8 +265,7 @@ class Trainer:
         return output, partial(_token_loss, batch["loss_mask"])
 
     def train_step(self, batches: list[dict]) -> tuple[float | None, float]:
-        experts = set(torch.cat([cluster_ids_of(b, self.cluster_table) for b in batches]).tolist()
-                      ) if self.is_pn else ()
+        experts = self.family.step_experts(batches, self.routing_table)
         reports, grad_norm = self.engine.train_step(self._forward_step, batches, self.scheduler,
                                                     experts)
         return _mean_loss(reports, self.env.device), grad_norm
@@ -288,7 +280,7 @@ class Trainer:
                               self.dp_rank, self.dp_size)
         batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
         self.engine.set_training(False)
-        with projected_once(self.engine.model, backprop=False):  # PN: each expert once
+        with self.family.eval_scope(self.engine.model):  # PN: each expert projected once
             losses = self.engine.run_microbatches(self._forward_step, batches, forward_only=True)
         self.engine.set_training(True)
         # Known on the last pipeline stage; every rank needs it (early stopping is collective).
@@ -301,7 +293,7 @@ class Trainer:
         """train.eval_sets, each as pn-eval evaluates it (PN: with the set's expert)."""
         if not self.eval_sets:
             return {}
-        loaded = SimpleNamespace(model=self.engine.model[0], device=self.env.device)
+        loaded = SimpleNamespace(model=self.engine.model[0], cfg=self.cfg, device=self.env.device)
         self.engine.set_training(False)
         results = {held.name: evaluate_set(loaded, held, self.eval_eod,
                                            self.cfg.train.micro_batch_size)
@@ -326,9 +318,10 @@ class Trainer:
     def _cluster_of_each_sample(self):
         """For data.group_by_cluster: the cluster of every training sample index."""
         positions = getattr(self.train_data, "dataset_index", None)  # a BlendedDataset's
-        if not (self.is_pn and self.cfg.data.group_by_cluster and positions is not None):
+        if not (self.routing_table is not None and self.cfg.data.group_by_cluster
+                and positions is not None):
             return None
-        return self.cluster_table.numpy()[positions]
+        return self.routing_table.numpy()[positions]
 
     def _batches_by_step(self):
         t = self.cfg.train
@@ -507,12 +500,8 @@ def held_out_sets(cfg: Config) -> list:
         windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
                                    cfg.train.eval_sets_max_tokens)
         held = HeldOut(name, prefix, dataset, windows)
-        if route and cfg.model.type == "mix":
-            held.windows = windows[window_clusters(route[0], held) == cfg.data.expert]
-        elif route and isinstance(route[0], str):  # each window by its cluster (pn-data assign)
-            held.cluster_ids = window_clusters(route[0], held)
-        elif route:
-            held.cluster_ids = np.full(len(windows), route[0], dtype=np.int64)
+        if route:
+            family_of(cfg).route_held_out(cfg, held, route, window_clusters)
         sets.append(held)
     return sets
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 
 from megatron_pn.compat import transformer_engine_available
-from megatron_pn.config import Config, ConfigError, check_ranges
+from megatron_pn.config import Config, check_ranges
+from megatron_pn.config import require as _require
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
-from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size
+from megatron_pn.families import FAMILIES, family_of
+from megatron_pn.families.dense import ATTENTION_BACKENDS
+from megatron_pn.model import ACTIVATIONS, padded_vocab_size
 
 CHOICES = {
     "engine": ("megatron", "deepspeed"),
-    "model.type": ("dense", "pn", "mix"),
+    "model.type": tuple(FAMILIES),
     "model.activation": tuple(ACTIVATIONS),
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.position_embedding_type": ("rope", "learned_absolute"),
-    "model.attention_backend": tuple(CORE_ATTENTION),
+    "model.attention_backend": ATTENTION_BACKENDS,
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
@@ -33,11 +36,6 @@ def _get(cfg: Config, dotted: str):
     return value
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def validate_model(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -50,6 +48,7 @@ def validate_model(cfg: Config) -> None:
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
+    family_of(cfg).check_config(cfg)  # what this model.type cannot run
 
 
 def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
@@ -82,40 +81,9 @@ def validate_transformer_engine(cfg: Config, device_type: str) -> None:
     m = cfg.model
     if m.transformer_impl != "transformer_engine":
         return
-    _require(m.type != "pn", "model.transformer_impl transformer_engine: PN layers extend the "
-                             "local spec; use local (or auto) for model.type pn")
     _require(device_type == "cuda" and transformer_engine_available(),
              "model.transformer_impl transformer_engine needs a GPU with Transformer Engine "
              "installed; use local (or auto)")
-
-
-def validate_pn(cfg: Config) -> None:
-    m = cfg.model
-    if m.type != "pn":
-        return
-    _require(m.num_experts >= 1, f"model.num_experts must be >= 1 for model.type pn, got {m.num_experts}")
-    _require(m.bank_size >= 1, f"model.bank_size (h) must be >= 1 for model.type pn, got {m.bank_size}")
-    _require(m.code_init in ("random", "shared"),
-             f"model.code_init must be random or shared, got {m.code_init!r}")
-    _require(1 <= m.code_size <= m.bank_size,
-             f"model.code_size (m) {m.code_size} must be in [1, model.bank_size {m.bank_size}]: "
-             "codes are projected to h mixing weights, so m > h adds nothing")
-    _require(not m.add_bias_linear, "model.type pn needs model.add_bias_linear=false")
-    _require(not cfg.parallel.sequence_parallel, "model.type pn does not support sequence_parallel")
-
-
-def validate_pn_data(cfg: Config, blend) -> None:
-    if cfg.model.type != "pn":
-        return
-    _require(blend.cluster_ids is not None,
-             "model.type pn needs the cluster id of every training sequence: set data.blend_file "
-             "to the generic_blend.json of `pn-data cluster` (or list per-cluster prefixes in "
-             "data.blend with data.cluster_ids)")
-    _require(not cfg.data.valid_blend, "data.valid_blend: not supported for model.type pn "
-                                       "(validation uses data.split of the per-cluster datasets)")
-    bad = [c for c in blend.cluster_ids if not 0 <= c < cfg.model.num_experts]
-    _require(not bad, f"data.cluster_ids: {bad[:5]} outside [0, model.num_experts = "
-                      f"{cfg.model.num_experts})")
 
 
 def validate_distill(cfg: Config) -> None:
@@ -148,12 +116,11 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     validate_model(cfg)
     validate_deepspeed(cfg, device_type)
     validate_distill(cfg)
-    validate_pn(cfg)
     validate_transformer_engine(cfg, device_type)
     validate_parallel(cfg, world_size, device_type)
     validate_memory(cfg, device_type)
     blend = resolve_blend(cfg.data)
-    validate_pn_data(cfg, blend)
+    family_of(cfg).check_data(cfg, blend)
     if cfg.data.valid_blend:
         resolve_blend(cfg.data, cfg.data.valid_blend)
     validate_eval_sets(cfg)
@@ -163,7 +130,7 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     for prefix in blend.prefixes:
         check_long_enough(prefix, cfg.model.seq_length, split)
         check_token_ids(prefix, cfg.model.vocab_size)
-    return expert_warnings(cfg, blend)
+    return family_of(cfg).data_warnings(cfg, blend)
 
 
 def validate_validation_data(cfg: Config) -> None:
@@ -225,39 +192,12 @@ def validate_memory(cfg: Config, device_type: str) -> None:
              "train.micro_batch_size, or split the model with parallel.tensor/pipeline")
 
 
-def expert_warnings(cfg: Config, blend) -> list[str]:
-    """PN: experts whose cluster has no (weighted) dataset in the blend train on nothing."""
-    if cfg.model.type != "pn" or blend.cluster_ids is None:
-        return []
-    weights = blend.weights or [1.0] * len(blend.prefixes)
-    fed = {c for c, w in zip(blend.cluster_ids, weights) if w > 0}
-    idle = [e for e in range(cfg.model.num_experts) if e not in fed]
-    if not idle:
-        return []
-    shown = ", ".join(map(str, idle[:20])) + (", ..." if len(idle) > 20 else "")
-    return [f"expert{'s' if len(idle) > 1 else ''} {shown} of model.num_experts "
-            f"{cfg.model.num_experts} get{'' if len(idle) > 1 else 's'} no training data from "
-            "the blend (data.blend_file / data.cluster_ids): trained on nothing, keeping the "
-            "initial codes — lower model.num_experts or add the clusters' data unless that is "
-            "what you mean"]
-
-
 def validate_eval_sets(cfg: Config) -> None:
-    sets, is_pn, is_mix = cfg.train.eval_sets, cfg.model.type == "pn", cfg.model.type == "mix"
+    sets = cfg.train.eval_sets
     if not sets:
         return
     _require(cfg.parallel.pipeline == 1, "train.eval_sets needs parallel.pipeline=1")
-    shape = {"pn": "[name, prefix, expert or assign dir]",
-             "mix": "[name, prefix] or [name, prefix, assign dir] (the expert's cluster only)"
-             }.get(cfg.model.type, "[name, prefix]")
     for entry in sets:
-        lengths = (3,) if is_pn else (2, 3) if is_mix else (2,)
-        _require(isinstance(entry, (list, tuple)) and len(entry) in lengths
-                 and (len(entry) == 2 or is_pn or isinstance(entry[2], str)),
-                 f"train.eval_sets: {entry!r} should be {shape}")
-        if is_pn and not isinstance(entry[2], str):
-            _require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,
-                     f"train.eval_sets: expert {entry[2]!r} of {entry[0]} outside "
-                     f"[0, model.num_experts = {cfg.model.num_experts})")
+        family_of(cfg).check_eval_set(cfg, entry)
     names = [entry[0] for entry in sets]
     _require(len(set(names)) == len(names), f"train.eval_sets: names must be distinct: {names}")

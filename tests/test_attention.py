@@ -69,7 +69,7 @@ def test_attention_dropout_draws_from_the_model_parallel_rng(world):
 def test_transformer_engine_is_optional():
     from megatron_pn.compat import transformer_engine_available
     from megatron_pn.config import ConfigError, load_config
-    from megatron_pn.model import layer_spec
+    from megatron_pn.families.dense import layer_spec
     from megatron_pn.validation import validate_transformer_engine
 
     auto = load_config([str(REPO / "configs/tiny/slm.yaml")], ["model.transformer_impl=auto"])

@@ -56,6 +56,14 @@ def test_unknown_key_names_the_valid_keys_near_it(capsys):
     assert "unknown key 'lrr'" in err and "Did you mean lr" in err
 
 
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads `1e-3` as a string; a float key takes it as the number it means."""
+    cfg = load_config([CONFIG], ["train.lr=3e-4", "train.min_lr=1E-5", "train.adam_eps=1.5e-8"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.adam_eps) == (3e-4, 1e-5, 1.5e-8)
+    with pytest.raises(ValueError, match="train.lr: expected float, got 'fast'"):
+        load_config([CONFIG], ["train.lr=fast"])
+
+
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hiden_size: 64\n")

@@ -233,7 +233,8 @@ def test_every_projected_expert_has_the_dense_init_std(world, code_init):
 def test_projected_linear_initializes_itself_from_its_spec(world):
     """Built alone from its spec parameters (no parent layer), a projected linear holds the same
     seeded weights as its twin in the model: seeded by (global layer, name), never left empty."""
-    from megatron_pn.model import pn_config, transformer_config
+    from megatron_pn.families.pn import pn_config
+    from megatron_pn.model import transformer_config
     from megatron_pn.pn.layers import PNColumnParallelLinear
 
     cfg = tiny_cfg()
@@ -286,9 +287,9 @@ def test_bank_lr_mult_gives_the_banks_their_own_lr(world):
 
     cfg = tiny_cfg(**{"train.pn_bank_lr_mult": 0.25, "train.lr": 1e-3, "train.min_lr": 1e-4})
     tconfig = transformer_config(cfg, "cpu")
-    engine = MegatronEngine(cfg, tconfig, build_model_chunks(cfg, tconfig), is_pn=True)
+    engine = MegatronEngine(cfg, tconfig, build_model_chunks(cfg, tconfig))
     banks = {id(p) for n, p in engine.model[0].named_parameters() if n.endswith(".bank")}
-    deepspeed_groups = _param_groups(engine.model[0].module, cfg.train)
+    deepspeed_groups = _param_groups(engine.model[0].module, cfg)
     for groups in (engine.optimizer.param_groups, deepspeed_groups):
         for group in groups:
             is_bank = {id(p) in banks for p in group["params"]}
@@ -380,17 +381,18 @@ def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys)
 
 
 def test_slm_mix_job_config(pn_reference, tmp_path):
-    from megatron_pn.mix import expert_job
+    from megatron_pn.families import family_of
 
     _, _, blend, root = pn_reference
     cfg = load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path / "run", **{
         "data.expert": 1, "checkpoint.dir": tmp_path / "ckpt"}))
-    job = expert_job(cfg)
+    job = family_of(cfg).job_config(cfg)
     assert [prefix for _, prefix in job.data.blend] == [str(root / "data" / "cluster_0001")]
     assert job.logging.run_dir.endswith("/expert_0001")
     assert job.checkpoint.dir.endswith("/expert_0001")
     with pytest.raises(ValueError, match=r"data.expert in \[0, model.num_experts = 4\)"):
-        expert_job(load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path)))
+        mix = load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path))
+        family_of(mix).job_config(mix)
 
 
 @pytest.mark.slow

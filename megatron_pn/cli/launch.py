@@ -159,9 +159,10 @@ def train(args) -> int:
 def finished(train_args: list[str]) -> int:
     from megatron_pn import checkpoint
     from megatron_pn.config import load_config, split_args
-    from megatron_pn.mix import expert_job
+    from megatron_pn.families import family_of
 
-    cfg = expert_job(load_config(*split_args(train_args)))
+    cfg = load_config(*split_args(train_args))
+    cfg = family_of(cfg).job_config(cfg)  # SLM-mix: this expert's directories
     step = checkpoint.latest_step(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     print(f"launch: checkpoint at step {step} of {cfg.train.steps}")
     return 0 if step is not None and step >= cfg.train.steps else 1

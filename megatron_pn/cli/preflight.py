@@ -26,7 +26,7 @@ from megatron_pn.preflight import PreflightError, check_checkpoints, check_layou
 def preflight(args) -> str:
     from megatron_pn.cli.launch import procs_per_node, visible_gpus
     from megatron_pn.config import load_config, split_args
-    from megatron_pn.mix import expert_job
+    from megatron_pn.families import family_of
 
     files, overrides = split_args(args.args)
     if not files:
@@ -36,7 +36,7 @@ def preflight(args) -> str:
     procs = procs_per_node(gpus, args.cpu_procs)
     device = "cuda" if gpus > 0 else "cpu"
     world, warnings = check_layout(cfg, args.nodes, procs, device)
-    cfg = expert_job(cfg)  # SLM-mix: this expert's data and directories
+    cfg = family_of(cfg).job_config(cfg)  # SLM-mix: this expert's data and directories
     notes = check_checkpoints(cfg, args.require_checkpoint_dir, args.nodes)
     notes += [f"WARNING: {warning}" for warning in warnings]
     p = cfg.parallel

@@ -160,14 +160,15 @@ def check_curves(curves: Curves, k: int, fail) -> None:
             fail(f"curves.variants.{name}: give {{config: FILE, overrides: [key=value, ...]}}")
         if not Path(variant.get("config", "")).is_file():
             fail(f"curves.variants.{name}.config: {variant.get('config')} not found")
-        if load_model_type(variant["config"]) == "mix" and (curves.steps % k or
-                                                        curves.eval_interval % k):
+        if config_family(variant["config"]).per_cluster_jobs and (curves.steps % k or
+                                                                 curves.eval_interval % k):
             fail(f"curves.variants.{name}: SLM-mix trains {k} experts for steps / {k} each: "
                  f"give curves.steps and eval_interval divisible by clusters.pn = {k}")
 
 
-def load_model_type(config: str) -> str:
-    """model.type of a pn-train config file."""
+def config_family(config: str):
+    """The model family of a pn-train config file (megatron_pn.families)."""
     from megatron_pn.config import load_config
+    from megatron_pn.families import family_of
 
-    return load_config([config]).model.type
+    return family_of(load_config([config]))

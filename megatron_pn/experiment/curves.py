@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.experiment.config import ExperimentConfig, load_model_type
+from megatron_pn.experiment.config import ExperimentConfig, config_family
 from megatron_pn.fileio import atomic_write_text
 from megatron_pn.layout import expert_dir
 
@@ -49,11 +49,11 @@ def read_curves(out: Path, cfg: ExperimentConfig) -> dict:
     curves: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     k = cfg.clusters["pn"]
     for variant, spec in cfg.curves.variants.items():
-        is_mix = load_model_type(spec["config"]) == "mix"
+        per_cluster = config_family(spec["config"]).per_cluster_jobs  # SLM-mix: k runs
         for seed in cfg.curves.seeds:
             run = out / "curves" / variant / f"s{seed}"
             records = pooled_mix_records([read_records(run / expert_dir(e) / "metrics.jsonl")
-                                          for e in range(k)]) if is_mix else \
+                                          for e in range(k)]) if per_cluster else \
                 read_records(run / "metrics.jsonl")
             losses = {key: loss for key, (loss, _) in records.items()}
             for (name, step), loss in losses.items():

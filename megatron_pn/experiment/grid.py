@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_pn.experiment.config import ExperimentConfig, load_model_type
+from megatron_pn.experiment.config import ExperimentConfig, config_family
 from megatron_pn.layout import FINISHED, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "soft")
@@ -375,15 +375,16 @@ class Grid:
             deps += [self.assign("pn", data), self.data[data][0]]
         k = self.cfg.clusters["pn"]
         for variant, spec in curves.variants.items():
-            model_type = load_model_type(spec["config"])
-            routed = model_type in ("pn", "mix")  # windows by cluster (mix: its own cluster's)
+            family = config_family(spec["config"])
+            # windows by cluster: a routed model's expert, or (one job per cluster) its own
+            routed = family.routed or family.per_cluster_jobs
             eval_sets = [[name, str(self.data[data][1]), *([str(self.assign_dir("pn", data))]
                                                            if routed else [])]
                          for name, data in sets.items()]
             # SLM-mix: k dense jobs, one per cluster, of steps / k each (the same tokens in all)
-            jobs = [(e, [f"data.expert={e}"]) for e in range(k)] if model_type == "mix" else \
-                [(None, [])]
-            share = k if model_type == "mix" else 1
+            jobs = [(e, [f"data.expert={e}"]) for e in range(k)] if family.per_cluster_jobs \
+                else [(None, [])]
+            share = k if family.per_cluster_jobs else 1
             for seed in curves.seeds:
                 run = self.curve_dir(variant, seed)
                 args = [spec["config"], "data.blend=[]",
