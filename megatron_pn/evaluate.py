@@ -140,6 +140,28 @@ def window_clusters(assign_dir: str, held: HeldOut) -> np.ndarray:
     return np.where(same_doc, assignments[rows], fallback).astype(np.int64)
 
 
+def held_out(name: str, prefix: str, seq_length: int, max_tokens: int | None) -> HeldOut:
+    """A set as pn-eval reads it: every token of every document predicted once, in windows of
+    the model's context, the first `max_tokens` of them (pn-eval, train.eval_sets, the
+    experts' scores of pn-project)."""
+    dataset = open_dataset(prefix)
+    return HeldOut(name, prefix, dataset,
+                   document_windows(dataset.sequence_lengths, seq_length, max_tokens))
+
+
+def configured_eval_sets(cfg) -> list[HeldOut]:
+    """train.eval_sets, at most train.eval_sets_max_tokens each, routed by the model's family
+    (a PN: the set's expert or each window's cluster; an SLM-mix expert: its cluster's
+    windows)."""
+    sets = []
+    for name, prefix, *route in cfg.train.eval_sets:
+        held = held_out(name, prefix, cfg.model.seq_length, cfg.train.eval_sets_max_tokens)
+        if route:
+            family_of(cfg).route_held_out(cfg, held, route, window_clusters)
+        sets.append(held)
+    return sets
+
+
 def held_out_sets(args, seq_length: int) -> list[HeldOut]:
     prefixes = split_list(args.data)
     names = split_list(args.names) if args.names else [Path(p).name for p in prefixes]
@@ -149,11 +171,9 @@ def held_out_sets(args, seq_length: int) -> list[HeldOut]:
         raise ToolError(f"dataset names must be distinct, got {', '.join(names)} (use --names)")
     sets = []
     for name, prefix in zip(names, prefixes):
-        dataset = open_dataset(prefix)
-        windows = document_windows(dataset.sequence_lengths, seq_length, args.max_tokens)
-        if len(windows) == 0:
+        sets.append(held_out(name, prefix, seq_length, args.max_tokens))
+        if len(sets[-1].windows) == 0:
             raise ToolError(f"{prefix} holds no token to evaluate")
-        sets.append(HeldOut(name, prefix, dataset, windows))
     return sets
 
 

@@ -78,12 +78,9 @@ def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -
     windows (every token predicted once, within its document)."""
     from types import SimpleNamespace
 
-    from megatron_pn.evaluate import (HeldOut, document_windows, evaluate_set, model_eod_id,
-                                      open_dataset)
+    from megatron_pn.evaluate import evaluate_set, held_out, model_eod_id
 
-    dataset = open_dataset(prefix)
-    held = HeldOut("spec", prefix, dataset, document_windows(
-        dataset.sequence_lengths, cfg.model.seq_length, sample_tokens))
+    held = held_out("spec", prefix, cfg.model.seq_length, sample_tokens)
     if not held.num_tokens:
         raise ProjectionError(f"spec data {prefix}: no tokens to score the experts on")
     loaded, eod = SimpleNamespace(model=model.eval(), cfg=cfg, device=device), model_eod_id(cfg)

@@ -3,12 +3,15 @@ schedules, dist-checkpointing, validation and logging. One code path for CPU and
 
     trainer = Trainer(cfg)   # process groups, model, optimizer, data, resume
     trainer.train()          # until train.steps, a stop signal, or exit_after_steps
+
+The loop is here; its components are beside it, each one job: the model's family
+(megatron_pn.families: routing, step scope), the engine (engines.py), where the run starts
+(training/start.py), which checkpoint it keeps (training/selection.py), its cost log
+(training/cost_log.py), the held-out sets (evaluate.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
 import signal
 import sys
@@ -26,19 +29,21 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.config import Config
-from megatron_pn.data import (StepSampler, build_datasets, micro_batch_loader, token_ids)
+from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader, token_ids
 from megatron_pn.distributed import agreed, init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
+from megatron_pn.engines import ENGINES
+from megatron_pn.evaluate import configured_eval_sets, evaluate_set, perplexity
+from megatron_pn.families import family_of
 from megatron_pn.fileio import atomic_write_json
 from megatron_pn.fingerprint import run_tokenizer
 from megatron_pn.layout import FINISHED
-from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
-                                 peak_memory)
-from megatron_pn.engines import ENGINES
-from megatron_pn.evaluate import evaluate_set
-from megatron_pn.families import family_of
+from megatron_pn.metrics import MetricsLogger, device_peak_tflops, peak_memory
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.preflight import check_writable_dir
+from megatron_pn.training.cost_log import CostRecorder
+from megatron_pn.training.selection import Selection
+from megatron_pn.training.start import finetuning_lr, resolve_start
 from megatron_pn.validation import validate_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -56,7 +61,7 @@ class Trainer:
             raise
 
     def _start(self, cfg: Config) -> None:
-        self.start_time, self.start_cpu = time.time(), time.process_time()
+        self.cost = CostRecorder()
         # Handlers first: a stop signal during the (minutes-long) start-up must not kill us.
         self._stop_requested = False
         for sig in STOP_SIGNALS:
@@ -70,13 +75,11 @@ class Trainer:
         for warning in warnings:
             self._warn(warning)
         self.step = 0
-        self.early_stopping = {"best": float("inf"), "best_step": None, "evals_since_best": 0}
-        self.initial_weights = None
-        resume_from = self._checkpoint_to_resume()
+        self.selection = Selection(cfg)
+        self.start = resolve_start(cfg, self._print, self._warn)
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
-        start = resume_from or self._weights_to_load()
-        self.tokenizer = run_tokenizer(cfg, start)
-        self._check_model_fits(start, bool(resume_from))
+        self.tokenizer = run_tokenizer(cfg, self.start.path)
+        self.start.check_model_fits(cfg.model)
         # Outputs checked (and created, and locked) once every input passed its checks: before
         # any work, not at the first save hours later, and nothing left behind by bad input.
         agreed(self._claim_outputs)
@@ -97,20 +100,26 @@ class Trainer:
         self.routing_table = self.family.routing_table(cfg)  # PN: each blend entry's cluster
         self.teacher = (build_teacher(cfg, self.device_type)
                         if cfg.distill.teacher else None)
-        self.engine = ENGINES[cfg.engine](cfg, self.tconfig, self._initial_model(resume_from))
+        chunks = build_model(cfg, self.device_type, tconfig=self.tconfig)
+        if self.start.load_weights(chunks, cfg.model):
+            self._print(f"initialized model weights from {self.start.weights}")
+        self.engine = ENGINES[cfg.engine](cfg, self.tconfig, chunks)
         self.scheduler = self._build_scheduler(self.engine.optimizer)
         if hasattr(self.engine, "parameter_elements"):
             held, total = self.engine.parameter_elements()
             self._print(f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}: rank 0 holds {held:,} of "
                         f"{total:,} parameter elements")
-        if resume_from:
-            self._resume(resume_from)
+        if self.start.resume:
+            common = self.start.resume_into(self.engine, self.scheduler, cfg.model)
+            self.step = common["iteration"]
+            self.selection.load_state_dict(common.get("early_stopping", {}))
+            self._print(f"resumed from {self.start.resume} at step {self.step}")
 
         run_dir = Path(cfg.logging.run_dir)
         self.train_data, self.valid_data = build_datasets(
             cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
-        self.eval_sets = held_out_sets(cfg)
+        self.eval_sets = configured_eval_sets(cfg)
         self.eval_eod = token_ids(cfg.data, cfg.model.vocab_size).eod if self.eval_sets else None
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
@@ -150,72 +159,6 @@ class Trainer:
         for sig, handler in self.previous_handlers.items():
             signal.signal(sig, handler)
 
-    def _intact_step(self) -> int | None:
-        ckpt = self.cfg.checkpoint
-        step, warning = checkpoint.resume_step(ckpt.dir, ckpt.on_damaged)
-        if warning:
-            self._warn(warning)
-        return step
-
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The latest intact checkpoint in checkpoint.dir, if it holds a training state to
-        resume."""
-        ckpt = self.cfg.checkpoint
-        step = agreed(self._intact_step) if ckpt.dir else None
-        if step is None:
-            return None
-        path = checkpoint.iteration_dir(ckpt.dir, step)
-        if checkpoint.has_training_state(path):
-            return path
-        self._print(f"{path} holds model weights only: starting from them at step 0")
-        self.initial_weights = path
-        return None
-
-    def _initial_model(self, resume_from) -> list:
-        """Model chunks on the device; weights from checkpoint.load (or a model-only checkpoint
-        in checkpoint.dir) unless resuming."""
-        chunks = build_model(self.cfg, self.device_type, tconfig=self.tconfig)
-        path = self._weights_to_load()
-        if path and not resume_from:
-            reason = checkpoint.damage(path)
-            if reason:
-                raise self._refusal(path, False, reason, "restore it, or name another checkpoint")
-            try:
-                checkpoint.load(path, chunks)
-            except (Exception, checkpoint.CheckpointException) as err:
-                raise self._refusal(path, False, self._why_not_loaded(path, err)[0], (
-                    "use the model config it was saved with, or another checkpoint")) from err
-            self._print(f"initialized model weights from {path}")
-        return chunks
-
-    def _check_model_fits(self, path: Path | None, resuming: bool) -> None:
-        """A checkpoint of another model shape is refused before any work (the config it
-        stores says so; what a load would fail on later, after the outputs exist)."""
-        differences = checkpoint.shape_differences(path, self.cfg.model) if path else []
-        if differences:
-            raise self._refusal(path, resuming, f"another model ({'; '.join(differences)})",
-                                "use the model config it was saved with, or another checkpoint")
-
-    def _refusal(self, path: Path, resuming: bool, why: str,
-                 advice: str) -> checkpoint.CheckpointError:
-        """One form for every checkpoint this run cannot start from: which one, why, the key
-        that named it (checkpoint.dir when resuming or starting from weights found there)."""
-        key = "checkpoint.dir" if resuming or self.initial_weights else "checkpoint.load"
-        what = "resume from" if resuming else "initialize the model from"
-        return checkpoint.CheckpointError(f"cannot {what} {path}: {why} ({key}) — {advice}")
-
-    def _why_not_loaded(self, path: Path, err: BaseException) -> tuple[str, bool]:
-        """Why a load failed, and whether it is because the checkpoint holds another model."""
-        differences = checkpoint.model_differences(path, self.cfg.model)
-        if differences:
-            return f"another model ({'; '.join(differences)})", True
-        return checkpoint.why_failed(err), False
-
-    def _weights_to_load(self) -> Path | None:
-        """A model-only checkpoint in checkpoint.dir, else checkpoint.load (when not resuming)."""
-        load = self.cfg.checkpoint.load
-        return self.initial_weights or (checkpoint.resolve(load) if load else None)
-
     def _build_scheduler(self, optimizer) -> OptimizerParamScheduler:
         t = self.cfg.train
         return OptimizerParamScheduler(
@@ -232,20 +175,6 @@ class Trainer:
             wd_incr_steps=max(t.steps, 1),
             wd_incr_style="constant",
         )
-
-    def _resume(self, path: Path) -> None:
-        try:
-            common = self.engine.load(path, self.scheduler)
-        except (Exception, checkpoint.CheckpointException) as err:
-            why, other_model = self._why_not_loaded(path, err)
-            raise self._refusal(path, True, why, (
-                "resume with the model config it was saved with, or give this model another "
-                "checkpoint.dir") if other_model else (
-                f"delete {path.name} to resume from an earlier iteration, or move "
-                "checkpoint.dir away to start from step 0")) from err
-        self.step = common["iteration"]
-        self.early_stopping.update(common.get("early_stopping", {}))
-        self._print(f"resumed from {path} at step {self.step}")
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -310,7 +239,7 @@ class Trainer:
         """A signal may reach only some ranks: agree at the step boundary (any rank -> all).
         Running out of `exit_duration_minutes` counts as a stop request too."""
         limit = self.cfg.train.exit_duration_minutes
-        out_of_time = limit is not None and time.time() - self.start_time > 60 * limit
+        out_of_time = limit is not None and self.cost.wall_seconds() > 60 * limit
         flag = torch.tensor([float(self._stop_requested or out_of_time)], device=self.env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -350,8 +279,8 @@ class Trainer:
         self._print(f"training steps {self.step} -> {stop_at} of {t.steps}")
         if self.cfg.logging.progress_bar:
             self.metrics.start_progress(self.step, stop_at)
-        if self._fine_tuning_from_start():
-            self._starting_model_as_candidate()
+        if self.selection.starting_model_is_candidate(self.step, self.start.weights is not None):
+            self._checkpoint(save=False, keep=self._validate() and self.selection.keep_best)
         interrupted = early_stopped = False
         while self.step < stop_at and not (interrupted or early_stopped):
             start = time.perf_counter()
@@ -364,11 +293,9 @@ class Trainer:
             improved = bool(t.eval_interval) and self.step % t.eval_interval == 0 and self._validate()
             interrupted = self._stop_agreed()
             periodic = ckpt.save_interval and self.step % ckpt.save_interval == 0
-            if ckpt.dir and (interrupted or periodic or (improved and ckpt.keep_best)):
-                self.save()
-            if ckpt.dir and improved and ckpt.keep_best:
-                checkpoint.mark_best(ckpt.dir, self.step)
-            early_stopped = self._patience_exhausted()
+            self._checkpoint(save=interrupted or periodic,
+                             keep=improved and self.selection.keep_best)
+            early_stopped = self.selection.patience_exhausted()
         if interrupted:
             self._print(f"stop requested (signal or time limit): saved step {self.step}, "
                         "exiting; a rerun resumes here")
@@ -376,16 +303,16 @@ class Trainer:
             if early_stopped:
                 self._print(f"early stopping at step {self.step}: no validation improvement in "
                             f"{t.early_stopping_patience} evaluations (best "
-                            f"{self.early_stopping['best']:.4f})")
+                            f"{self.selection.best:.4f})")
             improved = False
             if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
                 improved = self._validate()  # the final model is always evaluated
-            saved = checkpoint.newest_intact(ckpt.dir)[0] if ckpt.dir else None
-            if ckpt.dir and ckpt.save_at_end and saved != self.step:
-                self.save()
-            if ckpt.dir and improved and ckpt.keep_best and ckpt.save_at_end:
-                checkpoint.mark_best(ckpt.dir, self.step)
-        self._record_cost(first_step, tokens_per_step)
+            saved = bool(ckpt.dir) and checkpoint.newest_intact(ckpt.dir)[0] == self.step
+            self._checkpoint(save=ckpt.save_at_end, saved=saved,
+                             keep=improved and self.selection.keep_best and ckpt.save_at_end)
+        self.cost.record(self.cfg.logging.run_dir, self.cfg.logging.phase, self.env,
+                         self.step - first_step, (self.step - first_step) * tokens_per_step,
+                         writes=self.is_logging_rank)
         if early_stopped or self.step >= t.steps:
             self._mark_finished("early stopping" if early_stopped else "train.steps")
         self.metrics.close()
@@ -396,14 +323,23 @@ class Trainer:
         extra = {
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
             "config": self.cfg.to_dict(),
-            "early_stopping": dict(self.early_stopping),
+            "early_stopping": self.selection.state_dict(),
             "tokenizer": self.tokenizer.record() if self.tokenizer else None,
         }
         path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")
         return path
 
-    # -- validation, early stopping, cost -------------------------------------------------------
+    def _checkpoint(self, save: bool, keep: bool, saved: bool = False) -> None:
+        """Save this step when asked (unless it is `saved` already) or when it is a new best
+        the selection keeps, then marked best (tools reading checkpoint.dir take that one)."""
+        ckpt = self.cfg.checkpoint
+        if not ckpt.dir:
+            return
+        if (save or keep) and not saved:
+            self.save()
+        if keep:
+            checkpoint.mark_best(ckpt.dir, self.step)
 
     def _validate(self) -> bool:
         """Evaluate and log; True when the validation loss is the best so far."""
@@ -411,56 +347,9 @@ class Trainer:
             self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"],
                                          "tokens": result["tokens"]}, f"eval/{name}")
         loss = self.evaluate()
-        if loss is None:
-            return False
-        self.metrics.log(self.step, {"loss": loss, "ppl": float(np.exp(min(loss, 50)))}, "valid")
-        if loss < self.early_stopping["best"]:
-            self.early_stopping.update(best=loss, best_step=self.step, evals_since_best=0)
-            return True
-        self.early_stopping["evals_since_best"] += 1
-        return False
-
-    def _fine_tuning_from_start(self) -> bool:
-        """Step 0 of a run from loaded weights that picks checkpoints by validation loss."""
-        t = self.cfg.train
-        compares = t.early_stopping_patience is not None or self.cfg.checkpoint.keep_best
-        return (self.step == 0 and self.early_stopping["best_step"] is None and compares
-                and bool(t.eval_interval) and self._weights_to_load() is not None)
-
-    def _starting_model_as_candidate(self) -> None:
-        """The loaded model is the first candidate of early stopping and keep_best: fine-tuning
-        on a small set can make every checkpoint worse on validation than no fine-tuning at all
-        (docs/RESULTS.md), and then the run keeps the model it started from."""
-        ckpt = self.cfg.checkpoint
-        if self._validate() and ckpt.dir and ckpt.keep_best:
-            self.save()
-            checkpoint.mark_best(ckpt.dir, self.step)
-
-    def _patience_exhausted(self) -> bool:
-        patience = self.cfg.train.early_stopping_patience
-        return patience is not None and self.early_stopping["evals_since_best"] >= patience
-
-    def _record_cost(self, first_step: int, tokens_per_step: int) -> None:
-        """Add this invocation's wall time x devices to run_dir/cost.json (the cost log), and
-        the CPU seconds of all its processes (on a shared CPU machine, the measure that does not
-        depend on what else runs)."""
-        cpu = torch.tensor([time.process_time() - self.start_cpu], dtype=torch.float64,
-                           device=self.env.device)
-        dist.all_reduce(cpu)
-        if not self.is_logging_rank:
-            return
-        path = Path(self.cfg.logging.run_dir) / "cost.json"
-        log = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        wall = time.time() - self.start_time
-        log["runs"].append({
-            "phase": self.cfg.logging.phase, "device": device_description(),
-            "devices": self.env.world_size, "wall_seconds": wall, "cpu_seconds": cpu.item(),
-            "device_hours": wall * self.env.world_size / 3600,
-            "steps": self.step - first_step, "tokens": (self.step - first_step) * tokens_per_step,
-        })
-        log["total_device_hours"] = sum(r["device_hours"] for r in log["runs"])
-        log["total_tokens"] = sum(r["tokens"] for r in log["runs"])
-        atomic_write_json(path, log)
+        if loss is not None:
+            self.metrics.log(self.step, {"loss": loss, "ppl": perplexity(loss)}, "valid")
+        return self.selection.observe(self.step, loss)
 
     def _mark_finished(self, reason: str) -> None:
         """run_dir/finished.json: the run is over (pipelines wait on this file; a killed or
@@ -468,7 +357,7 @@ class Trainer:
         if self.is_logging_rank:
             atomic_write_json(Path(self.cfg.logging.run_dir) / FINISHED,
                               {"step": self.step, "reason": reason,
-                               "best_step": self.early_stopping["best_step"]})
+                               "best_step": self.selection.best_step})
 
     def _log_train(self, loss, grad_norm, tokens_per_s, peak) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_lr(self.engine.optimizer.param_groups[0]),
@@ -486,35 +375,6 @@ class Trainer:
         """What the run will do that a user may not mean: one line on stderr."""
         if self.env.rank == 0:
             print(f"pn-train: warning: {message}", file=sys.stderr, flush=True)
-
-
-def held_out_sets(cfg: Config) -> list:
-    """train.eval_sets as pn-eval's windows (every token predicted once, at most
-    train.eval_sets_max_tokens), routed to the set's expert or each window's cluster (PN); an
-    SLM-mix expert keeps the windows of its own cluster."""
-    from megatron_pn.evaluate import HeldOut, document_windows, open_dataset, window_clusters
-
-    sets = []
-    for name, prefix, *route in cfg.train.eval_sets:
-        dataset = open_dataset(prefix)
-        windows = document_windows(dataset.sequence_lengths, cfg.model.seq_length,
-                                   cfg.train.eval_sets_max_tokens)
-        held = HeldOut(name, prefix, dataset, windows)
-        if route:
-            family_of(cfg).route_held_out(cfg, held, route, window_clusters)
-        sets.append(held)
-    return sets
-
-
-def finetuning_lr(cfg: Config) -> Config:
-    """train.lr_factor_of_loaded: lr and min_lr scaled from the run that wrote checkpoint.load
-    (the paper fine-tunes at the pretraining lr / 3)."""
-    factor, source = cfg.train.lr_factor_of_loaded, cfg.checkpoint.load
-    if factor is None or not source:
-        return cfg
-    base = checkpoint.saved_config(source).train
-    train = dataclasses.replace(cfg.train, lr=base.lr * factor, min_lr=base.min_lr * factor)
-    return dataclasses.replace(cfg, train=train)
 
 
 def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -12,6 +12,7 @@ from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend,
 from megatron_pn.families import FAMILIES, family_of
 from megatron_pn.families.dense import ATTENTION_BACKENDS
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
+from megatron_pn.training.selection import selection_settings
 
 CHOICES = {
     "engine": ("megatron", "deepspeed"),
@@ -137,9 +138,7 @@ def validate_validation_data(cfg: Config) -> None:
     """Early stopping and checkpoint.keep_best compare validation losses: they need evaluations
     and validation data; train.eval_interval needs validation data or train.eval_sets."""
     t = cfg.train
-    compare = [key for key, on in (("train.early_stopping_patience",
-                                    t.early_stopping_patience is not None),
-                                   ("checkpoint.keep_best", cfg.checkpoint.keep_best)) if on]
+    compare = selection_settings(cfg)
     _require(not compare or t.eval_interval > 0,
              f"{' and '.join(compare)} compare validation losses, but train.eval_interval is 0 "
              "(train.eval_interval) — set train.eval_interval to the steps between evaluations")
