@@ -38,8 +38,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_pn.distributed import agreed
-from megatron_pn.errors import UserError
-from megatron_pn.fileio import atomic_write_text
+from pn_base.errors import UserError
+from pn_base.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"

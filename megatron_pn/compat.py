@@ -31,7 +31,7 @@ import torch
 from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 # megatron-core versions whose CUDA-only call sites this module was tested against.
 SUPPORTED_MEGATRON_CORE = (Version("0.16.1"), Version("0.17"))  # [min, max)

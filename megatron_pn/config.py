@@ -19,11 +19,7 @@ from typing import Any
 
 import yaml
 
-from megatron_pn.errors import UserError, one_line
-
-
-class ConfigError(UserError):
-    """A config file, key or value that cannot work."""
+from pn_base.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_opt
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint
-from megatron_pn.config import Config, ConfigError
-from megatron_pn.fileio import atomic_write_json, atomic_write_text
-from megatron_pn.fingerprint import DEEPSPEED_TOKENIZER
+from megatron_pn.config import Config
+from pn_base.errors import ConfigError
+from pn_base.fileio import atomic_write_json, atomic_write_text
+from pn_base.tokenizer_identity import DEEPSPEED_TOKENIZER
 from megatron_pn.pn import finalize_pn_model_grads, projected_once
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 
 class ToolError(UserError):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_pn.config import Config, ConfigError
+from megatron_pn.config import Config
+from pn_base.errors import ConfigError
 from megatron_pn.data import resolve_blend
-from megatron_pn.layout import expert_dir
+from pn_base.outputs import expert_dir
 
 
 def expert_job(cfg: Config) -> Config:

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")  # not seen by the other nodes
 

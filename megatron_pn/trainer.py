@@ -30,9 +30,9 @@ from megatron_pn.data import (StepSampler, build_datasets, cluster_ids_of, micro
                               resolve_blend, token_ids)
 from megatron_pn.distributed import agreed, init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
-from megatron_pn.fileio import atomic_write_json
-from megatron_pn.fingerprint import run_tokenizer
-from megatron_pn.layout import FINISHED
+from pn_base.fileio import atomic_write_json
+from megatron_pn.run_tokenizer import run_tokenizer
+from pn_base.outputs import COST, FINISHED
 from megatron_pn.metrics import (MetricsLogger, device_description, device_peak_tflops,
                                  peak_memory)
 from megatron_pn.mix import expert_job
@@ -456,7 +456,7 @@ class Trainer:
         dist.all_reduce(cpu)
         if not self.is_logging_rank:
             return
-        path = Path(self.cfg.logging.run_dir) / "cost.json"
+        path = Path(self.cfg.logging.run_dir) / COST
         log = json.loads(path.read_text()) if path.is_file() else {"runs": []}
         wall = time.time() - self.start_time
         log["runs"].append({

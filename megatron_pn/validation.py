@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from megatron_pn.compat import transformer_engine_available
-from megatron_pn.config import Config, ConfigError, check_ranges
+from megatron_pn.config import Config, check_ranges
+from pn_base.errors import ConfigError
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
 from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size

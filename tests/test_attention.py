@@ -68,7 +68,8 @@ def test_attention_dropout_draws_from_the_model_parallel_rng(world):
 
 def test_transformer_engine_is_optional():
     from megatron_pn.compat import transformer_engine_available
-    from megatron_pn.config import ConfigError, load_config
+    from megatron_pn.config import load_config
+    from pn_base.errors import ConfigError
     from megatron_pn.model import layer_spec
     from megatron_pn.validation import validate_transformer_engine
 

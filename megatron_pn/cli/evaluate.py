@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_pn.errors import ArgumentParser, UserError, one_line, run_command
+from pn_base.errors import ArgumentParser, UserError, one_line, run_command
 from megatron_pn.evaluate import evaluate, markdown_table
-from megatron_pn.fileio import atomic_write_json, check_writable
+from pn_base.fileio import atomic_write_json, check_writable
 from megatron_pn.inference import ToolError, inference_world
 
 EPILOG = """examples:

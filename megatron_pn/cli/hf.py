@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 from megatron_pn.hf import export, import_hf
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 from megatron_pn.preflight import PreflightError, check_checkpoints, check_layout
 
 

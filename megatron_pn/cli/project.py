@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from megatron_pn import project as projection
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 from megatron_pn.project import STRATEGIES
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from megatron_pn.config import describe, load_config, split_args
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 
 EPILOG = """examples:
   pn-train configs/tiny/slm.yaml

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_pn.experiment.config import ExperimentConfig, load_model_type
-from megatron_pn.fileio import atomic_write_text
-from megatron_pn.layout import expert_dir
+from pn_base.fileio import atomic_write_text
+from pn_base.outputs import METRICS, expert_dir
 
 MACRO = "domains (macro)"
 
@@ -52,9 +52,9 @@ def read_curves(out: Path, cfg: ExperimentConfig) -> dict:
         is_mix = load_model_type(spec["config"]) == "mix"
         for seed in cfg.curves.seeds:
             run = out / "curves" / variant / f"s{seed}"
-            records = pooled_mix_records([read_records(run / expert_dir(e) / "metrics.jsonl")
+            records = pooled_mix_records([read_records(run / expert_dir(e) / METRICS)
                                           for e in range(k)]) if is_mix else \
-                read_records(run / "metrics.jsonl")
+                read_records(run / METRICS)
             losses = {key: loss for key, (loss, _) in records.items()}
             for (name, step), loss in losses.items():
                 curves[variant][name][step].append(loss)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_pn.experiment.grid import Grid, Step
 from megatron_pn.experiment.worker import WorkerPool, entry_module, stop_with_parent
-from megatron_pn.fileio import atomic_write_json
+from pn_base.fileio import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
