@@ -526,7 +526,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
 
     from megatron_pn.config import load_config
     from megatron_pn.model import build_model
-    from megatron_pn.validation import validate_model
+    from megatron_pn.checks import check_model
 
     check_writable(output, overwrite)
     base = load_config(list(config_files))
@@ -534,7 +534,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     cfg = copy.deepcopy(base)
     cfg.model = imported_model_config(hf_model, base.model, bool(config_files))
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
-    validate_model(cfg)
+    check_model(cfg)
     state = import_state(hf_model, cfg.model)
     extras = getattr(hf_model.config, EXTRAS_KEY, None) or {}
     tokenizer = hf_model_fingerprint(hf_dir, extras)  # the checkpoint records it again

@@ -41,7 +41,7 @@ from megatron_pn.evaluate import evaluate_set
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.pn import projected_once
 from megatron_pn.preflight import check_writable_dir
-from megatron_pn.validation import validate_config
+from megatron_pn.checks import check_config
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -65,7 +65,7 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
-        warnings = validate_config(cfg, self.env.world_size, self.device_type)
+        warnings = check_config(cfg, self.env.world_size, self.device_type)
         cfg = expert_job(cfg)  # SLM-mix: this job's cluster and directories
         self.cfg = cfg = finetuning_lr(cfg)
         for warning in warnings:

@@ -39,7 +39,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_model(cfg: Config) -> None:
+def check_model(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, f"{key}: '{value}' is not one of {', '.join(allowed)}")
@@ -53,7 +53,7 @@ def validate_model(cfg: Config) -> None:
              f"model.num_attention_heads {m.num_attention_heads}")
 
 
-def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
+def check_parallel(cfg: Config, world_size: int, device_type: str) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vp = p.tensor, p.pipeline, p.virtual_pipeline or 1
     for name, value in (("model.hidden_size", m.hidden_size),
@@ -79,7 +79,7 @@ def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
              "train.precision bf16 needs a GPU; use fp32 (or auto) on CPU")
 
 
-def validate_transformer_engine(cfg: Config, device_type: str) -> None:
+def check_transformer_engine(cfg: Config, device_type: str) -> None:
     m = cfg.model
     if m.transformer_impl != "transformer_engine":
         return
@@ -90,7 +90,7 @@ def validate_transformer_engine(cfg: Config, device_type: str) -> None:
              "installed; use local (or auto)")
 
 
-def validate_pn(cfg: Config) -> None:
+def check_pn(cfg: Config) -> None:
     m = cfg.model
     if m.type != "pn":
         return
@@ -105,7 +105,7 @@ def validate_pn(cfg: Config) -> None:
     _require(not cfg.parallel.sequence_parallel, "model.type pn does not support sequence_parallel")
 
 
-def validate_pn_data(cfg: Config, blend) -> None:
+def check_pn_data(cfg: Config, blend) -> None:
     if cfg.model.type != "pn":
         return
     _require(blend.cluster_ids is not None,
@@ -119,14 +119,14 @@ def validate_pn_data(cfg: Config, blend) -> None:
                       f"{cfg.model.num_experts})")
 
 
-def validate_distill(cfg: Config) -> None:
+def check_distill(cfg: Config) -> None:
     d = cfg.distill
     if d.teacher is None:
         return
     _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
 
 
-def validate_deepspeed(cfg: Config, device_type: str) -> None:
+def check_deepspeed(cfg: Config, device_type: str) -> None:
     if cfg.engine != "deepspeed":
         return
     d, p = cfg.deepspeed, cfg.parallel
@@ -143,22 +143,22 @@ def validate_deepspeed(cfg: Config, device_type: str) -> None:
              "nothing to offload; set deepspeed.offload_optimizer/offload_params=false")
 
 
-def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]:
+def check_config(cfg: Config, world_size: int, device_type: str) -> list[str]:
     """Every check that needs no process group; returns warnings (what the run will do that a
     user may not mean) for the caller to print."""
-    validate_model(cfg)
-    validate_deepspeed(cfg, device_type)
-    validate_distill(cfg)
-    validate_pn(cfg)
-    validate_transformer_engine(cfg, device_type)
-    validate_parallel(cfg, world_size, device_type)
-    validate_memory(cfg, device_type)
+    check_model(cfg)
+    check_deepspeed(cfg, device_type)
+    check_distill(cfg)
+    check_pn(cfg)
+    check_transformer_engine(cfg, device_type)
+    check_parallel(cfg, world_size, device_type)
+    check_memory(cfg, device_type)
     blend = resolve_blend(cfg.data)
-    validate_pn_data(cfg, blend)
+    check_pn_data(cfg, blend)
     if cfg.data.valid_blend:
         resolve_blend(cfg.data, cfg.data.valid_blend)
-    validate_eval_sets(cfg)
-    validate_validation_data(cfg)
+    check_eval_sets(cfg)
+    check_validation_data(cfg)
     split = None if cfg.data.valid_blend else used_split(cfg.data, bool(cfg.train.eval_interval))
     token_ids(cfg.data, cfg.model.vocab_size)  # a missing, damaged or too large tokenizer
     for prefix in blend.prefixes:
@@ -167,7 +167,7 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     return expert_warnings(cfg, blend)
 
 
-def validate_validation_data(cfg: Config) -> None:
+def check_validation_data(cfg: Config) -> None:
     """Early stopping and checkpoint.keep_best compare validation losses: they need evaluations
     and validation data; train.eval_interval needs validation data or train.eval_sets."""
     t = cfg.train
@@ -213,7 +213,7 @@ def device_memory(device_type: str) -> int | None:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def validate_memory(cfg: Config, device_type: str) -> None:
+def check_memory(cfg: Config, device_type: str) -> None:
     need, have = activation_bytes(cfg), device_memory(device_type)
     if have is None:
         return
@@ -243,7 +243,7 @@ def expert_warnings(cfg: Config, blend) -> list[str]:
             "what you mean"]
 
 
-def validate_eval_sets(cfg: Config) -> None:
+def check_eval_sets(cfg: Config) -> None:
     sets, is_pn, is_mix = cfg.train.eval_sets, cfg.model.type == "pn", cfg.model.type == "mix"
     if not sets:
         return
