@@ -72,6 +72,12 @@ def atomic_write_json(path: str | os.PathLike, obj, overwrite: bool = True) -> N
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", overwrite)
 
 
+def atomic_write_figure(path: str | os.PathLike, fig, overwrite: bool = True, **savefig) -> None:
+    """A matplotlib figure (anything with `savefig`), in the format its name's suffix says."""
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None, **savefig)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The hex sha256 of a file's bytes, read 1 MiB at a time."""
     digest = hashlib.sha256()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_pn.experiment.config import ExperimentConfig, load_model_type
-from pn_base.fileio import atomic_write_text
+from pn_base.fileio import atomic_write_figure, atomic_write_text
 from pn_base.outputs import METRICS, expert_dir
 
 MACRO = "domains (macro)"
@@ -96,7 +96,6 @@ def plot_curves(curves: dict, cfg: ExperimentConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from megatron_pn.experiment.grid import Grid
-    from megatron_pn.experiment.report import _save
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, sets in curves.items():
@@ -115,7 +114,8 @@ def plot_curves(curves: dict, cfg: ExperimentConfig, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    _save(fig, path)
+    atomic_write_figure(path, fig, dpi=120)
+    plt.close(fig)
 
 
 def write_curves(out: Path, cfg: ExperimentConfig) -> str:

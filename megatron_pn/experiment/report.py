@@ -24,7 +24,7 @@ from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
 from megatron_pn.experiment.grid import Grid
-from pn_base.fileio import atomic_write_json, atomic_write_text
+from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
 from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
 
 GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains (Table 8)
@@ -201,14 +201,16 @@ class Collector:
 
     def parameters(self) -> dict:
         """(pretraining, inference) parameter counts (pn-train --dry-run's)."""
+        from megatron_pn.checks import check_model
         from megatron_pn.config import load_config
         from megatron_pn.model import parameter_counts
 
         counts = {}
         for method, spec in self.cfg.methods.items():
             config = self.cfg.methods["slm"].config if method in ("is", "distill") else spec.config
-            model = parameter_counts(load_config([config],
-                                                 [f"model.vocab_size={self.cfg.vocab_size}"]))
+            method_cfg = load_config([config], [f"model.vocab_size={self.cfg.vocab_size}"])
+            check_model(method_cfg)
+            model = parameter_counts(method_cfg)
             total, expert = model["total"], model["expert"]
             if method == "mix":
                 total, expert = total * self.cfg.clusters["pn"], total
@@ -410,7 +412,8 @@ def plot_fig4(results: dict, path: Path) -> None:
     fig.suptitle("Specialized perplexity vs pretraining cost (SLM-is: its per-domain "
                  "pretraining)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    atomic_write_figure(path, fig, dpi=120)
+    plt.close(fig)
 
 
 def _x_cost(method: str, row: dict, size: str) -> float | None:
@@ -442,16 +445,8 @@ def plot_fig6(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_figure(path, fig, dpi=120)
     plt.close(fig)
-    tmp.rename(path)
 
 
 # ---------------------------------------------------------------------------------------------
