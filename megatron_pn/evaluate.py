@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from megatron_pn.costs import macro_average as macro_average_nll
-from megatron_pn.inference import (LoadedModel, ToolError, load_model,
+from megatron_pn.checkpoint_tools import (LoadedModel, ToolError, load_model,
                                     resolve_checkpoint)
 from pn_base.tokenizer_identity import dataset_fingerprint, require_same
 

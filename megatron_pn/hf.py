@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from megatron_pn.evaluate import check_expert, model_eod_id
-from megatron_pn.inference import (ToolError, inference_world, load_model,
+from megatron_pn.checkpoint_tools import (ToolError, inference_world, load_model,
                                     resolve_checkpoint)
 from pn_base.fileio import atomic_path, atomic_write_text, check_writable
 from pn_base.tokenizer_identity import hf_model_fingerprint, hf_tokenizer_fingerprint, require_same

@@ -27,7 +27,7 @@ from megatron_pn.config import Config
 from pn_base.fileio import atomic_write_json, check_writable
 from pn_base.outputs import HISTOGRAM
 from pn_base.tokenizer_identity import require_same, spec_fingerprint
-from megatron_pn.inference import ToolError
+from megatron_pn.checkpoint_tools import ToolError
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
 
@@ -132,7 +132,7 @@ def project(args) -> dict:
     from megatron_pn.run_tokenizer import checkpoint_fingerprint
     from megatron_pn.model import build_model
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict
-    from megatron_pn.inference import inference_world, load_model, resolve_checkpoint
+    from megatron_pn.checkpoint_tools import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
     check_strategy(args.strategy)
