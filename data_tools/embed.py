@@ -196,6 +196,8 @@ def finalize(partial: Path, output: Path) -> None:
     (partial / "settings.json").unlink()
     if output.exists():
         shutil.rmtree(output)
+    # not pn_base.fileio.atomic_path: DIR.partial outlives a killed run (it is resumed), so it
+    # has a fixed name, not a temporary one
     os.replace(partial, output)
 
 

@@ -400,6 +400,8 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
         if dist.get_rank() == 0:
             if final.exists():
                 shutil.rmtree(final)
+            # not pn_base.fileio.atomic_path: every rank writes into tmp (dist_checkpointing)
+            # between prepare and publish, so the directory is named before the save starts
             tmp.rename(final)
             atomic_write_text(root / LATEST, f"{step}\n")
             _prune(root, keep_last)
