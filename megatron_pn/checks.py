@@ -6,10 +6,10 @@ import os
 
 from megatron_pn.compat import transformer_engine_available
 from megatron_pn.config import Config, check_ranges
-from pn_base.errors import ConfigError
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
 from megatron_pn.model import ACTIVATIONS, CORE_ATTENTION, padded_vocab_size
+from pn_base.errors import ConfigError
 
 CHOICES = {
     "engine": ("megatron", "deepspeed"),

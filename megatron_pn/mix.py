@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_pn.config import Config
-from pn_base.errors import ConfigError
 from megatron_pn.data import resolve_blend
+from pn_base.errors import ConfigError
 from pn_base.outputs import expert_dir
 
 

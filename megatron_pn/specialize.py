@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from megatron_pn.config import Config
+from megatron_pn.checkpoint_tools import ToolError
 from pn_base.fileio import atomic_write_json, check_writable
 from pn_base.outputs import HISTOGRAM
 from pn_base.tokenizer_identity import require_same, spec_fingerprint
-from megatron_pn.checkpoint_tools import ToolError
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
 

@@ -69,9 +69,9 @@ def test_attention_dropout_draws_from_the_model_parallel_rng(world):
 def test_transformer_engine_is_optional():
     from megatron_pn.compat import transformer_engine_available
     from megatron_pn.config import load_config
-    from pn_base.errors import ConfigError
     from megatron_pn.model import layer_spec
     from megatron_pn.checks import check_transformer_engine
+    from pn_base.errors import ConfigError
 
     auto = load_config([str(REPO / "configs/tiny/slm.yaml")], ["model.transformer_impl=auto"])
     core = layer_spec(auto).submodules.self_attention.submodules.core_attention

@@ -8,8 +8,8 @@ import pytest
 
 from helpers import real_text_documents, tiny_overrides, write_byte_dataset
 from megatron_pn.config import load_config
-from pn_base.errors import ConfigError
 from megatron_pn.data import DataError, StepSampler, build_datasets
+from pn_base.errors import ConfigError
 
 CONFIG = "configs/tiny/slm.yaml"
 

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import REPO
-from pn_base.errors import ConfigError
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
 from megatron_pn.cli.plan import main as pn_plan
 from megatron_pn.experiment.plan import plan
+from pn_base.errors import ConfigError
 
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
 STUDY = REPO / "configs" / "experiments" / "pn_study.yaml"

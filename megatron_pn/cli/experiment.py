@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from pn_base.errors import ArgumentParser, ConfigError, run_command
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import build_grid
+from pn_base.errors import ArgumentParser, ConfigError, run_command
 from pn_base.fileio import atomic_write_json
 from pn_base.outputs import HISTOGRAM, expert_dir
 

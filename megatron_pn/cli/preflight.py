@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pn_base.errors import ArgumentParser, run_command
 from megatron_pn.preflight import PreflightError, check_checkpoints, check_layout
+from pn_base.errors import ArgumentParser, run_command
 
 
 def preflight(args) -> str:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from megatron_pn import specialize
-from pn_base.errors import ArgumentParser, run_command
 from megatron_pn.specialize import STRATEGIES
+from pn_base.errors import ArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pn_base.errors import ConfigError
 from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
 from megatron_pn.experiment.grid import Grid
+from pn_base.errors import ConfigError
 from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
 from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
 
