@@ -77,7 +77,7 @@ def write_corpus(prefix: Path, lengths: np.ndarray, rng) -> None:
 def write_embeddings(directory: Path, prefix: Path, windows: np.ndarray, dim: int, rng) -> None:
     """embeddings.f16 + windows.npy + meta.json, as `pn-data embed` writes them."""
     from data_tools.embed import EMBEDDINGS_FILE, META_FILE, WINDOWS_FILE
-    from megatron_pn.fileio import atomic_write_json
+    from pn_base.fileio import atomic_write_json
 
     directory.mkdir(parents=True)
     centers = rng.standard_normal((64, dim), dtype=np.float32)
@@ -147,12 +147,13 @@ def step_write(args) -> None:
     from data_tools.embed import load_embeddings
     from data_tools.per_cluster import histogram, write_cluster_datasets
     from data_tools.windows import IndexedTokens
-    from megatron_pn.fileio import atomic_write_json
+    from pn_base.fileio import atomic_write_json
+    from pn_base.outputs import HISTOGRAM
 
     meta, _, windows = load_embeddings(args.workdir / "embeddings")
     out_dir = args.workdir / f"k{args.k}"
     assignments = np.load(out_dir / "assignments.npy", mmap_mode="r")
-    atomic_write_json(out_dir / "histogram.json", histogram(windows, assignments, args.k))
+    atomic_write_json(out_dir / HISTOGRAM, histogram(windows, assignments, args.k))
     data = IndexedTokens(meta["data_prefix"])
     with tqdm(total=len(windows), unit="win", desc=f"cluster datasets k={args.k}") as progress:
         write_cluster_datasets(data, windows, assignments, args.k, EOD, out_dir, progress)
@@ -162,11 +163,12 @@ def step_resample(args) -> None:
     """Importance weights against the generic histogram of k, then the blending index."""
     from data_tools.importance import importance_weights
     from data_tools.indexed import megatron_indexed_dataset
+    from pn_base.outputs import HISTOGRAM
 
     megatron_indexed_dataset()  # megatron-core's import, as the trainer pays it, before helpers
     from megatron.core.datasets import helpers
 
-    generic = json.loads((args.workdir / f"k{args.k}" / "histogram.json").read_text())
+    generic = json.loads((args.workdir / f"k{args.k}" / HISTOGRAM).read_text())
     generic_tokens = np.asarray(generic["tokens"], dtype=np.float64)
     spec = np.random.default_rng(0).dirichlet(np.full(args.k, 0.05)) * 1e6  # concentrated
     share = importance_weights(generic_tokens, spec)["target_share"]

@@ -35,6 +35,7 @@ def one_run(workers: int, steps: int, dataset: str, run_dir: str) -> dict:
 
     from megatron_pn.config import load_config
     from megatron_pn.trainer import Trainer
+    from pn_base.outputs import METRICS
 
     torch.set_num_threads(1)  # robust to a shared machine (the workers get the other cores)
 
@@ -54,7 +55,7 @@ def one_run(workers: int, steps: int, dataset: str, run_dir: str) -> dict:
             yield step_batches
     trainer._batches_by_step = timed
     trainer.train()
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (Path(run_dir) / METRICS).open()]
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     step_times = [tokens_per_step / r["tokens_per_s"] for r in records if r["split"] == "train"]
     skip = 2  # start-up: worker launch, first allocations

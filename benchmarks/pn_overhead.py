@@ -97,7 +97,7 @@ def validation_rates(shape: list[str], args) -> dict:
 
     from megatron_pn.model import build_gpt, transformer_config
     from megatron_pn.pn import projected_once
-    from megatron_pn.inference import inference_world
+    from megatron_pn.checkpoint_tools import inference_world
 
     with inference_world(single_process=True) as env:
         tensor_parallel.model_parallel_cuda_manual_seed(0)

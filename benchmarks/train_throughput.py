@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from megatron_pn.config import load_config  # noqa: E402
 from megatron_pn.metrics import PEAK_TFLOPS, device_description, device_peak_tflops  # noqa: E402
 from megatron_pn.model import FLOPS_FORMULA, flops_per_token  # noqa: E402
+from pn_base.outputs import METRICS  # noqa: E402
 
 SECTION = "## Training throughput"
 
@@ -90,7 +91,7 @@ def measure(config: str, overrides: list[str], nproc: int, steps: int, warmup: i
     proc = subprocess.run(launcher + args, cwd=REPO, stdout=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RunFailed(f"pn-train exit code {proc.returncode}, its error above in the log")
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (run_dir / METRICS).read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in train if r["step"] > warmup)
     return {"config": config, "overrides": shown, "nproc": nproc,

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 
 # Order is the pipeline order shown in --help.
 STEP_MODULES = [

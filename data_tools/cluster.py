@@ -60,9 +60,9 @@ from data_tools.windows import (
     IndexedTokens,
     check_tokenizer_matches,
     check_windows_fit,
-    file_sha256,
 )
-from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
+from pn_base.fileio import atomic_path, atomic_write_json, check_writable, file_sha256
+from pn_base.outputs import HISTOGRAM
 
 ASSIGN_BATCH = 65536  # rows converted to float32 at a time when assigning
 
@@ -182,7 +182,7 @@ def write_per_cluster(out_dir: Path, data, windows, assignments, params, prefix_
     k = params["k"]
     hist = histogram(windows, assignments, k)
     hist.update(centroids_sha256=params["centroids_sha256"], source_prefix=params["source_prefix"])
-    atomic_write_json(out_dir / "histogram.json", hist)
+    atomic_write_json(out_dir / HISTOGRAM, hist)
     from tqdm import tqdm
 
     with tqdm(total=len(assignments), unit="win", desc="cluster datasets") as progress:
@@ -354,7 +354,7 @@ def run_assign(args) -> int:
         if args.write_datasets:
             write_per_cluster(tmp, data, windows, assignments,
                               dict(params, source_prefix=str(args.data_prefix)), args.output)
-        atomic_write_json(tmp / "histogram.json", hist)
+        atomic_write_json(tmp / HISTOGRAM, hist)
     top = int(np.argmax(hist["tokens"]))
     print(f"assigned {len(windows)} windows to {params['k']} clusters; most frequent cluster "
           f"{top} holds {hist['tokens'][top] / max(hist['num_tokens'], 1):.3f} of the tokens")

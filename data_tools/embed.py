@@ -34,13 +34,12 @@ from data_tools.windows import (
     WINDOW_COLUMNS,
     IndexedTokens,
     check_tokenizer_matches,
-    file_sha256,
     split_windows,
     window_token_counts,
 )
 from data_tools.preprocess import parse_shard
 from data_tools.tokenizer import load_sentencepiece
-from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
+from pn_base.fileio import atomic_path, atomic_write_json, check_writable, file_sha256
 
 EMBEDDINGS_FILE = "embeddings.f16"
 WINDOWS_FILE = "windows.npy"
@@ -197,6 +196,8 @@ def finalize(partial: Path, output: Path) -> None:
     (partial / "settings.json").unlink()
     if output.exists():
         shutil.rmtree(output)
+    # not pn_base.fileio.atomic_path: DIR.partial outlives a killed run (it is resumed), so it
+    # has a fixed name, not a temporary one
     os.replace(partial, output)
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.fileio import atomic_write_json, check_writable
+from pn_base.fileio import atomic_write_json, check_writable
+from pn_base.outputs import HISTOGRAM
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -45,20 +46,20 @@ def load_histograms(generic_dir: Path, spec_dir: Path):
     """(generic manifest, generic tokens, spec tokens), checked to share one clustering."""
     manifest = read_json(generic_dir / "clusters.json",
                          "--generic must be a directory written by `pn-data cluster`")
-    generic = read_json(generic_dir / "histogram.json", "rerun `pn-data cluster`")
-    spec = read_json(spec_dir / "histogram.json",
+    generic = read_json(generic_dir / HISTOGRAM, "rerun `pn-data cluster`")
+    spec = read_json(spec_dir / HISTOGRAM,
                      "--spec must be a directory written by `pn-data assign`")
     if spec.get("centroids_sha256") != manifest["centroids_sha256"]:
-        raise ValueError(f"{spec_dir / 'histogram.json'} was assigned with another clustering "
+        raise ValueError(f"{spec_dir / HISTOGRAM} was assigned with another clustering "
                          f"than {generic_dir}; rerun `pn-data assign --clusters {generic_dir}`")
     k = manifest["k"]
     for name, hist, path in (("generic", generic, generic_dir), ("spec", spec, spec_dir)):
         if len(hist["tokens"]) != k:
-            raise ValueError(f"{path / 'histogram.json'} has {len(hist['tokens'])} clusters, "
+            raise ValueError(f"{path / HISTOGRAM} has {len(hist['tokens'])} clusters, "
                              f"{generic_dir / 'clusters.json'} has k={k}; rerun the step")
     spec_tokens = np.asarray(spec["tokens"], dtype=np.float64)
     if spec_tokens.sum() == 0:
-        raise ValueError(f"{spec_dir / 'histogram.json'} holds no tokens: the specialization set "
+        raise ValueError(f"{spec_dir / HISTOGRAM} holds no tokens: the specialization set "
                          f"is empty; assign a non-empty one")
     return manifest, np.asarray(generic["tokens"], dtype=np.float64), spec_tokens
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.fileio import atomic_path
+from pn_base.fileio import atomic_path
 
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"  # the .idx header, then version (u64) and dtype code (u8)
 _INDEX_VERSION = 1

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import itertools
 import json
-import os
 import shutil
 import sys
 import threading
@@ -47,6 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from data_tools import readers
+from data_tools.arguments import default_workers, positive_int
 from data_tools.indexed import (
     DatasetWriter,
     concat_datasets,
@@ -54,7 +53,7 @@ from data_tools.indexed import (
     read_index_header,
     token_dtype,
 )
-from megatron_pn.fileio import atomic_write_json, check_writable
+from pn_base.fileio import atomic_write_json, check_writable, file_sha256
 
 PLAN_VERSION = 1
 DEFAULT_PART_TOKENS = 16_000_000
@@ -97,14 +96,6 @@ def plan_segments(sources: list[readers.Source], index: int, count: int) -> list
             segments.append(Segment(number, start - offset, stop - offset))
         offset += source.size
     return segments
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,21 +627,6 @@ def _merge_sidecars(inputs, sidecars, documents, output_prefix) -> dict:
 # CLI
 
 
-def default_workers() -> int:
-    """CPUs this process may use (respects SLURM/taskset CPU binding)."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "preprocess",
@@ -679,7 +655,7 @@ def register(subparsers) -> None:
                    "field, invalid UTF-8) instead of stopping at the first one")
     p.add_argument("--replace-invalid-utf8", action="store_true",
                    help="replace invalid UTF-8 by U+FFFD and keep the document (counted)")
-    p.add_argument("--part-tokens", type=_positive_int, default=DEFAULT_PART_TOKENS, metavar="N",
+    p.add_argument("--part-tokens", type=positive_int, default=DEFAULT_PART_TOKENS, metavar="N",
                    help="tokens per resumable part (default: %(default)s); a kill loses at most "
                    "one part of work per run")
     p.add_argument("--overwrite", action="store_true",

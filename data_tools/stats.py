@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable
+from pn_base.fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable
+from pn_base.outputs import HISTOGRAM
 
 
 def concentration(counts) -> dict:
@@ -46,7 +47,7 @@ def concentration(counts) -> dict:
 
 
 def load_counts(directory: Path, unit: str) -> list[int]:
-    path = directory / "histogram.json"
+    path = directory / HISTOGRAM
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --assignments takes directories written by "
                                 f"`pn-data cluster` or `pn-data assign`")

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_tools import readers
-from megatron_pn.errors import UserError
-from megatron_pn.fileio import atomic_path, atomic_write_json, check_writable
+from data_tools.arguments import default_workers, positive_int
+from pn_base.errors import UserError
+from pn_base.fileio import atomic_path, atomic_write_json, check_writable, file_sha256
+from pn_base.tokenizer_identity import HF_RECORD
 
 
 def load_sentencepiece(path: str | Path, key: str = "--tokenizer-model"):
@@ -199,16 +201,11 @@ def train_tokenizer(inputs: list[str], output_prefix: str, *, vocab_size: int = 
             shutil.move(f"{work}/sp.vocab", tmp[".vocab"])
         export_hf_tokenizer(tmp[".model"], tmp["_hf"])
         # the .model's fingerprint travels with the HF copy (pn-export-hf compares it)
-        from data_tools.preprocess import file_sha256
-        from megatron_pn.fingerprint import HF_RECORD
-
         atomic_write_json(tmp["_hf"] / HF_RECORD, {"model": str(paths[".model"].resolve()),
                                                    "sha256": file_sha256(tmp[".model"])})
         check_sample = random.Random(seed).sample(sample, min(HF_CHECK_DOCS, len(sample)))
         check = check_hf_tokenizer(tmp[".model"], tmp["_hf"], check_sample)
         _judge_hf_check(check, model_type)
-    from data_tools.preprocess import file_sha256
-
     metadata = {
         "command": "pn-data train-tokenizer",
         "model": str(paths[".model"].resolve()),
@@ -244,8 +241,6 @@ def _judge_hf_check(check: dict, model_type: str) -> None:
 
 
 def register(subparsers) -> None:
-    from data_tools.preprocess import _positive_int, default_workers
-
     p = subparsers.add_parser(
         "train-tokenizer",
         help="train a SentencePiece tokenizer (+ Hugging Face copy) on a sample of the corpus",
@@ -256,13 +251,13 @@ def register(subparsers) -> None:
                    help=readers.INPUTS_HELP)
     p.add_argument("--output", required=True, metavar="PREFIX",
                    help="writes PREFIX.model, PREFIX.vocab, PREFIX_hf/ and PREFIX.json")
-    p.add_argument("--vocab-size", type=_positive_int, default=32000, metavar="N",
+    p.add_argument("--vocab-size", type=positive_int, default=32000, metavar="N",
                    help="vocabulary size, special and byte pieces included (default: 32000)")
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
                    help="SentencePiece algorithm (default: bpe, whose Hugging Face copy is exact)")
-    p.add_argument("--sample-docs", type=_positive_int, default=100_000, metavar="N",
+    p.add_argument("--sample-docs", type=positive_int, default=100_000, metavar="N",
                    help="documents sampled (uniformly, seeded) from the inputs (default: 100000)")
-    p.add_argument("--input-sentence-size", type=_positive_int, default=2_000_000, metavar="N",
+    p.add_argument("--input-sentence-size", type=positive_int, default=2_000_000, metavar="N",
                    help="lines of the sample SentencePiece trains on, drawn at random "
                    "(default: 2000000)")
     p.add_argument("--text-field", default="text", metavar="NAME",
@@ -270,7 +265,7 @@ def register(subparsers) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count malformed records instead of stopping at the first one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--threads", type=_positive_int, default=default_workers(), metavar="N",
+    p.add_argument("--threads", type=positive_int, default=default_workers(), metavar="N",
                    help="SentencePiece training threads (default: the CPUs available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")

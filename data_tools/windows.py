@@ -10,12 +10,12 @@ columns (doc, start, end): token offsets [start, end) inside document `doc`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.indexed import map_index
+from pn_base.tokenizer_identity import Fingerprint, dataset_fingerprint, require_same
 
 WINDOW_COLUMNS = ["doc", "start", "end"]
 DEFAULT_CONTEXT = 1024
@@ -121,20 +121,10 @@ def check_windows_fit(windows: np.ndarray, data: IndexedTokens, windows_path: st
             )
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_tokenizer_matches(prefix: str | Path, expected_sha256: str, expected_from: str) -> None:
     """Fail if PREFIX.json says the dataset was tokenized with another tokenizer than the one
     `expected_from` (a .model, or a file recording one) names: the comparison every command
-    makes (megatron_pn/fingerprint.py)."""
-    from megatron_pn.fingerprint import Fingerprint, dataset_fingerprint, require_same
-
+    makes (pn_base/tokenizer_identity.py)."""
     kind = "tokenizer" if str(expected_from).endswith(".model") else "data"
     require_same(dataset_fingerprint(prefix), Fingerprint(expected_sha256, str(expected_from),
                                                           kind=kind),

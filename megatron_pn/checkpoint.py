@@ -38,8 +38,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_pn.distributed import agreed
-from megatron_pn.errors import UserError
-from megatron_pn.fileio import atomic_write_text
+from pn_base.errors import UserError
+from pn_base.fileio import atomic_write_text
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
@@ -404,6 +404,8 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
         if dist.get_rank() == 0:
             if final.exists():
                 shutil.rmtree(final)
+            # not pn_base.fileio.atomic_path: every rank writes into tmp (dist_checkpointing)
+            # between prepare and publish, so the directory is named before the save starts
             tmp.rename(final)
             atomic_write_text(root / LATEST, f"{step}\n")
             _prune(root, keep_last)

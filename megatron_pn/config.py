@@ -20,17 +20,7 @@ from typing import Any
 
 import yaml
 
-from megatron_pn.errors import UserError, one_line
-
-
-class ConfigError(UserError):
-    """A config file, key or value that cannot work."""
-
-
-def require(condition: bool, message: str) -> None:
-    """The checks' one form: a ConfigError with `message` unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
+from pn_base.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pn_base.outputs import COST
+
 
 def macro_average(nlls) -> float | None:
     """The paper's macro-average: the mean of the per-domain NLLs (each domain weighs the same;
@@ -51,7 +53,7 @@ def run_device_hours(run: dict) -> float:
 
 def device_hours(run_dir: str | Path, phase: str | None = None) -> float:
     """Device-hours logged in run_dir/cost.json (all runs, or those of one phase)."""
-    path = Path(run_dir) / "cost.json"
+    path = Path(run_dir) / COST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no cost log (written by pn-train at the end of a run)")
     runs = json.loads(path.read_text())["runs"]

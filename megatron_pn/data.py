@@ -26,8 +26,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_pn.config import Config, ConfigError, DataConfig
-from megatron_pn.errors import UserError
+from megatron_pn.config import Config, DataConfig
+from pn_base.errors import ConfigError, UserError
 
 
 class DataError(UserError):

@@ -24,7 +24,8 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                    reduce_from_tensor_model_parallel_region)
 
 from megatron_pn import checkpoint
-from megatron_pn.config import Config, ConfigError
+from megatron_pn.config import Config
+from pn_base.errors import ConfigError
 
 
 def _sum_over_tensor_parallel(x: torch.Tensor) -> torch.Tensor:

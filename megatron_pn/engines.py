@@ -26,10 +26,11 @@ from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_opt
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint
-from megatron_pn.config import Config, ConfigError
-from megatron_pn.fileio import atomic_write_json, atomic_write_text
+from megatron_pn.config import Config
 from megatron_pn.families import family_of
-from megatron_pn.fingerprint import DEEPSPEED_TOKENIZER
+from pn_base.errors import ConfigError
+from pn_base.fileio import atomic_write_json, atomic_write_text
+from pn_base.tokenizer_identity import DEEPSPEED_TOKENIZER
 
 
 def use_fused_adam(optimizer) -> None:

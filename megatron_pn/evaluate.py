@@ -31,8 +31,9 @@ import torch
 
 from megatron_pn.costs import macro_average as macro_average_nll
 from megatron_pn.families import family_of
-from megatron_pn.inference import (LoadedModel, ToolError, load_model,
+from megatron_pn.checkpoint_tools import (LoadedModel, ToolError, load_model,
                                     resolve_checkpoint)
+from pn_base.tokenizer_identity import dataset_fingerprint, require_same
 
 def model_eod_id(cfg) -> int:
     """The EOD id the model was trained with: its tokenizer's EOS when that file is here."""
@@ -326,7 +327,7 @@ def only_cluster(m, args, sets: list[HeldOut]) -> dict:
 def evaluate(args, env) -> dict:
     """Every input is checked (against the checkpoint's config) before the model loads."""
     from megatron_pn.checkpoint import saved_config
-    from megatron_pn.fingerprint import checkpoint_fingerprint, dataset_fingerprint, require_same
+    from megatron_pn.run_tokenizer import checkpoint_fingerprint
 
     path = resolve_checkpoint(args.checkpoint)
     saved = saved_config(path)

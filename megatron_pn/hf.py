@@ -17,7 +17,7 @@ GPT-2's Conv1D weights are stored [in, out]: transposed. Every tensor's shape is
 the target model. The megatron-pn model config travels in config.json ("megatron_pn"), so that
 import restores what HF cannot express (unpadded vocabulary, GPT-2 grouped-query heads), and
 so does the checkpoint's tokenizer fingerprint ("tokenizer": sha256 of the SentencePiece .model,
-megatron_pn/fingerprint.py): `--tokenizer` must be that tokenizer (`--allow-tokenizer-mismatch`
+pn_base/tokenizer_identity.py): `--tokenizer` must be that tokenizer (`--allow-tokenizer-mismatch`
 for the deliberate exception), and import records it in the checkpoint it writes.
 
 Import writes a model-only checkpoint in pn-train's layout (dist_checkpointing `iter_0000000/`,
@@ -38,9 +38,10 @@ import torch
 import yaml
 
 from megatron_pn.evaluate import check_expert, model_eod_id
-from megatron_pn.inference import (ToolError, inference_world, load_model,
+from megatron_pn.checkpoint_tools import (ToolError, inference_world, load_model,
                                     resolve_checkpoint)
-from megatron_pn.fileio import atomic_path, atomic_write_text, check_writable
+from pn_base.fileio import atomic_path, atomic_write_text, check_writable
+from pn_base.tokenizer_identity import hf_model_fingerprint, hf_tokenizer_fingerprint, require_same
 
 LLAMA, GPT2 = "llama", "gpt2"
 EXTRAS_KEY = "megatron_pn"
@@ -357,8 +358,7 @@ def export(checkpoint: str, output: str, expert: int | None = None,
            allow_tokenizer_mismatch: bool = False) -> Path:
     """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it."""
     from megatron_pn.checkpoint import saved_config
-    from megatron_pn.fingerprint import (checkpoint_fingerprint, hf_tokenizer_fingerprint,
-                                         require_same)
+    from megatron_pn.run_tokenizer import checkpoint_fingerprint
     from megatron_pn.model import padded_vocab_size
     from megatron_pn.pn.projection import dense_model_config
 
@@ -520,9 +520,8 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     from megatron.core import tensor_parallel
 
     from megatron_pn.config import load_config
-    from megatron_pn.fingerprint import hf_model_fingerprint
     from megatron_pn.model import build_model
-    from megatron_pn.validation import validate_model
+    from megatron_pn.checks import check_model
 
     check_writable(output, overwrite)
     base = load_config(list(config_files))
@@ -530,7 +529,7 @@ def import_hf(hf_dir: str, output: str, config_files: list[str] = (),
     cfg = copy.deepcopy(base)
     cfg.model = imported_model_config(hf_model, base.model, bool(config_files))
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
-    validate_model(cfg)
+    check_model(cfg)
     state = import_state(hf_model, cfg.model)
     extras = getattr(hf_model.config, EXTRAS_KEY, None) or {}
     tokenizer = hf_model_fingerprint(hf_dir, extras)  # the checkpoint records it again

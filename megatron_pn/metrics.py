@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pn_base.outputs import METRICS
+
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s, from NVIDIA's data sheets, for MFU. The
 # first key found in the device name wins: form factors before the family. H100/H200 SXM report
 # e.g. "NVIDIA H100 80GB HBM3" / "NVIDIA H200"; unknown devices need logging.peak_tflops.
@@ -58,7 +60,7 @@ class MetricsLogger:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(self.run_dir / METRICS, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -149,13 +149,12 @@ def flops_per_token(cfg: Config) -> float:
 
 def parameter_counts(cfg) -> dict:
     """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
-    unsharded on the meta device (no memory, no initialization) in a world of one."""
+    unsharded on the meta device (no memory, no initialization) in a world of one. The caller
+    checks cfg first (checks.check_model)."""
     import dataclasses
 
     from megatron_pn.distributed import init_distributed, shutdown
-    from megatron_pn.validation import validate_model
 
-    validate_model(cfg)
     whole = dataclasses.replace(
         cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None)
     )

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp")  # not seen by the other nodes
 
@@ -18,12 +18,12 @@ class PreflightError(UserError):
 
 def check_layout(cfg, nodes: int, procs: int, device: str) -> tuple[int, list[str]]:
     """The world size, after pn-train's own checks pass for it, and their warnings."""
-    from megatron_pn.validation import validate_config
+    from megatron_pn.checks import check_config
 
     if nodes < 1 or procs < 1:
         raise PreflightError(f"--nodes {nodes} and processes per node {procs} must be >= 1")
     world = nodes * procs
-    warnings = validate_config(cfg, world, device)
+    warnings = check_config(cfg, world, device)
     tp = cfg.parallel.tensor
     if procs % tp:
         where = "span nodes" if tp > procs else "straddle node boundaries"

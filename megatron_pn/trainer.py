@@ -28,6 +28,7 @@ from megatron.core import tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
+from megatron_pn.checks import check_config
 from megatron_pn.config import Config
 from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader, token_ids
 from megatron_pn.distributed import agreed, init_distributed
@@ -35,16 +36,15 @@ from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.engines import ENGINES
 from megatron_pn.evaluate import configured_eval_sets, evaluate_set, perplexity
 from megatron_pn.families import family_of
-from megatron_pn.fileio import atomic_write_json
-from megatron_pn.fingerprint import run_tokenizer
-from megatron_pn.layout import FINISHED
 from megatron_pn.metrics import MetricsLogger, device_peak_tflops, peak_memory
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.preflight import check_writable_dir
+from megatron_pn.run_tokenizer import run_tokenizer
 from megatron_pn.training.cost_log import CostRecorder
 from megatron_pn.training.selection import Selection
 from megatron_pn.training.start import finetuning_lr, resolve_start
-from megatron_pn.validation import validate_config
+from pn_base.fileio import atomic_write_json
+from pn_base.outputs import FINISHED
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -68,7 +68,7 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
-        warnings = validate_config(cfg, self.env.world_size, self.device_type)
+        warnings = check_config(cfg, self.env.world_size, self.device_type)
         self.family = family_of(cfg)
         cfg = self.family.job_config(cfg)  # SLM-mix: this job's cluster and directories
         self.cfg = cfg = finetuning_lr(cfg)

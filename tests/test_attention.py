@@ -68,9 +68,10 @@ def test_attention_dropout_draws_from_the_model_parallel_rng(world):
 
 def test_transformer_engine_is_optional():
     from megatron_pn.compat import transformer_engine_available
-    from megatron_pn.config import ConfigError, load_config
+    from megatron_pn.checks import check_transformer_engine
+    from megatron_pn.config import load_config
     from megatron_pn.families.dense import layer_spec
-    from megatron_pn.validation import validate_transformer_engine
+    from pn_base.errors import ConfigError
 
     auto = load_config([str(REPO / "configs/tiny/slm.yaml")], ["model.transformer_impl=auto"])
     core = layer_spec(auto).submodules.self_attention.submodules.core_attention
@@ -81,6 +82,6 @@ def test_transformer_engine_is_optional():
         te = load_config([str(REPO / "configs/tiny/slm.yaml")],
                          ["model.transformer_impl=transformer_engine"])
         with pytest.raises(ConfigError, match="needs a GPU with Transformer Engine"):
-            validate_transformer_engine(te, DEVICE)
+            check_transformer_engine(te, DEVICE)
     else:
         assert "TEDotProductAttention" in getattr(core, "__name__", str(core))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import real_text_documents, tiny_overrides, write_byte_dataset
-from megatron_pn.config import ConfigError, load_config
+from megatron_pn.config import load_config
 from megatron_pn.data import DataError, StepSampler, build_datasets
+from pn_base.errors import ConfigError
 
 CONFIG = "configs/tiny/slm.yaml"
 

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import REPO
-from megatron_pn.config import ConfigError
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
 from megatron_pn.cli.plan import main as pn_plan
 from megatron_pn.experiment.plan import plan
+from pn_base.errors import ConfigError
 
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
 STUDY = REPO / "configs" / "experiments" / "pn_study.yaml"
@@ -164,7 +164,7 @@ def test_only_the_clusterings_the_methods_use_are_built(tmp_path, monkeypatch):
 
 
 def test_bad_experiment_configs_name_the_field(tmp_path, monkeypatch):
-    from megatron_pn.config import ConfigError
+    from pn_base.errors import ConfigError
 
     monkeypatch.chdir(REPO)
     for override, message in [("domains=[atlantis]", "atlantis/train.jsonl.gz not found"),

@@ -47,7 +47,8 @@ def test_the_scan_finds_a_comparison(tmp_path):
 
 
 def test_registry_answers_for_every_model_type():
-    from megatron_pn.config import ConfigError, ModelConfig
+    from megatron_pn.config import ModelConfig
+    from pn_base.errors import ConfigError
     from megatron_pn.families import FAMILIES, family_of
 
     assert set(FAMILIES) == {"dense", "pn", "mix"}

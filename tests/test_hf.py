@@ -70,7 +70,7 @@ def import_(args):
 
 def loaded_state(path):
     """The weights of a checkpoint loaded into this process (TP=1), without extra state."""
-    from megatron_pn.inference import inference_world, load_model
+    from megatron_pn.checkpoint_tools import inference_world, load_model
 
     with inference_world() as env:
         model = load_model(path, env).model
@@ -142,7 +142,7 @@ def hf_made_models():
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_import_of_a_transformers_model_computes_the_same_logits(world, tmp_path, name):
-    from megatron_pn.inference import inference_world, load_model
+    from megatron_pn.checkpoint_tools import inference_world, load_model
 
     model = hf_made_models()[name].eval()
     g = torch.Generator().manual_seed(1)

@@ -58,7 +58,7 @@ def test_projected_expert_is_a_dense_slm(world, project_attention):
 
 def test_projection_loads_every_weight_strictly(world):
     from megatron_pn.pn.projection import dense_state_dict
-    from megatron_pn.project import load_every_weight
+    from megatron_pn.specialize import load_every_weight
 
     dense = build(load_config(["configs/tiny/slm.yaml"], ["model.vocab_size=257"]))
     state = dense_state_dict(build(tiny_cfg()), 1)

@@ -103,16 +103,16 @@ def test_dataset_shorter_than_one_sequence(tmp_path, capsys):
 
 def test_expert_without_training_data_is_a_loud_warning(tmp_path):
     from megatron_pn.config import load_config
-    from megatron_pn.validation import validate_config
+    from megatron_pn.checks import check_config
 
     blend = write_cluster_datasets(tmp_path / "clusters", num_clusters=4)
     cfg = load_config(["configs/tiny/pn.yaml"], tiny_pn_overrides(blend, tmp_path / "run", **{
         "model.num_experts": 6}))
-    [warning] = validate_config(cfg, 1, "cpu")
+    [warning] = check_config(cfg, 1, "cpu")
     assert "experts 4, 5 of model.num_experts 6 get no training data" in warning
     assert "trained on nothing" in warning
     cfg.model.num_experts = 4
-    assert validate_config(cfg, 1, "cpu") == []
+    assert check_config(cfg, 1, "cpu") == []
 
 
 def test_pn_train_prints_the_expert_warning_once(tmp_path, capsys):

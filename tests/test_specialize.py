@@ -37,21 +37,21 @@ def spec_dir(root, name, tokens, source):
 @pytest.fixture(scope="module")
 def tool_world():
     """The process world pn-project's functions run in."""
-    from megatron_pn.inference import inference_world
+    from megatron_pn.checkpoint_tools import inference_world
 
     with inference_world(single_process=True) as env:
         yield env
 
 
 def load_pn(ckpt, env):
-    from megatron_pn.inference import load_model
+    from megatron_pn.checkpoint_tools import load_model
 
     loaded = load_model(ckpt, env)
     return loaded.cfg, loaded.device, loaded.model
 
 
 def test_strategies_on_constructed_histograms(trained_pn, tool_world):
-    from megatron_pn.project import choose, read_spec
+    from megatron_pn.specialize import choose, read_spec
 
     root, _, ckpt = trained_pn
     cfg, device, model = load_pn(ckpt, tool_world)
@@ -75,7 +75,7 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
 
 def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, tool_world):
     from megatron_pn.pn.projection import dense_state_dict
-    from megatron_pn.project import choose, read_spec
+    from megatron_pn.specialize import choose, read_spec
 
     root, _, ckpt = trained_pn
     cfg, device, model = load_pn(ckpt, tool_world)

@@ -1,8 +1,9 @@
-"""Tokenizer identity end to end (megatron_pn/fingerprint.py): checkpoints record the tokenizer
-they were trained with; pn-train (pretraining blend, fine-tuning, resume, distillation teacher),
-pn-eval, pn-project and pn-export-hf refuse data or a tokenizer of another one with one line
-naming both files (exit 2, nothing written), let it through with the override, and accept
-matching or unrecorded ones; pn-export-hf / pn-import-hf carry the record through Hugging Face.
+"""Tokenizer identity end to end (pn_base/tokenizer_identity.py, megatron_pn/run_tokenizer.py):
+checkpoints record the tokenizer they were trained with; pn-train (pretraining blend,
+fine-tuning, resume, distillation teacher), pn-eval, pn-project and pn-export-hf refuse data or
+a tokenizer of another one with one line naming both files (exit 2, nothing written), let it
+through with the override, and accept matching or unrecorded ones; pn-export-hf /
+pn-import-hf carry the record through Hugging Face.
 
 Datasets are byte-level with a PREFIX.json sidecar as `pn-data preprocess` writes it (the
 recorded sha256 stands for a tokenizer); the export test trains one real tokenizer.
@@ -17,7 +18,7 @@ import pytest
 
 from helpers import perturbed_model, real_text_documents, tiny_overrides, write_byte_dataset
 from megatron_pn.config import load_config
-from megatron_pn.fingerprint import checkpoint_fingerprint
+from megatron_pn.run_tokenizer import checkpoint_fingerprint
 
 SLM, PN = "configs/tiny/slm.yaml", "configs/tiny/pn.yaml"
 SHA_A, SHA_B = "a1" * 32, "b2" * 32
@@ -55,8 +56,8 @@ def assert_names_both(line: str, given: str, trained: str, override: str) -> Non
 # -- where the records are read --------------------------------------------------------------
 
 def test_records_beside_the_data(tmp_path):
-    from megatron_pn.config import ConfigError
-    from megatron_pn.fingerprint import dataset_fingerprint, hf_tokenizer_fingerprint
+    from pn_base.errors import ConfigError
+    from pn_base.tokenizer_identity import dataset_fingerprint, hf_tokenizer_fingerprint
 
     # per-cluster datasets (`pn-data cluster`): the clusters.json of their directory
     (tmp_path / "clusters.json").write_text(json.dumps(

@@ -1,5 +1,5 @@
 """The commands of megatron-pn, one module each: arguments in, the library's work, one line or a
-table out, errors through megatron_pn.errors.run_command (one line, exit 2). They import the
+table out, errors through pn_base.errors.run_command (one line, exit 2). They import the
 heavy parts of the library (megatron-core) only once the arguments are read, so `--help` is fast.
 
   train       pn-train          experiment  pn-experiment    launch     torchrun for one node

@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_pn.errors import ArgumentParser, UserError, one_line, run_command
 from megatron_pn.evaluate import evaluate, markdown_table
-from megatron_pn.fileio import atomic_write_json, check_writable
-from megatron_pn.inference import ToolError, inference_world
+from megatron_pn.checkpoint_tools import ToolError, inference_world
+from pn_base.errors import ArgumentParser, UserError, one_line, run_command
+from pn_base.fileio import atomic_write_json, check_writable
 
 EPILOG = """examples:
   pn-eval --checkpoint runs/slm/ckpt --data data/held/arxiv,data/held/wiki --names arxiv,wiki

@@ -15,12 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_pn.config import ConfigError
-from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import build_grid
-from megatron_pn.fileio import atomic_write_json
-from megatron_pn.layout import expert_dir
+from pn_base.errors import ArgumentParser, ConfigError, run_command
+from pn_base.fileio import atomic_write_json
+from pn_base.outputs import HISTOGRAM, expert_dir
 
 EPILOG = """examples:
   pn-experiment run configs/experiments/tiny.yaml --jobs 2
@@ -86,7 +85,7 @@ def output_dir(args, cfg) -> Path:
 
 
 def pick_mix_expert(args) -> int:
-    tokens = json.loads((Path(args.spec_data) / "histogram.json").read_text())["tokens"]
+    tokens = json.loads((Path(args.spec_data) / HISTOGRAM).read_text())["tokens"]
     expert = max(range(len(tokens)), key=tokens.__getitem__)
     source = Path(args.experts).resolve() / expert_dir(expert)
     if not source.is_dir():

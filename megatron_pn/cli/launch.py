@@ -28,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from megatron_pn.errors import ArgumentParser, UserError, run_command
+from pn_base.errors import ArgumentParser, UserError, run_command
 
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 PORT_BASE, PORT_SPAN = 15000, 15000  # below Linux's ephemeral port range (32768+)

@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.experiment import plan as planning
 from megatron_pn.experiment.plan import PlanError, parse_count, plan, render
+from pn_base.errors import ArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
 Checks, each failing with one clear line and exit code 2:
   - the config files exist and every key is valid (megatron_pn.config.load_config);
   - the model, the layout and the data (every dataset prefix, blend file, cluster ids) pass
-    pn-train's own start-up checks (megatron_pn.validation.validate_config), for the world size
+    pn-train's own start-up checks (megatron_pn.checks.check_config), for the world size
     nodes x processes per node;
   - tensor-parallel groups lie within a node (TP divides the processes per node);
   - checkpoint.dir (required with --require-checkpoint-dir: a requeued job resumes from it) and
@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_pn.errors import ArgumentParser, run_command
 from megatron_pn.preflight import PreflightError, check_checkpoints, check_layout
+from pn_base.errors import ArgumentParser, run_command
 
 
 def preflight(args) -> str:

@@ -1,4 +1,4 @@
-"""`pn-project` (megatron_pn/project.py has the strategies and the projection)."""
+"""`pn-project` (megatron_pn/specialize.py has the strategies and the projection)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_pn import project as projection
-from megatron_pn.errors import ArgumentParser, run_command
-from megatron_pn.project import STRATEGIES
+from megatron_pn import specialize
+from megatron_pn.specialize import STRATEGIES
+from pn_base.errors import ArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="pn-project", description=projection.__doc__.split("\n\n")[0],
-        epilog=projection.__doc__.split("\n\n", 1)[1],
+        prog="pn-project", description=specialize.__doc__.split("\n\n")[0],
+        epilog=specialize.__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
     parser.add_argument("--spec-data", required=True, type=Path,
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _project_main(args) -> int:
-    record = projection.project(args)
+    record = specialize.project(args)
     chosen = record["expert"] if record["expert"] is not None else "soft mixture"
     print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
           f"{args.output} in {record['seconds']:.1f}s")

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from megatron_pn.config import describe, load_config, split_args
-from megatron_pn.errors import ArgumentParser, run_command
+from pn_base.errors import ArgumentParser, run_command
 
 EPILOG = """examples:
   pn-train configs/tiny/slm.yaml
@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(cfg) -> None:
+    from megatron_pn.checks import check_model
     from megatron_pn.model import parameter_counts
 
+    check_model(cfg)
     counts = parameter_counts(cfg)
     total, non_embedding = counts["total"], counts["total"] - counts["embedding"]
     print(f"model: {cfg.model.type}, {cfg.model.num_layers} layers, d_model {cfg.model.hidden_size}")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_pn.config import ConfigError, split_override
+from megatron_pn.config import split_override
+from pn_base.errors import ConfigError
 
 METHODS = ("slm", "llm", "pn", "mix", "is", "distill")
 LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_pn.experiment.config import ExperimentConfig, config_family
-from megatron_pn.fileio import atomic_write_text
-from megatron_pn.layout import expert_dir
+from pn_base.fileio import atomic_write_figure, atomic_write_text
+from pn_base.outputs import METRICS, expert_dir
 
 MACRO = "domains (macro)"
 
@@ -52,9 +52,9 @@ def read_curves(out: Path, cfg: ExperimentConfig) -> dict:
         per_cluster = config_family(spec["config"]).per_cluster_jobs  # SLM-mix: k runs
         for seed in cfg.curves.seeds:
             run = out / "curves" / variant / f"s{seed}"
-            records = pooled_mix_records([read_records(run / expert_dir(e) / "metrics.jsonl")
+            records = pooled_mix_records([read_records(run / expert_dir(e) / METRICS)
                                           for e in range(k)]) if per_cluster else \
-                read_records(run / "metrics.jsonl")
+                read_records(run / METRICS)
             losses = {key: loss for key, (loss, _) in records.items()}
             for (name, step), loss in losses.items():
                 curves[variant][name][step].append(loss)
@@ -96,7 +96,6 @@ def plot_curves(curves: dict, cfg: ExperimentConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from megatron_pn.experiment.grid import Grid
-    from megatron_pn.experiment.report import _save
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, sets in curves.items():
@@ -115,7 +114,8 @@ def plot_curves(curves: dict, cfg: ExperimentConfig, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    _save(fig, path)
+    atomic_write_figure(path, fig, dpi=120)
+    plt.close(fig)
 
 
 def write_curves(out: Path, cfg: ExperimentConfig) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_pn.experiment.config import ExperimentConfig, config_family
-from megatron_pn.layout import FINISHED, expert_dir
+from pn_base.outputs import FINISHED, HISTOGRAM, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "soft")
 
@@ -129,7 +129,7 @@ class Grid:
     def assign(self, use: str, name: str) -> str:
         target = self.assign_dir(use, name)
         step, prefix = self.data[name]
-        return self.add(Step(f"data/assign/{use}/{name}", "data", target / "histogram.json",
+        return self.add(Step(f"data/assign/{use}/{name}", "data", target / HISTOGRAM,
                              python("data_tools", "assign", "--data-prefix", prefix,
                                     "--clusters", self.clusters(use), "--output", target),
                              [step, f"data/cluster/{use}"]))

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_pn.errors import UserError
 from megatron_pn.experiment.config import LABELS
+from pn_base.errors import UserError
 
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_pn.config import ConfigError
 from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
 from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
 from megatron_pn.experiment.grid import Grid
-from megatron_pn.fileio import atomic_write_json, atomic_write_text
-from megatron_pn.layout import expert_dir
+from pn_base.errors import ConfigError
+from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
+from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
 
 GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains (Table 8)
 
@@ -55,7 +55,7 @@ def test_nll(path: Path) -> float | None:
 
 
 def best_valid_loss(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return None
     losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines())
@@ -148,7 +148,7 @@ class Collector:
         for d in cfg.domains:
             root = self.out / "strategies" / f"{d}_{size}"
             cluster = {e: root / f"cluster_{e}" for e in range(k)}
-            hist = read_json(self.grid.assign_dir("pn", f"{d}_{size}") / "histogram.json")
+            hist = read_json(self.grid.assign_dir("pn", f"{d}_{size}") / HISTOGRAM)
             chosen = read_json(root / "best-loss" / "source" / "projection.json")
             if hist is None or chosen is None:
                 continue
@@ -184,7 +184,7 @@ class Collector:
         return int(np.mean(tokens)) if tokens else None
 
     def device(self) -> str | None:
-        for log in sorted(self.out.glob("pretrain/*/b*/cost.json")):
+        for log in sorted(self.out.glob(f"pretrain/*/b*/{COST}")):
             return read_json(log)["runs"][0]["device"]
         return None
 
@@ -192,7 +192,7 @@ class Collector:
         """Tokens per device-second of each method's pretraining runs (from the cost logs)."""
         speeds = {}
         for method in GENERIC_METHODS:
-            paths = list(self.out.glob(f"pretrain/{method}/b*/**/cost.json"))
+            paths = list(self.out.glob(f"pretrain/{method}/b*/**/{COST}"))
             tokens = sum(read_json(p)["total_tokens"] for p in paths)
             hours = sum(device_hours(p.parent) for p in paths)
             if hours:
@@ -201,14 +201,16 @@ class Collector:
 
     def parameters(self) -> dict:
         """(pretraining, inference) parameter counts (pn-train --dry-run's)."""
+        from megatron_pn.checks import check_model
         from megatron_pn.config import load_config
         from megatron_pn.model import parameter_counts
 
         counts = {}
         for method, spec in self.cfg.methods.items():
             config = self.cfg.methods["slm"].config if method in ("is", "distill") else spec.config
-            model = parameter_counts(load_config([config],
-                                                 [f"model.vocab_size={self.cfg.vocab_size}"]))
+            method_cfg = load_config([config], [f"model.vocab_size={self.cfg.vocab_size}"])
+            check_model(method_cfg)
+            model = parameter_counts(method_cfg)
             total, expert = model["total"], model["expert"]
             if method == "mix":
                 total, expert = total * self.cfg.clusters["pn"], total
@@ -217,7 +219,7 @@ class Collector:
 
 
 def _steps(run_dir: Path) -> int | None:
-    log = read_json(run_dir / "cost.json")
+    log = read_json(run_dir / COST)
     return None if log is None else sum(r["steps"] for r in log["runs"])
 
 
@@ -410,7 +412,8 @@ def plot_fig4(results: dict, path: Path) -> None:
     fig.suptitle("Specialized perplexity vs pretraining cost (SLM-is: its per-domain "
                  "pretraining)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    atomic_write_figure(path, fig, dpi=120)
+    plt.close(fig)
 
 
 def _x_cost(method: str, row: dict, size: str) -> float | None:
@@ -442,16 +445,8 @@ def plot_fig6(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_figure(path, fig, dpi=120)
     plt.close(fig)
-    tmp.rename(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_pn.experiment.grid import Grid, Step
 from megatron_pn.experiment.worker import WorkerPool, entry_module, stop_with_parent
-from megatron_pn.fileio import atomic_write_json
+from pn_base.fileio import atomic_path, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -43,22 +43,18 @@ def first_documents(source: Path, target: Path, max_chars: int | None) -> Path:
     max_chars None: the whole file (linked, not copied)."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    if max_chars is None:
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path(source).resolve())
-        tmp.rename(target)
-        return target
-    chars = 0
-    with gzip.open(source, "rt", encoding="utf-8") as f, \
-            gzip.open(tmp, "wt", encoding="utf-8") as out:
-        for line in f:
-            out.write(line)
-            chars += len(json.loads(line)["text"])
-            if chars >= max_chars:
-                break
-    tmp.rename(target)
+    with atomic_path(target) as tmp:
+        if max_chars is None:
+            tmp.symlink_to(Path(source).resolve())
+        else:
+            chars = 0
+            with gzip.open(source, "rt", encoding="utf-8") as f, \
+                    gzip.open(tmp, "wt", encoding="utf-8") as out:
+                for line in f:
+                    out.write(line)
+                    chars += len(json.loads(line)["text"])
+                    if chars >= max_chars:
+                        break
     return target
 
 

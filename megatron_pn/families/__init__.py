@@ -27,7 +27,7 @@ def family_of(cfg_or_model) -> ModelFamily:
     model = getattr(cfg_or_model, "model", cfg_or_model)
     family = FAMILIES.get(model.type)
     if family is None:  # config checks name the key first; this guards library callers
-        from megatron_pn.config import ConfigError
+        from pn_base.errors import ConfigError
 
         raise ConfigError(f"model.type: '{model.type}' is not one of {', '.join(FAMILIES)}")
     return family

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 
-from megatron_pn.config import Config, require
+from megatron_pn.config import Config
+from pn_base.errors import require
 
 
 class ModelFamily:
@@ -57,9 +58,7 @@ class ModelFamily:
 
     def decoder_spec(self, cfg: Config, tconfig, vp_stage: int | None):
         """The decoder of one (virtual) pipeline stage: a layer spec or a block spec."""
-        from megatron_pn.families.dense import layer_spec
-
-        return layer_spec(cfg)
+        raise NotImplementedError
 
     def model_class(self, cfg: Config) -> tuple[type, dict]:
         """The GPTModel class and its extra constructor arguments."""

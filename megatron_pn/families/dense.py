@@ -25,6 +25,9 @@ def core_attention(backend: str) -> type:
 class DenseFamily(ModelFamily):
     name = "dense"
 
+    def decoder_spec(self, cfg: Config, tconfig, vp_stage: int | None):
+        return layer_spec(cfg)
+
 
 def uses_transformer_engine(model: ModelConfig, supports_te: bool) -> bool:
     """model.transformer_impl resolved: `auto` takes TE where the family and device allow."""

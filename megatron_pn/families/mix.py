@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_pn.config import Config, ConfigError, require
+from megatron_pn.config import Config
 from megatron_pn.families.dense import DenseFamily
-from megatron_pn.layout import expert_dir
+from pn_base.errors import ConfigError, require
+from pn_base.outputs import expert_dir
 
 
 class MixFamily(DenseFamily):

@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 
-from megatron_pn.config import Config, require
+from megatron_pn.config import Config
 from megatron_pn.families.base import ModelFamily
 from megatron_pn.families.dense import with_core_attention
+from pn_base.errors import require
 
 
 def pn_config(cfg: Config):

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_pn.fileio import atomic_write_json
 from megatron_pn.metrics import device_description
+from pn_base.fileio import atomic_write_json
+from pn_base.outputs import COST
 
 
 class CostRecorder:
@@ -31,7 +32,7 @@ class CostRecorder:
         dist.all_reduce(cpu)
         if not writes:
             return
-        path = Path(run_dir) / "cost.json"
+        path = Path(run_dir) / COST
         log = json.loads(path.read_text()) if path.is_file() else {"runs": []}
         wall = self.wall_seconds()
         log["runs"].append({

@@ -57,7 +57,7 @@ def build_dataset(texts: list[str], tokenizer: Path, prefix: Path, sidecar: bool
         builder.end_document()
     builder.finalize(f"{prefix}.idx")
     if sidecar:
-        from data_tools.windows import file_sha256
+        from pn_base.fileio import file_sha256
 
         sidecar = {"tokenizer": {"path": str(tokenizer), "sha256": file_sha256(tokenizer)}}
         Path(f"{prefix}.json").write_text(json.dumps(sidecar))

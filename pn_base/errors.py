@@ -2,9 +2,9 @@
 
 Bad input is one line on stderr, `COMMAND: error: WHAT (FILE/KEY) — WHAT TO DO`, and exit code
 2, with no traceback (`PN_DEBUG=1` shows it). Every error a user can fix derives from
-`UserError`; any other exception is a bug and keeps its traceback. Commands run their work
-through `run_command` and parse their arguments with `ArgumentParser` (argparse's own errors
-on the same one line).
+`UserError` (`ConfigError`: a config file, key or value that cannot work); any other exception
+is a bug and keeps its traceback. Commands run their work through `run_command` and parse their
+arguments with `ArgumentParser` (argparse's own errors on the same one line).
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ class UserError(ValueError):
     another `exit_code` (e.g. 1: a save that failed for lack of disk, not for bad input)."""
 
     exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config file, key or value that cannot work."""
+
+
+def require(condition: bool, message: str) -> None:
+    """The config checks' one form: a ConfigError with `message` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
 
 
 def one_line(err: BaseException | str) -> str:

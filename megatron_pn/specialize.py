@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from megatron_pn.config import Config
-from megatron_pn.fileio import atomic_write_json, check_writable
-from megatron_pn.inference import ToolError
+from megatron_pn.checkpoint_tools import ToolError
+from pn_base.fileio import atomic_write_json, check_writable
+from pn_base.outputs import HISTOGRAM
+from pn_base.tokenizer_identity import require_same, spec_fingerprint
 
 STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
 
@@ -37,9 +39,9 @@ class ProjectionError(ToolError):
 # -- the specialization set -----------------------------------------------------------------------
 
 def read_spec(spec_dir: Path, k: int) -> dict:
-    path = spec_dir / "histogram.json"
+    path = spec_dir / HISTOGRAM
     if not path.is_file():
-        raise ProjectionError(f"--spec-data {spec_dir}: no histogram.json; give the output "
+        raise ProjectionError(f"--spec-data {spec_dir}: no {HISTOGRAM}; give the output "
                               "directory of `pn-data assign` for the specialization set")
     spec = json.loads(path.read_text())
     if spec.get("k") != k:
@@ -125,10 +127,10 @@ def project(args) -> dict:
 
     from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
     from megatron_pn.families import family_of
-    from megatron_pn.fingerprint import checkpoint_fingerprint, require_same, spec_fingerprint
+    from megatron_pn.run_tokenizer import checkpoint_fingerprint
     from megatron_pn.model import build_model
     from megatron_pn.pn.projection import dense_model_config, dense_state_dict
-    from megatron_pn.inference import inference_world, load_model, resolve_checkpoint
+    from megatron_pn.checkpoint_tools import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
     check_strategy(args.strategy)

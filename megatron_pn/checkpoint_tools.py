@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 
 class ToolError(UserError):
@@ -99,13 +99,13 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
 
     from megatron_pn import checkpoint
     from megatron_pn.model import build_model
-    from megatron_pn.validation import validate_model, validate_parallel
+    from megatron_pn.checks import check_model, check_parallel
 
     path = resolve_checkpoint(checkpoint_path)
     tensor = ps.get_tensor_model_parallel_world_size()
     cfg = inference_config(checkpoint.saved_config(path), tensor, precision)
-    validate_model(cfg)
-    validate_parallel(cfg, tensor, env.device.type)
+    check_model(cfg)
+    check_parallel(cfg, tensor, env.device.type)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     [model] = build_model(cfg, env.device.type, initialize=False)  # weights: the checkpoint's
     common = checkpoint.load(path, [model])

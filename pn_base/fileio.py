@@ -1,12 +1,14 @@
 """Atomic file output shared by every tool: write to a temp file beside the target, then rename.
 
 A crash mid-write leaves the old file (or nothing), never a half-written one; an existing output
-is only replaced when the caller says so (the CLIs' `--overwrite`).
+is only replaced when the caller says so (the CLIs' `--overwrite`). `file_sha256` is the digest
+that outputs record of the files they depend on (a tokenizer, k-means centroids).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from megatron_pn.errors import UserError
+from pn_base.errors import UserError
 
 
 class OutputExistsError(UserError, FileExistsError):
@@ -68,3 +70,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
 
 def atomic_write_json(path: str | os.PathLike, obj, overwrite: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", overwrite)
+
+
+def atomic_write_figure(path: str | os.PathLike, fig, overwrite: bool = True, **savefig) -> None:
+    """A matplotlib figure (anything with `savefig`), in the format its name's suffix says."""
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None, **savefig)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

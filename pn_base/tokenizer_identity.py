@@ -15,6 +15,10 @@ Where it is recorded:
 ConfigError by each command; `--allow-tokenizer-mismatch` (pn-train:
 `data.allow_tokenizer_mismatch=true`) lets it through. A file without a record (made before
 tokenizers were recorded) is accepted: there is nothing to compare.
+
+This module reads the records of files (datasets, spec sets, tokenizers, Hugging Face
+directories); what a checkpoint records and which tokenizer a pn-train run trains with need
+megatron and live in megatron_pn/run_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_pn.config import ConfigError
+from pn_base.errors import ConfigError
+from pn_base.fileio import file_sha256
+from pn_base.outputs import HISTOGRAM
 
 OVERRIDE_FLAG = "--allow-tokenizer-mismatch"
 OVERRIDE_KEY = "data.allow_tokenizer_mismatch"
@@ -108,8 +114,6 @@ def from_record(record, source, kind: str = "data") -> Fingerprint | None:
 
 def tokenizer_fingerprint(model_path: str | Path, what: str = "tokenizer") -> Fingerprint:
     """A SentencePiece .model file's own fingerprint."""
-    from data_tools.windows import file_sha256
-
     path = Path(model_path)
     if not path.is_file():
         raise ConfigError(f"{what}: {path} does not exist (a SentencePiece .model)")
@@ -133,8 +137,8 @@ def dataset_fingerprint(prefix: str | Path) -> Fingerprint | None:
 
 
 def spec_fingerprint(spec_dir: str | Path, spec: dict) -> Fingerprint | None:
-    """A `pn-data assign` output: its histogram.json, else the sidecar of its source dataset."""
-    recorded = from_record(spec.get("tokenizer_sha256"), Path(spec_dir) / "histogram.json")
+    """A `pn-data assign` output: its HISTOGRAM (histogram.json), else the sidecar of its source dataset."""
+    recorded = from_record(spec.get("tokenizer_sha256"), Path(spec_dir) / HISTOGRAM)
     if recorded is None and spec.get("source_prefix"):
         return dataset_fingerprint(spec["source_prefix"])
     return recorded
@@ -162,65 +166,3 @@ def hf_model_fingerprint(directory: str | Path, extras: dict) -> Fingerprint | N
     """An exported Hugging Face model: config.json's record, else the tokenizer copied in."""
     recorded = from_record(extras.get("tokenizer"), Path(directory) / "config.json")
     return recorded or hf_tokenizer_fingerprint(directory)
-
-
-def checkpoint_fingerprint(path: str | Path) -> Fingerprint | None:
-    """What a checkpoint (root or iteration) records (a DeepSpeed engine's: its
-    DEEPSPEED_TOKENIZER file); for one saved before tokenizers were recorded, its run config's
-    data.tokenizer_model when that file is still there. None for a path that is no checkpoint
-    (the command loading it reports that)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_pn import checkpoint
-
-    deepspeed = Path(path) / DEEPSPEED_TOKENIZER  # a DeepSpeed iteration directory
-    if deepspeed.is_file():
-        return from_record(json.loads(deepspeed.read_text()), path, "checkpoint")
-    try:
-        iteration = checkpoint.resolve(path)
-    except checkpoint.CheckpointError:  # not one: loading it says so
-        return None
-    if not (iteration / "metadata.json").is_file():  # DeepSpeed's (a root)
-        return checkpoint_fingerprint(iteration) if (iteration / DEEPSPEED_TOKENIZER).is_file() \
-            else None
-    common = dist_checkpointing.load_common_state_dict(str(iteration))
-    if "tokenizer" in common:
-        return from_record(common["tokenizer"], iteration, "checkpoint")
-    model_file = (common.get("config") or {}).get("data", {}).get("tokenizer_model")
-    if model_file and Path(model_file).is_file():
-        fp = tokenizer_fingerprint(model_file)
-        return Fingerprint(fp.sha256, str(iteration), fp.model, "checkpoint")
-    return None
-
-
-# -- pn-train -------------------------------------------------------------------------------------
-
-def run_prefixes(cfg) -> list[str]:
-    """Every dataset a pn-train run reads: the blend, data.valid_blend, train.eval_sets."""
-    from megatron_pn.data import resolve_blend
-
-    prefixes = list(resolve_blend(cfg.data).prefixes)
-    if cfg.data.valid_blend:
-        prefixes += resolve_blend(cfg.data, cfg.data.valid_blend).prefixes
-    prefixes += [str(entry[1]) for entry in cfg.train.eval_sets]
-    return prefixes
-
-
-def run_tokenizer(cfg, start: str | Path | None = None) -> Fingerprint | None:
-    """The tokenizer a pn-train run trains with — data.tokenizer_model, else its datasets', all
-    agreeing — checked against the checkpoint it starts from (resumed or checkpoint.load) and
-    distill.teacher. Returns what its checkpoints record (the start's if the data has none)."""
-    allow = cfg.data.allow_tokenizer_mismatch
-    model = cfg.data.tokenizer_model
-    given = [tokenizer_fingerprint(model, "data.tokenizer_model")] if model else []
-    given += [dataset_fingerprint(prefix) for prefix in run_prefixes(cfg)]
-    run = agreed(given, allow=allow, override=OVERRIDE_KEY,
-                 fix="tokenize every dataset of a run with one tokenizer (data.tokenizer_model)")
-    started = checkpoint_fingerprint(start) if start else None
-    require_same(run, started, allow=allow, override=OVERRIDE_KEY,
-                 fix="use data tokenized with the checkpoint's tokenizer")
-    if cfg.distill.teacher:
-        require_same(run or started, checkpoint_fingerprint(cfg.distill.teacher), allow=allow,
-                     override=OVERRIDE_KEY,
-                     fix="distill from a teacher trained with the student's tokenizer")
-    return run or started

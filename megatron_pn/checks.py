@@ -6,13 +6,13 @@ import os
 
 from megatron_pn.compat import transformer_engine_available
 from megatron_pn.config import Config, check_ranges
-from megatron_pn.config import require as _require
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
 from megatron_pn.families import FAMILIES, family_of
 from megatron_pn.families.dense import ATTENTION_BACKENDS
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
 from megatron_pn.training.selection import selection_settings
+from pn_base.errors import require as _require
 
 CHOICES = {
     "engine": ("megatron", "deepspeed"),
@@ -37,7 +37,7 @@ def _get(cfg: Config, dotted: str):
     return value
 
 
-def validate_model(cfg: Config) -> None:
+def check_model(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         _require(value in allowed, f"{key}: '{value}' is not one of {', '.join(allowed)}")
@@ -52,7 +52,7 @@ def validate_model(cfg: Config) -> None:
     family_of(cfg).check_config(cfg)  # what this model.type cannot run
 
 
-def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
+def check_parallel(cfg: Config, world_size: int, device_type: str) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vp = p.tensor, p.pipeline, p.virtual_pipeline or 1
     for name, value in (("model.hidden_size", m.hidden_size),
@@ -78,7 +78,7 @@ def validate_parallel(cfg: Config, world_size: int, device_type: str) -> None:
              "train.precision bf16 needs a GPU; use fp32 (or auto) on CPU")
 
 
-def validate_transformer_engine(cfg: Config, device_type: str) -> None:
+def check_transformer_engine(cfg: Config, device_type: str) -> None:
     m = cfg.model
     if m.transformer_impl != "transformer_engine":
         return
@@ -87,14 +87,14 @@ def validate_transformer_engine(cfg: Config, device_type: str) -> None:
              "installed; use local (or auto)")
 
 
-def validate_distill(cfg: Config) -> None:
+def check_distill(cfg: Config) -> None:
     d = cfg.distill
     if d.teacher is None:
         return
     _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
 
 
-def validate_deepspeed(cfg: Config, device_type: str) -> None:
+def check_deepspeed(cfg: Config, device_type: str) -> None:
     if cfg.engine != "deepspeed":
         return
     d, p = cfg.deepspeed, cfg.parallel
@@ -111,21 +111,21 @@ def validate_deepspeed(cfg: Config, device_type: str) -> None:
              "nothing to offload; set deepspeed.offload_optimizer/offload_params=false")
 
 
-def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]:
+def check_config(cfg: Config, world_size: int, device_type: str) -> list[str]:
     """Every check that needs no process group; returns warnings (what the run will do that a
     user may not mean) for the caller to print."""
-    validate_model(cfg)
-    validate_deepspeed(cfg, device_type)
-    validate_distill(cfg)
-    validate_transformer_engine(cfg, device_type)
-    validate_parallel(cfg, world_size, device_type)
-    validate_memory(cfg, device_type)
+    check_model(cfg)
+    check_deepspeed(cfg, device_type)
+    check_distill(cfg)
+    check_transformer_engine(cfg, device_type)
+    check_parallel(cfg, world_size, device_type)
+    check_memory(cfg, device_type)
     blend = resolve_blend(cfg.data)
     family_of(cfg).check_data(cfg, blend)
     if cfg.data.valid_blend:
         resolve_blend(cfg.data, cfg.data.valid_blend)
-    validate_eval_sets(cfg)
-    validate_validation_data(cfg)
+    check_eval_sets(cfg)
+    check_validation_data(cfg)
     split = None if cfg.data.valid_blend else used_split(cfg.data, bool(cfg.train.eval_interval))
     token_ids(cfg.data, cfg.model.vocab_size)  # a missing, damaged or too large tokenizer
     for prefix in blend.prefixes:
@@ -134,7 +134,7 @@ def validate_config(cfg: Config, world_size: int, device_type: str) -> list[str]
     return family_of(cfg).data_warnings(cfg, blend)
 
 
-def validate_validation_data(cfg: Config) -> None:
+def check_validation_data(cfg: Config) -> None:
     """Early stopping and checkpoint.keep_best compare validation losses: they need evaluations
     and validation data; train.eval_interval needs validation data or train.eval_sets."""
     t = cfg.train
@@ -178,7 +178,7 @@ def device_memory(device_type: str) -> int | None:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def validate_memory(cfg: Config, device_type: str) -> None:
+def check_memory(cfg: Config, device_type: str) -> None:
     need, have = activation_bytes(cfg), device_memory(device_type)
     if have is None:
         return
@@ -191,7 +191,7 @@ def validate_memory(cfg: Config, device_type: str) -> None:
              "train.micro_batch_size, or split the model with parallel.tensor/pipeline")
 
 
-def validate_eval_sets(cfg: Config) -> None:
+def check_eval_sets(cfg: Config) -> None:
     sets = cfg.train.eval_sets
     if not sets:
         return
