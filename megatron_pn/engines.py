@@ -23,6 +23,7 @@ from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_optimizer,
                                      get_standard_config_overrides)
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_pn import checkpoint
@@ -52,6 +53,25 @@ def use_fused_adam(optimizer) -> None:
             for param, state in adam.state.items():
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(param.device, torch.float32)
+
+
+def lr_scheduler(optimizer, train) -> OptimizerParamScheduler:
+    """megatron-core's LR/WD schedule over either engine's `optimizer.param_groups` (a group's
+    own max_lr/min_lr win: family LR overrides)."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps,
+        # (a run of 0 steps only writes its initial checkpoint; keep the schedule valid)
+        lr_decay_steps=train.decay_steps or max(train.steps, train.warmup_steps + 1),
+        lr_decay_style=train.decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=max(train.steps, 1),
+        wd_incr_style="constant",
+    )
 
 
 class MegatronEngine:

@@ -5,9 +5,9 @@ schedules, dist-checkpointing, validation and logging. One code path for CPU and
     trainer.train()          # until train.steps, a stop signal, or exit_after_steps
 
 The loop is here; its components are beside it, each one job: the model's family
-(megatron_pn.families: routing, step scope), the engine (engines.py), where the run starts
-(training/start.py), which checkpoint it keeps (training/selection.py), its cost log
-(training/cost_log.py), the held-out sets (evaluate.py).
+(megatron_pn.families: routing, step scope), the engine and LR schedule (engines.py), where the
+run starts (training/start.py), its validation (training/validation.py), which checkpoint it
+keeps (training/selection.py), its cost log (training/cost_log.py).
 """
 
 from __future__ import annotations
@@ -18,23 +18,21 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.checks import check_config
 from megatron_pn.config import Config
-from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader, token_ids
+from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader
 from megatron_pn.distributed import agreed, init_distributed
 from megatron_pn.distill import build_teacher, distillation_loss
-from megatron_pn.engines import ENGINES
-from megatron_pn.evaluate import configured_eval_sets, evaluate_set, perplexity
+from megatron_pn.engines import ENGINES, lr_scheduler
+from megatron_pn.evaluate import perplexity
 from megatron_pn.families import family_of
 from megatron_pn.metrics import MetricsLogger, device_peak_tflops, peak_memory
 from megatron_pn.model import build_model, flops_per_token, transformer_config
@@ -43,6 +41,7 @@ from megatron_pn.run_tokenizer import run_tokenizer
 from megatron_pn.training.cost_log import CostRecorder
 from megatron_pn.training.selection import Selection
 from megatron_pn.training.start import finetuning_lr, resolve_start
+from megatron_pn.training.validation import Validation, mean_loss, token_loss
 from pn_base.fileio import atomic_write_json
 from pn_base.outputs import FINISHED
 
@@ -104,7 +103,7 @@ class Trainer:
         if self.start.load_weights(chunks, cfg.model):
             self._print(f"initialized model weights from {self.start.weights}")
         self.engine = ENGINES[cfg.engine](cfg, self.tconfig, chunks)
-        self.scheduler = self._build_scheduler(self.engine.optimizer)
+        self.scheduler = lr_scheduler(self.engine.optimizer, cfg.train)
         if hasattr(self.engine, "parameter_elements"):
             held, total = self.engine.parameter_elements()
             self._print(f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}: rank 0 holds {held:,} of "
@@ -119,8 +118,7 @@ class Trainer:
         self.train_data, self.valid_data = build_datasets(
             cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
         )
-        self.eval_sets = configured_eval_sets(cfg)
-        self.eval_eod = token_ids(cfg.data, cfg.model.vocab_size).eod if self.eval_sets else None
+        self.validation = Validation(cfg, self.valid_data, self.dp_rank, self.dp_size, self.env)
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
@@ -159,23 +157,6 @@ class Trainer:
         for sig, handler in self.previous_handlers.items():
             signal.signal(sig, handler)
 
-    def _build_scheduler(self, optimizer) -> OptimizerParamScheduler:
-        t = self.cfg.train
-        return OptimizerParamScheduler(
-            optimizer,
-            init_lr=0.0,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=t.warmup_steps,
-            # (a run of 0 steps only writes its initial checkpoint; keep the schedule valid)
-            lr_decay_steps=t.decay_steps or max(t.steps, t.warmup_steps + 1),
-            lr_decay_style=t.decay_style,
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=max(t.steps, 1),
-            wd_incr_style="constant",
-        )
-
     # -- one step -------------------------------------------------------------------------------
 
     def _forward_step(self, data_iterator, model):
@@ -191,44 +172,13 @@ class Trainer:
                                        batch["labels"], d.weight, d.temperature)
         else:
             output = model(*inputs, labels=batch["labels"], **routing)
-        return output, partial(_token_loss, batch["loss_mask"])
+        return output, partial(token_loss, batch["loss_mask"])
 
     def train_step(self, batches: list[dict]) -> tuple[float | None, float]:
         experts = self.family.step_experts(batches, self.routing_table)
         reports, grad_norm = self.engine.train_step(self._forward_step, batches, self.scheduler,
                                                     experts)
-        return _mean_loss(reports, self.env.device), grad_norm
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.valid_data is None:
-            return None
-        t = self.cfg.train
-        # The same eval_steps global batches every time: comparable across steps and layouts.
-        sampler = StepSampler(0, t.eval_steps, t.global_batch_size, t.micro_batch_size,
-                              self.dp_rank, self.dp_size)
-        batches = list(micro_batch_loader(self.valid_data, sampler, 0, False))
-        self.engine.set_training(False)
-        with self.family.eval_scope(self.engine.model):  # PN: each expert projected once
-            losses = self.engine.run_microbatches(self._forward_step, batches, forward_only=True)
-        self.engine.set_training(True)
-        # Known on the last pipeline stage; every rank needs it (early stopping is collective).
-        loss = torch.tensor([_mean_loss(losses, self.env.device) or 0.0], device=self.env.device)
-        dist.broadcast(loss, src=self.env.world_size - 1)
-        return loss.item()
-
-    @torch.no_grad()
-    def evaluate_sets(self) -> dict[str, dict]:
-        """train.eval_sets, each as pn-eval evaluates it (PN: with the set's expert)."""
-        if not self.eval_sets:
-            return {}
-        loaded = SimpleNamespace(model=self.engine.model[0], cfg=self.cfg, device=self.env.device)
-        self.engine.set_training(False)
-        results = {held.name: evaluate_set(loaded, held, self.eval_eod,
-                                           self.cfg.train.micro_batch_size)
-                   for held in self.eval_sets}
-        self.engine.set_training(True)
-        return results
+        return mean_loss(reports, self.env.device), grad_norm
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -343,10 +293,10 @@ class Trainer:
 
     def _validate(self) -> bool:
         """Evaluate and log; True when the validation loss is the best so far."""
-        for name, result in self.evaluate_sets().items():
+        for name, result in self.validation.held_out(self.engine).items():
             self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"],
                                          "tokens": result["tokens"]}, f"eval/{name}")
-        loss = self.evaluate()
+        loss = self.validation.loss(self.engine, self._forward_step)
         if loss is not None:
             self.metrics.log(self.step, {"loss": loss, "ppl": perplexity(loss)}, "valid")
         return self.selection.observe(self.step, loss)
@@ -375,20 +325,3 @@ class Trainer:
         """What the run will do that a user may not mean: one line on stderr."""
         if self.env.rank == 0:
             print(f"pn-train: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of masked token losses and their count; megatron-core normalizes by the global count."""
-    mask = loss_mask.view(-1).float()
-    loss_sum = torch.sum(per_token_loss.view(-1).float() * mask)
-    count = mask.sum().to(torch.int)
-    return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
-
-
-def _mean_loss(losses: list[dict], device) -> float | None:
-    """Global mean token loss over micro-batches and DP ranks (None off the last stage)."""
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    total = torch.stack([entry["lm loss"] for entry in losses]).sum(dim=0).to(device)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return (total[0] / total[1]).item()
