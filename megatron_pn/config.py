@@ -66,8 +66,9 @@ def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING,
 @dataclass
 class ModelConfig:
     type: str = _help(
-        "dense (a GPT SLM/LLM), pn (projected network, one expert per cluster) or mix "
-        "(SLM-mix: a dense SLM trained on one cluster, data.expert)", "dense")
+        "dense (a GPT SLM/LLM), pn (projected network, one expert per cluster), mix "
+        "(SLM-mix: a dense SLM trained on one cluster, data.expert) or cond (SLM-cond: the "
+        "dense SLM with a learned input vector per cluster, a control for pn)", "dense")
     num_layers: int = _help("transformer layers", 2, valid=AT_LEAST_1)
     hidden_size: int = _help("model width d_model", 64, valid=AT_LEAST_1)
     num_attention_heads: int = _help("attention heads", 4, valid=AT_LEAST_1)
@@ -89,7 +90,8 @@ class ModelConfig:
                             valid=Range(1, MAX_SEQ_LENGTH))
     init_method_std: float = _help("std of the normal weight initialization", 0.02,
                                    valid=AT_LEAST_0)
-    num_experts: int = _help("pn: k, experts = clusters of the training data", 0, valid=AT_LEAST_0)
+    num_experts: int = _help("pn, mix, cond: k, experts = clusters of the training data", 0,
+                             valid=AT_LEAST_0)
     bank_size: int = _help("pn: h, matrices in each MLP weight bank", 0, valid=AT_LEAST_0)
     code_size: int = _help("pn: m, length of each expert's code (1 <= m <= h)", 0, valid=AT_LEAST_0)
     code_init: str = _help(

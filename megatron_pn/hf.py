@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_pn.evaluate import check_expert, model_eod_id
 from megatron_pn.checkpoint_tools import (ToolError, inference_world, load_model,
                                     resolve_checkpoint)
+from megatron_pn.evaluate import check_expert, model_eod_id
+from megatron_pn.families import one_hot
 from pn_base.fileio import atomic_path, atomic_write_text, check_writable
 from pn_base.tokenizer_identity import hf_model_fingerprint, hf_tokenizer_fingerprint, require_same
 
@@ -277,8 +278,10 @@ def check_shapes(got: dict, expected: dict, what: str) -> None:
 # -- export -------------------------------------------------------------------------------------
 
 def megatron_dense_state(loaded, expert: int | None) -> dict:
-    """The full (TP=1) state of the dense model: the checkpoint's, or PN expert `expert`'s."""
-    state = loaded.family.dense_state(loaded.model, expert)
+    """The full (TP=1) state of the dense model: the checkpoint's, or that of expert (cluster)
+    `expert` of a routed model (a PN's projected expert)."""
+    weights = None if expert is None else one_hot(expert, loaded.cfg.model.num_experts)
+    state = loaded.family.dense_state(loaded.model, weights)
     return {k: v.detach().cpu().float() for k, v in state.items()
             if not k.endswith("_extra_state")}
 
@@ -359,8 +362,8 @@ def export(checkpoint: str, output: str, expert: int | None = None,
     """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it."""
     from megatron_pn.checkpoint import saved_config
     from megatron_pn.run_tokenizer import checkpoint_fingerprint
+    from megatron_pn.families import family_of
     from megatron_pn.model import padded_vocab_size
-    from megatron_pn.pn.projection import dense_model_config
 
     check_writable(output, overwrite)
     out = Path(output)
@@ -370,7 +373,7 @@ def export(checkpoint: str, output: str, expert: int | None = None,
                         "new or empty directory")
     path = resolve_checkpoint(checkpoint)
     saved = saved_config(path)
-    m = dense_model_config(saved.model)
+    m = family_of(saved).dense_config(saved.model)
     architecture(m)  # fail before loading any weight
     check_expert(saved.model, expert, checkpoint, "export the dense model of expert I")
     trained = checkpoint_fingerprint(path)
@@ -473,7 +476,7 @@ def gpt2_fields(c, hf_state: dict, extras: dict) -> dict:
 def imported_model_config(hf_model, base, from_yaml: bool):
     """The model section: shapes from the HF config; what HF does not fix (context of a RoPE
     model, dropout, init std) from --config, else from the exporter's record, else defaults."""
-    from megatron_pn.pn.projection import dense_model_config
+    from megatron_pn.families.base import dense_model_config
 
     c = hf_model.config
     extras = getattr(c, EXTRAS_KEY, None) or {}

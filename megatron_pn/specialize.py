@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_pn.config import Config
 from megatron_pn.checkpoint_tools import ToolError
+from megatron_pn.config import Config
+from megatron_pn.families import one_hot
 from pn_base.fileio import atomic_write_json, check_writable
 from pn_base.outputs import HISTOGRAM
 from pn_base.tokenizer_identity import require_same, spec_fingerprint
@@ -102,23 +103,24 @@ def check_strategy(strategy: str) -> None:
 
 
 def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens: int):
-    """(expert or None, code or None, details) for a strategy."""
+    """(expert or None, the cluster weights to instantiate, details) for a strategy: one-hot
+    weights for an expert, the spec set's histogram for `soft`."""
     p, k = spec["p"], len(spec["p"])
     if strategy == "most-frequent":
         expert = int(np.argmax(p))
-        return expert, None, {"p_expert": float(p[expert])}
+        return expert, one_hot(expert, k), {"p_expert": float(p[expert])}
     if strategy.startswith("cluster="):
         expert = int(strategy.split("=", 1)[1])
         if not 0 <= expert < k:
             raise ProjectionError(f"--strategy {strategy}: the checkpoint has experts 0..{k - 1}")
-        return expert, None, {"p_expert": float(p[expert])}
+        return expert, one_hot(expert, k), {"p_expert": float(p[expert])}
     if strategy == "soft":
-        code = torch.from_numpy(p).to(model.expert_codes) @ model.expert_codes
-        return None, code, {"histogram": p.tolist()}
+        return None, p.tolist(), {"histogram": p.tolist()}
     if strategy == "best-loss":
         losses = expert_losses(model, cfg, spec["source_prefix"], sample_tokens, device)
         expert = int(np.argmin(losses))
-        return expert, None, {"losses": losses.tolist(), "sample_tokens": sample_tokens}
+        return (expert, one_hot(expert, k),
+                {"losses": losses.tolist(), "sample_tokens": sample_tokens})
     raise ProjectionError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
@@ -129,7 +131,6 @@ def project(args) -> dict:
     from megatron_pn.families import family_of
     from megatron_pn.run_tokenizer import checkpoint_fingerprint
     from megatron_pn.model import build_model
-    from megatron_pn.pn.projection import dense_model_config, dense_state_dict
     from megatron_pn.checkpoint_tools import inference_world, load_model, resolve_checkpoint
 
     start = time.time()
@@ -137,9 +138,11 @@ def project(args) -> dict:
     check_writable(args.output, args.overwrite)
     path = resolve_checkpoint(args.checkpoint)
     cfg = checkpoint.saved_config(path)
-    if not family_of(cfg).projectable:
+    family = family_of(cfg)
+    if not family.projectable:
         raise ProjectionError(f"--checkpoint {args.checkpoint} is a {cfg.model.type} checkpoint; "
-                              "pn-project needs a projected network (model.type pn)")
+                              "pn-project needs a model with one expert per cluster (model.type "
+                              "pn or cond)")
     spec = read_spec(args.spec_data, cfg.model.num_experts)
     check_same_clustering(cfg, spec, args.spec_data)
     trained = checkpoint_fingerprint(path)  # the projected expert keeps its tokenizer
@@ -148,12 +151,12 @@ def project(args) -> dict:
                  fix="assign a specialization set tokenized with the checkpoint's tokenizer")
     with inference_world(single_process=True) as env:
         loaded = load_model(args.checkpoint, env)
-        expert, code, details = choose(args.strategy, spec, loaded.model, loaded.cfg, env.device,
-                                       args.sample_tokens)
-        dense_cfg = dataclasses.replace(loaded.cfg, model=dense_model_config(loaded.cfg.model))
+        expert, weights, details = choose(args.strategy, spec, loaded.model, loaded.cfg,
+                                          env.device, args.sample_tokens)
+        dense_cfg = dataclasses.replace(loaded.cfg, model=family.dense_config(loaded.cfg.model))
         # every weight comes from the projection
         [dense] = build_model(dense_cfg, env.device.type, initialize=False)
-        load_every_weight(dense, dense_state_dict(loaded.model, expert, code))
+        load_every_weight(dense, family.dense_state(loaded.model, weights))
         record = {"source": str(loaded.path), "strategy": args.strategy, "expert": expert,
                   "spec_data": str(args.spec_data), **details,
                   "seconds": time.time() - start}

@@ -51,13 +51,13 @@ def test_registry_answers_for_every_model_type():
     from pn_base.errors import ConfigError
     from megatron_pn.families import FAMILIES, family_of
 
-    assert set(FAMILIES) == {"dense", "pn", "mix"}
+    assert set(FAMILIES) == {"dense", "pn", "mix", "cond"}
     for name, family in FAMILIES.items():
         assert family_of(ModelConfig(type=name)) is family and family.name == name
     assert family_of(ModelConfig(type="pn")).routed
     assert not family_of(ModelConfig(type="mix")).routed
     assert family_of(ModelConfig(type="mix")).per_cluster_jobs
-    with pytest.raises(ConfigError, match="model.type: 'moe' is not one of dense, pn, mix"):
+    with pytest.raises(ConfigError, match="model.type: .moe. is not one of dense, pn, mix, cond"):
         family_of(ModelConfig(type="moe"))
 
 

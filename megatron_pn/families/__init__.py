@@ -13,13 +13,15 @@ its configs.
 
 from __future__ import annotations
 
-from megatron_pn.families.base import ModelFamily
+from megatron_pn.families.base import ModelFamily, RoutedFamily, one_hot
+from megatron_pn.families.cond import ConditionedFamily
 from megatron_pn.families.dense import DenseFamily
 from megatron_pn.families.mix import MixFamily
 from megatron_pn.families.pn import PNFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family
-                                    for family in (DenseFamily(), PNFamily(), MixFamily())}
+                                    for family in (DenseFamily(), PNFamily(), MixFamily(),
+                                                   ConditionedFamily())}
 
 
 def family_of(cfg_or_model) -> ModelFamily:
@@ -33,4 +35,4 @@ def family_of(cfg_or_model) -> ModelFamily:
     return family
 
 
-__all__ = ["FAMILIES", "ModelFamily", "family_of"]
+__all__ = ["FAMILIES", "ModelFamily", "RoutedFamily", "family_of", "one_hot"]

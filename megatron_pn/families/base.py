@@ -8,10 +8,24 @@ model code are imported by the methods that build or run a model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 
 from megatron_pn.config import Config
 from pn_base.errors import require
+
+
+def dense_model_config(model):
+    """A model section as a plain dense model of the same shape: no experts, banks or codes."""
+    return dataclasses.replace(model, type="dense", num_experts=0, bank_size=0, code_size=0,
+                               project_attention=False)
+
+
+def one_hot(index: int, k: int) -> list[float]:
+    """The cluster weights of one expert (cluster `index` of k)."""
+    if not 0 <= index < k:
+        raise ValueError(f"expert {index} is outside [0, {k})")
+    return [float(i == index) for i in range(k)]
 
 
 class ModelFamily:
@@ -117,6 +131,94 @@ class ModelFamily:
     def route_held_out(self, cfg: Config, held, route: list, window_clusters) -> None:
         """Route a train.eval_sets set (its optional third entry): nothing for a dense model."""
 
-    def dense_state(self, model, expert: int | None) -> dict:
-        """The state dict of the dense model to export (a PN: that of expert `expert`)."""
+    def dense_config(self, model):
+        """The model section of the dense model an instance of this family becomes (pn-project,
+        pn-export-hf): a dense model is itself."""
+        return model
+
+    def dense_state(self, model, weights=None) -> dict:
+        """The state dict of that dense model. `weights` (length k, summing to 1) mixes the
+        clusters of a routed family: one-hot for one expert, a spec set's histogram for a
+        mixture; a dense model takes none."""
         return model.state_dict()
+
+
+class RoutedFamily(ModelFamily):
+    """A family whose every row is computed with its cluster's parameters (model.num_experts =
+    k clusters): batches carry each row's cluster id from the per-cluster blend of `pn-data
+    cluster`, held-out windows theirs (an assign dir) or one expert's, and pn-project makes a
+    dense model of one cluster (or a mixture of them)."""
+
+    routed = True
+    projectable = True
+    eval_set_form = "[name, prefix, expert or assign dir]"
+
+    def dense_config(self, model):
+        return dense_model_config(model)
+
+    def check_config(self, cfg: Config) -> None:
+        super().check_config(cfg)
+        m = cfg.model
+        require(m.num_experts >= 1,
+                f"model.num_experts must be >= 1 for model.type {self.name}, got {m.num_experts}")
+        require(not cfg.parallel.sequence_parallel,
+                f"model.type {self.name} does not support sequence_parallel")
+
+    def check_data(self, cfg: Config, blend) -> None:
+        require(blend.cluster_ids is not None,
+                f"model.type {self.name} needs the cluster id of every training sequence: set "
+                "data.blend_file to the generic_blend.json of `pn-data cluster` (or list "
+                "per-cluster prefixes in data.blend with data.cluster_ids)")
+        require(not cfg.data.valid_blend,
+                f"data.valid_blend: not supported for model.type {self.name} (validation uses "
+                "data.split of the per-cluster datasets)")
+        bad = [c for c in blend.cluster_ids if not 0 <= c < cfg.model.num_experts]
+        require(not bad, f"data.cluster_ids: {bad[:5]} outside [0, model.num_experts = "
+                         f"{cfg.model.num_experts})")
+
+    def data_warnings(self, cfg: Config, blend) -> list[str]:
+        """Experts whose cluster has no (weighted) dataset in the blend train on nothing."""
+        if blend.cluster_ids is None:
+            return []
+        weights = blend.weights or [1.0] * len(blend.prefixes)
+        fed = {c for c, w in zip(blend.cluster_ids, weights) if w > 0}
+        idle = [e for e in range(cfg.model.num_experts) if e not in fed]
+        if not idle:
+            return []
+        shown = ", ".join(map(str, idle[:20])) + (", ..." if len(idle) > 20 else "")
+        return [f"expert{'s' if len(idle) > 1 else ''} {shown} of model.num_experts "
+                f"{cfg.model.num_experts} get{'' if len(idle) > 1 else 's'} no training data "
+                "from the blend (data.blend_file / data.cluster_ids): trained on nothing, "
+                "keeping their initial parameters — lower model.num_experts or add the "
+                "clusters' data unless that is what you mean"]
+
+    def check_eval_set(self, cfg: Config, entry) -> None:
+        require(isinstance(entry, (list, tuple)) and len(entry) == 3,
+                f"train.eval_sets: {entry!r} should be {self.eval_set_form}")
+        if not isinstance(entry[2], str):
+            require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,
+                    f"train.eval_sets: expert {entry[2]!r} of {entry[0]} outside "
+                    f"[0, model.num_experts = {cfg.model.num_experts})")
+
+    def routing_table(self, cfg: Config):
+        """The cluster of each blend entry (a tensor: a sample's `dataset_id` indexes it)."""
+        import torch
+
+        from megatron_pn.data import resolve_blend
+
+        return torch.tensor(resolve_blend(cfg.data).cluster_ids)
+
+    def batch_routing(self, batch: dict, table) -> dict:
+        """The cluster of each row, on the host (the model moves what it needs)."""
+        from megatron_pn.data import cluster_ids_of
+
+        return {"cluster_ids": cluster_ids_of(batch, table)}
+
+    def route_held_out(self, cfg: Config, held, route: list, window_clusters) -> None:
+        """Each window by its cluster (an assign dir of `pn-data assign`) or one expert."""
+        import numpy as np
+
+        if isinstance(route[0], str):
+            held.cluster_ids = window_clusters(route[0], held)
+        else:
+            held.cluster_ids = np.full(len(held.windows), route[0], dtype=np.int64)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
-
 from megatron_pn.config import Config
-from megatron_pn.families.base import ModelFamily
+from megatron_pn.families.base import RoutedFamily
 from megatron_pn.families.dense import with_core_attention
 from pn_base.errors import require
 
@@ -27,19 +25,14 @@ def pn_config(cfg: Config):
                     code_init_spread=m.code_init_spread)
 
 
-class PNFamily(ModelFamily):
+class PNFamily(RoutedFamily):
     name = "pn"
-    routed = True
-    projectable = True
     shape_keys = ("num_experts", "bank_size", "code_size", "project_attention")
-    eval_set_form = "[name, prefix, expert or assign dir]"
     supports_te = False
 
     def check_config(self, cfg: Config) -> None:
         super().check_config(cfg)
         m = cfg.model
-        require(m.num_experts >= 1,
-                f"model.num_experts must be >= 1 for model.type pn, got {m.num_experts}")
         require(m.bank_size >= 1,
                 f"model.bank_size (h) must be >= 1 for model.type pn, got {m.bank_size}")
         require(m.code_init in ("random", "shared"),
@@ -48,44 +41,6 @@ class PNFamily(ModelFamily):
                 f"model.code_size (m) {m.code_size} must be in [1, model.bank_size "
                 f"{m.bank_size}]: codes are projected to h mixing weights, so m > h adds nothing")
         require(not m.add_bias_linear, "model.type pn needs model.add_bias_linear=false")
-        require(not cfg.parallel.sequence_parallel,
-                "model.type pn does not support sequence_parallel")
-
-    def check_data(self, cfg: Config, blend) -> None:
-        require(blend.cluster_ids is not None,
-                "model.type pn needs the cluster id of every training sequence: set "
-                "data.blend_file to the generic_blend.json of `pn-data cluster` (or list "
-                "per-cluster prefixes in data.blend with data.cluster_ids)")
-        require(not cfg.data.valid_blend, "data.valid_blend: not supported for model.type pn "
-                                          "(validation uses data.split of the per-cluster "
-                                          "datasets)")
-        bad = [c for c in blend.cluster_ids if not 0 <= c < cfg.model.num_experts]
-        require(not bad, f"data.cluster_ids: {bad[:5]} outside [0, model.num_experts = "
-                         f"{cfg.model.num_experts})")
-
-    def data_warnings(self, cfg: Config, blend) -> list[str]:
-        """Experts whose cluster has no (weighted) dataset in the blend train on nothing."""
-        if blend.cluster_ids is None:
-            return []
-        weights = blend.weights or [1.0] * len(blend.prefixes)
-        fed = {c for c, w in zip(blend.cluster_ids, weights) if w > 0}
-        idle = [e for e in range(cfg.model.num_experts) if e not in fed]
-        if not idle:
-            return []
-        shown = ", ".join(map(str, idle[:20])) + (", ..." if len(idle) > 20 else "")
-        return [f"expert{'s' if len(idle) > 1 else ''} {shown} of model.num_experts "
-                f"{cfg.model.num_experts} get{'' if len(idle) > 1 else 's'} no training data "
-                "from the blend (data.blend_file / data.cluster_ids): trained on nothing, "
-                "keeping the initial codes — lower model.num_experts or add the clusters' data "
-                "unless that is what you mean"]
-
-    def check_eval_set(self, cfg: Config, entry) -> None:
-        require(isinstance(entry, (list, tuple)) and len(entry) == 3,
-                f"train.eval_sets: {entry!r} should be {self.eval_set_form}")
-        if not isinstance(entry[2], str):
-            require(isinstance(entry[2], int) and 0 <= entry[2] < cfg.model.num_experts,
-                    f"train.eval_sets: expert {entry[2]!r} of {entry[0]} outside "
-                    f"[0, model.num_experts = {cfg.model.num_experts})")
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -118,20 +73,6 @@ class PNFamily(ModelFamily):
         return total
 
     # -- training ------------------------------------------------------------------------------
-
-    def routing_table(self, cfg: Config):
-        """The cluster of each blend entry (a tensor: a sample's `dataset_id` indexes it)."""
-        import torch
-
-        from megatron_pn.data import resolve_blend
-
-        return torch.tensor(resolve_blend(cfg.data).cluster_ids)
-
-    def batch_routing(self, batch: dict, table) -> dict:
-        """The expert of each row, on the host (the model groups the rows itself)."""
-        from megatron_pn.data import cluster_ids_of
-
-        return {"cluster_ids": cluster_ids_of(batch, table)}
 
     def step_experts(self, batches: list[dict], table) -> set:
         import torch
@@ -170,14 +111,19 @@ class PNFamily(ModelFamily):
 
     # -- evaluation, projection, export --------------------------------------------------------
 
-    def route_held_out(self, cfg: Config, held, route: list, window_clusters) -> None:
-        """Each window by its cluster (an assign dir of `pn-data assign`) or one expert."""
-        if isinstance(route[0], str):
-            held.cluster_ids = window_clusters(route[0], held)
-        else:
-            held.cluster_ids = np.full(len(held.windows), route[0], dtype=np.int64)
-
-    def dense_state(self, model, expert: int | None) -> dict:
+    def dense_state(self, model, weights=None) -> dict:
+        """Every projected matrix in closed form for the code sum_i weights[i] E[i] (one-hot
+        weights: expert i exactly)."""
         from megatron_pn.pn.projection import dense_state_dict
 
-        return dense_state_dict(model, expert)
+        return dense_state_dict(model, code=mixture(weights, model.expert_codes))
+
+
+def mixture(weights, rows):
+    """sum_i weights[i] rows[i] for k rows: exactly row i for one-hot weights."""
+    import torch
+
+    weights = torch.as_tensor(weights, dtype=rows.dtype, device=rows.device)
+    if weights.shape != rows.shape[:1]:
+        raise ValueError(f"{weights.shape[0]} cluster weights for {rows.shape[0]} clusters")
+    return weights @ rows

@@ -6,17 +6,9 @@ Works on any TP rank: a rank's bank slice projects to the dense weight's slice o
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from megatron_pn.pn.layers import ProjectedLinear
-
-
-def dense_model_config(model):
-    """The model section of the dense model one expert is: the same shape, no banks or codes."""
-    return dataclasses.replace(model, type="dense", num_experts=0, bank_size=0, code_size=0,
-                               project_attention=False)
 
 
 @torch.no_grad()
