@@ -51,6 +51,18 @@ def run_device_hours(run: dict) -> float:
     return run["device_hours"]
 
 
+def shared_machine(run: dict, others: list[dict]) -> bool:
+    """Whether a cost-log entry ran beside other work: another entry (of the same experiment)
+    overlapping it in time, or, a sign of work from outside, a 1-minute load average at its end
+    above its machine's cores + 1 (the run's own threads count up to the cores). Entries logged
+    before these fields existed are taken as alone."""
+    if "started" not in run:
+        return False
+    overlaps = any(o is not run and "started" in o and o["started"] < run["ended"]
+                   and run["started"] < o["ended"] for o in others)
+    return overlaps or run["load_average"] > run["cpus"] + 1
+
+
 def device_hours(run_dir: str | Path, phase: str | None = None) -> float:
     """Device-hours logged in run_dir/cost.json (all runs, or those of one phase)."""
     path = Path(run_dir) / COST

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("out", help="the experiment's output directory")
     report.add_argument("--target-cost", type=float, help="pretraining device-hours at which "
                         "Table 8 compares methods (default: the middle of their common range)")
+    report.add_argument("--alone-only", action="store_true", help="leave out the costs of runs "
+                        "that shared the machine (another step at the same time, or a load "
+                        "average above the cores): CPU-seconds rise beside other work")
     pick = sub.add_parser("pick-mix-expert", help="(a step of the runner) link the SLM-mix "
                           "expert of a spec set's most frequent cluster")
     pick.add_argument("--experts", required=True, help="SLM-mix checkpoint dir (expert_NNNN/)")
@@ -157,7 +160,7 @@ def command(args) -> int:
     if args.command == "report":
         from megatron_pn.experiment.report import report_main
 
-        return report_main(Path(args.out), args.target_cost)
+        return report_main(Path(args.out), args.target_cost, args.alone_only)
     return run(args)
 
 

@@ -5,6 +5,7 @@ before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,9 @@ import yaml
 from megatron_pn.config import split_override
 from pn_base.errors import ConfigError
 
-METHODS = ("slm", "llm", "pn", "mix", "is", "distill")
-LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "mix": "SLM-mix", "is": "SLM-is",
-          "distill": "SLM-d"}
+METHODS = ("slm", "llm", "pn", "cond", "mix", "is", "distill")
+LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "cond": "SLM-cond", "mix": "SLM-mix",
+          "is": "SLM-is", "distill": "SLM-d"}
 
 
 @dataclass
@@ -167,6 +168,7 @@ def check_curves(curves: Curves, k: int, fail) -> None:
                  f"give curves.steps and eval_interval divisible by clusters.pn = {k}")
 
 
+@functools.lru_cache(maxsize=None)
 def config_family(config: str):
     """The model family of a pn-train config file (megatron_pn.families)."""
     from megatron_pn.config import load_config

@@ -96,10 +96,11 @@ class Grid:
             for size in cfg.spec_sizes:
                 self.data[f"{d}_{size}"] = self.dataset(f"{d}_{size}",
                                                         self.subset_file(f"{d}_{size}"))
-        # the clusterings the methods use: PN's for SLM-pn, SLM-mix and curves, SLM-is's own
-        wanted = set(cfg.methods) | ({"curves"} if cfg.curves else set())
-        uses = [use for use, users in (("pn", {"pn", "mix", "curves"}), ("is", {"is"}))
-                if users & wanted]
+        # the clusterings the methods use: PN's for the methods that see clusters (SLM-pn,
+        # SLM-cond, SLM-mix) and curves, SLM-is's own
+        uses = [use for use, used in (
+            ("pn", bool(cfg.curves) or any(self.sees_clusters(m) for m in cfg.methods)),
+            ("is", "is" in cfg.methods)) if used]
         if not uses:
             return
         embeddings = self.out / "embeddings" / "generic"
@@ -154,6 +155,24 @@ class Grid:
         train_cfg = load_config([config])
         return train_cfg.train.global_batch_size * train_cfg.model.seq_length
 
+    # -- the methods' model families --------------------------------------------------------
+
+    def family(self, method: str):
+        """The model family of a method's config (SLM-is and SLM-d train the SLM: dense)."""
+        return config_family(self.cfg.methods[method].config)
+
+    def sees_clusters(self, method: str) -> bool:
+        """Pretrained on the PN clustering's per-cluster datasets, each sequence's cluster known:
+        a routed family (SLM-pn, SLM-cond) or one job per cluster (SLM-mix)."""
+        if method in ("is", "distill"):
+            return False
+        family = self.family(method)
+        return family.routed or family.per_cluster_jobs
+
+    def generic_methods(self) -> list[str]:
+        """The methods pretrained once for all domains (not SLM-is or SLM-d), config order."""
+        return [m for m in self.cfg.methods if m not in ("is", "distill")]
+
     # -- pretraining ---------------------------------------------------------------------------
 
     def pretrain_dir(self, method: str, budget: int, tag: str = "") -> Path:
@@ -189,14 +208,16 @@ class Grid:
         # split 80/20 within each cluster so that small clusters keep validation windows.
         per_cluster = [f"data.blend_file={self.clusters('pn') / 'generic_blend.json'}",
                        "data.split=80,20,0", f"model.num_experts={cfg.clusters['pn']}"]
-        for method in ("slm", "llm"):
+        for method in self.generic_methods():
+            family = self.family(method)
             for b in self.budgets(method):
-                self.pretrain(method, b, [f"data.blend=[{generic[1]}]"], [generic[0]])
-        for b in self.budgets("pn"):
-            self.pretrain("pn", b, per_cluster, ["data/cluster/pn"])
-        for b in self.budgets("mix"):
-            for e in range(cfg.clusters["pn"]):
-                self.pretrain("mix", b, per_cluster, ["data/cluster/pn"], expert=e)
+                if family.per_cluster_jobs:  # SLM-mix: one dense SLM per cluster
+                    for e in range(cfg.clusters["pn"]):
+                        self.pretrain(method, b, per_cluster, ["data/cluster/pn"], expert=e)
+                elif family.routed:  # SLM-pn, SLM-cond: every sequence with its cluster
+                    self.pretrain(method, b, per_cluster, ["data/cluster/pn"])
+                else:
+                    self.pretrain(method, b, [f"data.blend=[{generic[1]}]"], [generic[0]])
         for b in self.budgets("is"):
             for d in cfg.domains:
                 for size in cfg.spec_sizes:
@@ -212,36 +233,36 @@ class Grid:
 
     def source(self, method: str, b: int, d: str, size: str) -> tuple[Path, list]:
         """The checkpoint a fine-tuning starts from, and the steps that make it."""
-        if method in ("slm", "llm"):
-            ckpt = self.pretrain_dir(method, b) / "ckpt"
-            return ckpt, [f"pretrain/{method}/b{b}"]
         if method == "is":
             return (self.pretrain_dir("is", b, f"{d}_{size}") / "ckpt",
                     [f"pretrain/is/{d}_{size}/b{b}"])
-        if method == "pn":
-            return self.projection(b, d, size, "most-frequent",
-                                   self.spec_dir("pn", b, d, size) / "source")
-        if method == "mix":
-            target = self.spec_dir("mix", b, d, size) / "source"
-            experts = self.pretrain_dir("mix", b) / "ckpt"
-            deps = [f"pretrain/mix/b{b}/{expert_dir(e)}" for e in range(self.cfg.clusters["pn"])]
-            step = self.add(Step(f"project/mix/b{b}/{d}_{size}", "project",
+        family = self.family(method)
+        if family.projectable:  # the spec set's most frequent cluster, in closed form
+            return self.projection(method, b, d, size, "most-frequent",
+                                   self.spec_dir(method, b, d, size) / "source")
+        if family.per_cluster_jobs:  # SLM-mix: the expert of the most frequent cluster
+            target = self.spec_dir(method, b, d, size) / "source"
+            experts = self.pretrain_dir(method, b) / "ckpt"
+            deps = [f"pretrain/{method}/b{b}/{expert_dir(e)}"
+                    for e in range(self.cfg.clusters["pn"])]
+            step = self.add(Step(f"project/{method}/b{b}/{d}_{size}", "project",
                                  target / "expert.json", python(
                                      "megatron_pn.cli.experiment", "pick-mix-expert", "--experts",
                                      experts, "--spec-data", self.assign_dir("pn", f"{d}_{size}"),
                                      "--output", target),
                                  [*deps, f"data/assign/pn/{d}_{size}"]))
             return target / "expert", [step]
-        raise ValueError(method)
+        ckpt = self.pretrain_dir(method, b) / "ckpt"
+        return ckpt, [f"pretrain/{method}/b{b}"]
 
-    def projection(self, b: int, d: str, size: str, strategy: str, target: Path):
-        ckpt = self.pretrain_dir("pn", b) / "ckpt"
-        step = self.add(Step(f"project/pn/b{b}/{d}_{size}/{strategy}", "project",
+    def projection(self, method: str, b: int, d: str, size: str, strategy: str, target: Path):
+        ckpt = self.pretrain_dir(method, b) / "ckpt"
+        step = self.add(Step(f"project/{method}/b{b}/{d}_{size}/{strategy}", "project",
                              target / "projection.json", python(
                                  "megatron_pn.cli.project", "--checkpoint", ckpt, "--spec-data",
                                  self.assign_dir("pn", f"{d}_{size}"), "--strategy", strategy,
                                  "--output", target),
-                             [f"pretrain/pn/b{b}", f"data/assign/pn/{d}_{size}"]))
+                             [f"pretrain/{method}/b{b}", f"data/assign/pn/{d}_{size}"]))
         return target, [step]
 
     def finetune(self, name: str, run: Path, source: Path, deps: list, d: str, size: str,
@@ -269,7 +290,7 @@ class Grid:
 
     def build_specialization(self) -> None:
         cfg = self.cfg
-        for method in ("slm", "llm", "pn", "mix", "is"):
+        for method in [m for m in cfg.methods if m != "distill"]:
             for b in self.budgets(method):
                 for d in cfg.domains:
                     for size in cfg.spec_sizes:
@@ -317,19 +338,21 @@ class Grid:
 
     def build_generic_evals(self) -> None:
         cfg = self.cfg
-        for method in ("slm", "llm", "pn", "mix"):
+        for method in self.generic_methods():
+            per_job = self.family(method).per_cluster_jobs
             for b in self.budgets(method):
                 run = self.pretrain_dir(method, b)
-                if method in ("slm", "llm"):
+                if not self.sees_clusters(method):
                     self.evaluation(f"eval/generic/{method}/b{b}", run / "ckpt", "generic_test",
                                     run / "eval_generic.json", [f"pretrain/{method}/b{b}"])
                     continue
-                # PN and SLM-mix: each generic window computed by its cluster's expert
+                # SLM-pn, SLM-cond, SLM-mix: each generic window with its cluster (its expert)
                 assign = str(self.assign_dir("pn", "generic_test"))
                 for e in range(cfg.clusters["pn"]):
-                    ckpt = run / "ckpt" / (expert_dir(e) if method == "mix" else "")
-                    deps = [f"pretrain/{method}/b{b}" + ("/" + expert_dir(e) if method == "mix"
-                                                         else ""), "data/assign/pn/generic_test"]
+                    sub = expert_dir(e) if per_job else ""
+                    ckpt = run / "ckpt" / sub
+                    deps = [f"pretrain/{method}/b{b}" + (f"/{sub}" if sub else ""),
+                            "data/assign/pn/generic_test"]
                     self.evaluation(f"eval/generic/{method}/b{b}/cluster_{e:04d}", ckpt,
                                     "generic_test", run / f"eval_generic_cluster_{e:04d}.json",
                                     deps, cluster_ids_from=assign, only_cluster=e)
@@ -346,7 +369,7 @@ class Grid:
             choices = [*STRATEGIES[1:], *(f"cluster={e}" for e in range(cfg.clusters["pn"]))]
             for strategy in choices:
                 spec = root / strategy.replace("=", "_")
-                source, deps = self.projection(b, d, size, strategy, spec / "source")
+                source, deps = self.projection("pn", b, d, size, strategy, spec / "source")
                 key = f"strategies/{d}_{size}/{strategy}"
                 self.evaluation(f"eval/before/{key}", source, f"{d}_test",
                                 spec / "eval_before.json", deps)

@@ -2,13 +2,13 @@
 plots (Figs. 4 and 6).
 
 Costs are device-hours from each run's cost.json (megatron_pn.costs: on a CPU, its CPU time). Per method:
-  C_generic  SLM, LLM, SLM-pn: the pretraining run; SLM-mix: the sum over its experts;
-             SLM-d: the SLM's plus the LLM's; SLM-is: 0 (nothing is shared across domains).
-  C_spec     the fine-tuning run (per domain and spec size), plus: SLM-pn the projection,
-             SLM-is its own pretraining, SLM-d the teacher's (LLM) fine-tuning.
+  C_generic  SLM, LLM, SLM-pn, SLM-cond: the pretraining run; SLM-mix: the sum over its
+             experts; SLM-d: the SLM's plus the LLM's; SLM-is: 0 (nothing shared across domains).
+  C_spec     the fine-tuning run (per domain and spec size), plus: SLM-pn and SLM-cond the
+             projection, SLM-is its own pretraining, SLM-d the teacher's (LLM) fine-tuning.
 Perplexities are macro-averages over domains (mean NLL per token, then exp) on each domain's
-test split; generic perplexity is on the generic test split (SLM-pn, SLM-mix: each window by
-its cluster's expert).
+test split; generic perplexity is on the generic test split (SLM-pn, SLM-cond, SLM-mix: each
+window with its cluster, or its cluster's expert).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from megatron_pn.costs import device_hours as logged_device_hours
-from megatron_pn.costs import interpolate_at_cost, macro_average, total_cost
-from megatron_pn.experiment.config import LABELS, ExperimentConfig, load_experiment
+from megatron_pn.costs import interpolate_at_cost, macro_average, shared_machine, total_cost
+from megatron_pn.experiment.config import (LABELS, ExperimentConfig, config_family,
+                                           load_experiment)
 from megatron_pn.experiment.grid import Grid
 from pn_base.errors import ConfigError
 from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
 from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
 
-GENERIC_METHODS = ("slm", "llm", "pn", "mix")  # pretrained once for all domains (Table 8)
+GENERIC_METHODS = ("slm", "llm", "pn", "cond", "mix")  # pretrained once for all domains (Table 8)
 
 
 def read_json(path: Path) -> dict | None:
@@ -41,12 +42,16 @@ def read_json(path: Path) -> dict | None:
                           "writes it (pn-experiment run skips the others)") from None
 
 
-def device_hours(run_dir: Path) -> float | None:
-    """A run's device-hours from its cost log; None while it has none (not run yet)."""
-    try:
-        return logged_device_hours(run_dir)
-    except FileNotFoundError:
-        return None
+def cost_logs(out: Path) -> dict[Path, list[dict]]:
+    """Every cost log of the experiment: run dir -> its entries (one per invocation)."""
+    return {path.parent: read_json(path)["runs"] for path in sorted(out.glob(f"**/{COST}"))}
+
+
+def shared_runs(logs: dict[Path, list[dict]]) -> set[Path]:
+    """The run dirs of which an invocation shared the machine (costs.shared_machine)."""
+    everything = [run for runs in logs.values() for run in runs]
+    return {path for path, runs in logs.items()
+            if any(shared_machine(run, everything) for run in runs)}
 
 
 def test_nll(path: Path) -> float | None:
@@ -77,9 +82,21 @@ def pooled_nll(paths: list[Path]) -> float | None:
 
 
 class Collector:
-    def __init__(self, cfg: ExperimentConfig, out: Path):
+    def __init__(self, cfg: ExperimentConfig, out: Path, alone_only: bool = False):
         self.cfg, self.out = cfg, out
         self.grid = Grid(cfg, out)  # the layout of the outputs
+        self.shared = shared_runs(cost_logs(out))  # runs that did not have the machine alone
+        self.alone_only = alone_only  # their costs left out (None) rather than flagged
+
+    def device_hours(self, run_dir: Path) -> float | None:
+        """A run's device-hours from its cost log; None while it has none (not run yet), or
+        when it shared the machine and only runs made alone count."""
+        if self.alone_only and run_dir in self.shared:
+            return None
+        try:
+            return logged_device_hours(run_dir)
+        except FileNotFoundError:
+            return None
 
     def generic_cost(self, method: str, i: int) -> float | None:
         methods = self.cfg.methods
@@ -89,34 +106,35 @@ class Collector:
             parts = [self.generic_cost("slm", i), self.generic_cost("llm", i)]
             return None if None in parts else sum(parts)
         run = self.grid.pretrain_dir(method, methods[method].budgets[i])
-        if method == "mix":
-            parts = [device_hours(run / expert_dir(e)) for e in range(self.cfg.clusters["pn"])]
+        if self.grid.family(method).per_cluster_jobs:  # SLM-mix: the sum over its experts
+            parts = [self.device_hours(run / expert_dir(e))
+                     for e in range(self.cfg.clusters["pn"])]
             return None if None in parts else sum(parts)
-        return device_hours(run)
+        return self.device_hours(run)
 
     def generic_nll(self, method: str, b: int) -> float | None:
         run = self.grid.pretrain_dir(method, b)
-        if method in ("slm", "llm"):
+        if method in ("is", "distill"):
+            return None
+        if not self.grid.sees_clusters(method):
             return test_nll(run / "eval_generic.json")
-        if method in ("pn", "mix"):
-            return pooled_nll([run / f"eval_generic_cluster_{e:04d}.json"
-                               for e in range(self.cfg.clusters["pn"])])
-        return None
+        return pooled_nll([run / f"eval_generic_cluster_{e:04d}.json"
+                           for e in range(self.cfg.clusters["pn"])])
 
     def spec_cost(self, method: str, i: int, d: str, size: str) -> float | None:
         budgets = self.cfg.methods[method].budgets if method != "distill" else \
             self.cfg.methods["slm"].budgets
         b = budgets[i]
         spec = self.grid.spec_dir(method, b, d, size)
-        parts = [device_hours(spec / "ft")]
-        if method == "pn":
+        parts = [self.device_hours(spec / "ft")]
+        if method not in ("is", "distill") and self.grid.family(method).projectable:
             projection = read_json(spec / "source" / "projection.json")
             parts.append(None if projection is None else projection["seconds"] / 3600)
         if method == "is":
-            parts.append(device_hours(self.grid.pretrain_dir("is", b, f"{d}_{size}")))
+            parts.append(self.device_hours(self.grid.pretrain_dir("is", b, f"{d}_{size}")))
         if method == "distill":
             b_llm = self.cfg.methods["llm"].budgets[i]
-            parts.append(device_hours(self.grid.spec_dir("llm", b_llm, d, size) / "ft"))
+            parts.append(self.device_hours(self.grid.spec_dir("llm", b_llm, d, size) / "ft"))
         return None if None in parts else sum(parts)
 
     def method_rows(self, method: str) -> list[dict]:
@@ -175,7 +193,10 @@ class Collector:
         return {"name": self.cfg.name, "domains": self.cfg.domains,
                 "spec_sizes": {s: self.spec_tokens(s) for s in self.cfg.spec_sizes},
                 "device": self.device(), "methods": methods, "strategies": self.strategies(),
-                "parameters": self.parameters(), "throughput": self.throughput()}
+                "parameters": self.parameters(), "throughput": self.throughput(),
+                "shared_machine": {"runs": sorted(str(p.relative_to(self.out))
+                                                  for p in self.shared),
+                                   "costs_left_out": self.alone_only}}
 
     def spec_tokens(self, size: str) -> int | None:
         counts = [read_json(Path(f"{self.grid.out / 'data' / f'{d}_{size}'}.json"))
@@ -192,9 +213,10 @@ class Collector:
         """Tokens per device-second of each method's pretraining runs (from the cost logs)."""
         speeds = {}
         for method in GENERIC_METHODS:
-            paths = list(self.out.glob(f"pretrain/{method}/b*/**/{COST}"))
-            tokens = sum(read_json(p)["total_tokens"] for p in paths)
-            hours = sum(device_hours(p.parent) for p in paths)
+            counted = [(read_json(p)["total_tokens"], self.device_hours(p.parent))
+                       for p in self.out.glob(f"pretrain/{method}/b*/**/{COST}")]
+            counted = [(tokens, hours) for tokens, hours in counted if hours is not None]
+            tokens, hours = sum(t for t, _ in counted), sum(h for _, h in counted)
             if hours:
                 speeds[method] = tokens / (hours * 3600)
         return speeds
@@ -212,7 +234,7 @@ class Collector:
             check_model(method_cfg)
             model = parameter_counts(method_cfg)
             total, expert = model["total"], model["expert"]
-            if method == "mix":
+            if config_family(config).per_cluster_jobs:  # SLM-mix: k dense SLMs
                 total, expert = total * self.cfg.clusters["pn"], total
             counts[method] = {"pretrain": total, "inference": expert or total}
         return counts
@@ -452,10 +474,12 @@ def plot_fig6(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None) -> str:
+def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None,
+                 alone_only: bool = False) -> str:
     """tables.md, results.json and the figures of the methods; curves.md and curves.png of the
-    learning curves (when the experiment has them)."""
-    text = write_method_report(out, cfg, target) if cfg.methods else ""
+    learning curves (when the experiment has them). `alone_only`: costs of runs that shared the
+    machine are left out (their cells empty) instead of flagged."""
+    text = write_method_report(out, cfg, target, alone_only) if cfg.methods else ""
     if cfg.curves:
         from megatron_pn.experiment.curves import write_curves
 
@@ -465,9 +489,10 @@ def write_report(out: Path, cfg: ExperimentConfig, target: float | None = None) 
     return text
 
 
-def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) -> str:
+def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None,
+                        alone_only: bool = False) -> str:
     cached = read_json(out / "results.json") or {}
-    collector = Collector(cfg, out)
+    collector = Collector(cfg, out, alone_only)
     if cached.get("parameters"):
         collector.parameters = lambda: cached["parameters"]
     results = collector.collect()
@@ -475,6 +500,7 @@ def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) 
     text = "\n".join([f"# Experiment {cfg.name}: results", "",
                       f"Device: {results['device']}. Spec-set sizes (mean tokens): " + ", ".join(
                           f"{s} {t}" for s, t in results["spec_sizes"].items()), "",
+                      shared_note(results["shared_machine"]),
                       table8(results, target), budgets_table(results), domains_table(results),
                       table5(results),
                       cost_table(results)])
@@ -490,11 +516,23 @@ def write_method_report(out: Path, cfg: ExperimentConfig, target: float | None) 
     return text
 
 
-def report_main(out: Path, target: float | None) -> int:
+def shared_note(shared: dict) -> str:
+    """What the costs are made of: runs alone, or which shared the machine."""
+    runs = shared["runs"]
+    if not runs:
+        return "Costs: every run had the machine to itself.\n"
+    what = ("left out (empty cells)" if shared["costs_left_out"] else
+            "counted; `pn-experiment report --alone-only` leaves them out")
+    return (f"Costs: {len(runs)} runs shared the machine (another run of the experiment at the "
+            f"same time, or a high load average; CPU-seconds rise then): {what}. They are listed "
+            "in results.json (shared_machine); `--jobs 1` runs each step alone.\n")
+
+
+def report_main(out: Path, target: float | None, alone_only: bool = False) -> int:
     meta = read_json(out / "experiment.json")
     if meta is None:
         raise FileNotFoundError(f"{out / 'experiment.json'} not found: not the output directory "
                                 "of `pn-experiment run`")
     cfg = load_experiment(meta["config"], meta["overrides"])
-    write_report(out, cfg, target)
+    write_report(out, cfg, target, alone_only)
     return 0

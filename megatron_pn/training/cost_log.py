@@ -1,10 +1,13 @@
 """The Trainer's cost recorder: each invocation of a run appends its wall time x devices and the
-CPU seconds of all its processes to run_dir/cost.json (megatron_pn.costs reads it: on a shared
-CPU machine, CPU time is the measure that does not count what else ran beside the run)."""
+CPU seconds of all its processes to run_dir/cost.json (megatron_pn.costs reads it), with what
+tells whether it had the machine to itself: when it started and ended (runs of one experiment
+that overlap shared it) and the load average at its end. CPU seconds rise too when other CPU
+work runs beside a run (spinning threads), so equal-cost comparisons take runs made alone."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +42,8 @@ class CostRecorder:
             "phase": phase, "device": device_description(), "devices": env.world_size,
             "wall_seconds": wall, "cpu_seconds": cpu.item(),
             "device_hours": wall * env.world_size / 3600, "steps": steps, "tokens": tokens,
+            "started": self.start_wall, "ended": self.start_wall + wall,
+            "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
         })
         log["total_device_hours"] = sum(r["device_hours"] for r in log["runs"])
         log["total_tokens"] = sum(r["tokens"] for r in log["runs"])
