@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean gpu-wheels
+.PHONY: venv demo test test-fast clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=12 tests
+
+# The fast tier: no training (config, error and bad-input cases, in-process model checks).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=12 -m "not slow" tests
 
 # Wheels a lent GPU machine needs (Python 3.12 with torch, no package registry); carry the folder
 # and run benchmarks/gpu_check.sh there (benchmarks/README.md). torch itself is never fetched.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -152,3 +153,83 @@ def perturbed_model(cfg, seed: int = 0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
+
+
+@contextlib.contextmanager
+def world_of_one():
+    """A megatron-core world of one process (gloo, CPU) for the duration of the block, unless
+    one is already up (then that one is used and left as it was); the launcher variables it
+    sets are restored after, so later in-process commands start their own."""
+    import os
+
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_pn import compat
+    from megatron_pn.distributed import init_distributed, shutdown
+
+    if ps.model_parallel_is_initialized():
+        yield
+        return
+    with launcher_env_restored():
+        compat.activate()
+        init_distributed("cpu")
+        try:
+            ps.initialize_model_parallel(1, 1)
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+            yield
+        finally:
+            shutdown()
+
+
+@contextlib.contextmanager
+def launcher_env_restored():
+    """The launcher variables (RANK, MASTER_PORT, ...) as they were before the block: a world
+    of one started in it sets them, and a later one must pick its own port."""
+    import os
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def write_model_checkpoint(path: Path, config_files: list[str], overrides=()) -> Path:
+    """A model-only checkpoint (what pn-project and pn-import-hf write: weights, run config,
+    model.yaml) of the config's freshly initialized model, written in this process without a
+    training step: for tests that need a checkpoint to exist and load, not to be trained."""
+    from megatron_pn.config import load_config
+    from megatron_pn.hf import write_checkpoint
+    from megatron_pn.model import build_gpt, transformer_config
+
+    cfg = load_config(list(config_files), [str(o) for o in overrides])
+    with world_of_one():
+        model = build_gpt(cfg, transformer_config(cfg, "cpu"))
+        return write_checkpoint(model, cfg, path)
+
+
+def write_run_checkpoints(config_files: list[str], overrides, steps) -> Path:
+    """checkpoint.dir as a run leaves it after saving at each of `steps` (weights, optimizer,
+    scheduler, RNG, run config, tokenizer record; `latest` the last), saved by pn-train's
+    Trainer without training a step: for tests of resuming, damage and refusals."""
+    from megatron_pn.config import load_config
+    from megatron_pn.distributed import shutdown
+    from megatron_pn.trainer import Trainer
+
+    cfg = load_config(list(config_files), [str(o) for o in overrides])
+    with launcher_env_restored():
+        trainer = Trainer(cfg)
+        try:
+            for step in steps:
+                trainer.step = step
+                trainer.save()
+        finally:
+            trainer.close()
+            shutdown()
+    return Path(cfg.checkpoint.dir)

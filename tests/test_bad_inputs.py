@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import real_text_documents, run_train, tiny_overrides, write_byte_dataset
+from helpers import (real_text_documents, tiny_overrides, write_byte_dataset,
+                     write_model_checkpoint)
 
 SLM = "configs/tiny/slm.yaml"
 
@@ -35,15 +36,14 @@ def entry_points() -> dict:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    """A workspace of good and bad inputs: a byte-level dataset, a 2-step tiny SLM checkpoint,
+    """A workspace of good and bad inputs: a byte-level dataset, a tiny SLM checkpoint,
     a small SentencePiece tokenizer, JSONL text, and broken files of every kind."""
     from data_tools.cli import main as pn_data
 
     root = tmp_path_factory.mktemp("ws")
     docs = real_text_documents(60_000)
     write_byte_dataset(root / "bytes", docs)
-    run_train([SLM, *tiny_overrides(root / "bytes", root / "run", **{
-        "train.steps": 2, "checkpoint.dir": root / "ckpt", "checkpoint.save_interval": 2})])
+    write_model_checkpoint(root / "ckpt", [SLM], tiny_overrides(root / "bytes", root / "run"))
     with gzip.open(root / "text.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     assert pn_data(["train-tokenizer", "--input", str(root / "text.jsonl.gz"), "--vocab-size",

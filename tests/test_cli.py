@@ -30,11 +30,22 @@ def dry_run_total(config: str, capsys) -> int:
     return int(re.search(r"total ([\d,]+)", line).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("config,paper_total", [
-    ("configs/paper/slm.yaml", 126e6), ("configs/paper/llm.yaml", 771e6)])
-def test_dry_run_matches_paper_parameter_counts(config, paper_total, capsys):
-    total = dry_run_total(config, capsys)
-    assert abs(total - paper_total) / paper_total < 0.05, total
+# The exact counts of today's configs: any change to a paper config or to how models are built
+# shows here. For the record, the paper's counts they stand in for: SLM 126M (ours -4.0%), LLM
+# 771M (-1.9%), PN with 32 experts 1,422M (-0.5%); README "Parameter counts" explains the gap
+# (a gated MLP at 2/3 of the paper's width).
+@pytest.mark.parametrize("config,total", [
+    ("configs/paper/slm.yaml", 120_978_432), ("configs/paper/llm.yaml", 756_419_840)])
+def test_dry_run_parameter_counts(config, total, capsys):
+    assert dry_run_total(config, capsys) == total
+
+
+def test_dry_run_of_a_pn_counts_the_whole_model_and_each_expert_as_the_slm(capsys):
+    assert main(["configs/paper/pn32.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: total 1,415,352,864 (1415.4M)" in out
+    assert "per expert (inference, the dense SLM it projects to): 120,978,432 (121.0M) x 32 " \
+           "experts" in out
 
 
 def test_untied_embeddings_add_an_output_layer(capsys):
@@ -109,6 +120,7 @@ def test_unsupported_megatron_core_version():
     assert check_megatron_core_version("0.16.1") == "0.16.1"
 
 
+@pytest.mark.slow
 def test_crash_during_save_leaves_latest_loadable(dataset, tmp_path, monkeypatch):
     from megatron_pn.trainer import Trainer
 

@@ -319,12 +319,35 @@ def test_plan_command_prints_the_numbers_and_explains_bad_input(tmp_path, capsys
 
 # -- the whole comparison, cut down ---------------------------------------------------------------
 
+# The project's one end-to-end run: every command chained as `make demo` and the experiments
+# chain them (tokenizer, datasets, embeddings and clusters, every method's pretraining - the PN
+# on 2 processes as in configs/experiments/demo.yaml -, projection, fine-tuning, evaluation on
+# the test split, Table 5's strategies, the HF export, tables and figures).
 SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "spec_sizes={s20k: 20000}", "test_max_tokens=2000", "clusters={pn: 2, is: 3}",
          "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
          "train.eval_steps=1,train.log_interval=1000]",
          "methods.slm.budgets=[8]", "methods.llm.budgets=[4]", "methods.pn.budgets=[8]",
-         "methods.mix.budgets=[4]", "methods.is.budgets=[8]"]
+         "methods.pn.procs=2", "methods.mix.budgets=[4]", "methods.is.budgets=[8]",
+         "export_hf={pn: [fortunes]}"]
+
+
+def test_demo_config_builds_the_demo_pipeline(tmp_path, monkeypatch):
+    """configs/experiments/demo.yaml (`make demo`), whose steps the smoke run below runs at a
+    smaller size: every step of the SLM-pn pipeline, the PN on 2 processes, the HF export of
+    the fine-tuned expert, evaluations on the domains' test splits."""
+    monkeypatch.chdir(REPO)
+    steps = build_grid(load_experiment(REPO / "configs" / "experiments" / "demo.yaml", []),
+                       tmp_path / "out").steps
+    assert len(topological(steps)) == len(steps)
+    assert "--nproc-per-node" in steps["pretrain/pn/b300"].cmd
+    export = steps["export/pn/bible"]
+    assert "finetune/pn/b300/bible_s200k" in export.deps
+    assert str(tmp_path / "out" / "hf" / "pn" / "bible") in export.cmd
+    assert {f"eval/{when}/{method}/b300/{domain}_s200k"
+            for when in ("before", "after") for method in ("slm", "pn")
+            for domain in ("bible", "python_docs", "postgres_docs", "manpages", "fortunes")
+            } <= set(steps)
 
 
 @pytest.mark.slow
@@ -334,15 +357,27 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(REPO)
     out = tmp_path / "exp"
     assert main(["run", str(TINY), *SMOKE, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out  # the tables, also with --quiet
+    assert "Per domain, spec size s20k" in printed and "| fortunes |" in printed
+    assert "**macro-average**" in printed
     results = json.loads((out / "results.json").read_text())
+    uniform = math.log(512)  # the NLL of a uniform guess over the vocabulary
     for method, rows in results["methods"].items():
         for row in rows:
             cell = row["sizes"]["s20k"]
             assert cell["nll_after"] is not None and cell["spec_cost"] > 0, (method, row)
+            assert cell["nll_after"] < uniform, (method, row)  # every model learned something
             if method != "distill":
                 assert cell["nll_before"] is not None, (method, row)
             if method in ("slm", "llm", "pn", "mix"):
                 assert row["generic_nll"] is not None and row["generic_cost"] > 0
+    # evaluated on the domain's test split, not on the validation split early stopping used
+    evaluation = json.loads((out / "spec" / "pn" / "b8" / "fortunes_s20k" / "eval_after.json")
+                            .read_text())
+    assert evaluation["datasets"][0]["name"] == "fortunes_test"
+    # the fine-tuned PN expert exported to Hugging Face
+    assert json.loads((out / "hf" / "pn" / "fortunes" / "config.json").read_text())[
+        "vocab_size"] >= 512
     assert results["parameters"]["mix"]["pretrain"] == 2 * results["parameters"]["slm"]["pretrain"]
     assert results["parameters"]["pn"]["inference"] == results["parameters"]["slm"]["inference"]
     strategies = results["strategies"]["domains"]["fortunes"]

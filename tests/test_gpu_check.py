@@ -28,6 +28,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert section.rstrip() in results
 
 
+@pytest.mark.slow
 def test_throughput_sweep_keeps_its_numbers_when_one_run_fails(tmp_path):
     """A one-shot GPU session must not lose the sweep to one run (out of memory, say): the failed
     run is a row of its own, the others are measured, and the exit status says something failed."""

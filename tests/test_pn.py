@@ -302,9 +302,15 @@ def test_bank_lr_mult_gives_the_banks_their_own_lr(world):
 # -- multi-process training ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pn_reference(tmp_path_factory):
+def clusters(tmp_path_factory):
+    """(blend file, root): four per-cluster datasets as `pn-data cluster` writes them."""
     root = tmp_path_factory.mktemp("pn")
-    blend = write_cluster_datasets(root / "data")
+    return write_cluster_datasets(root / "data"), root
+
+
+@pytest.fixture(scope="module")
+def pn_reference(clusters):
+    blend, root = clusters
     init = root / "init"
     run_train([PN_CONFIG, *tiny_pn_overrides(blend, root / "init_run", **SPLIT, **{
         "train.steps": 0, "checkpoint.dir": init})])
@@ -314,7 +320,7 @@ def pn_reference(tmp_path_factory):
         run_train([PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
             "train.steps": 6, "checkpoint.load": init, **extra})], nproc=nproc)
         return losses(run_dir)
-    return run, run("single", 1), blend, root
+    return run, run("single", 1)
 
 
 @pytest.mark.slow
@@ -325,7 +331,7 @@ def pn_reference(tmp_path_factory):
                                 "parallel.distributed_optimizer": "true"}),
 ])
 def test_pn_layouts_reproduce_single_process_curve(pn_reference, name, nproc, extra):
-    run, single, _, _ = pn_reference
+    run, single = pn_reference
     curve = run(name, nproc, **extra)
     assert len(curve) == 6 and single[-1] < single[0]
     assert curve == pytest.approx(single, rel=1e-5), f"{curve} != {single}"
@@ -333,14 +339,14 @@ def test_pn_layouts_reproduce_single_process_curve(pn_reference, name, nproc, ex
 
 @pytest.mark.slow
 def test_grouping_micro_batches_by_cluster_keeps_the_curve(pn_reference):
-    run, single, _, _ = pn_reference
+    run, single = pn_reference
     grouped = run("grouped", 1, **{"data.group_by_cluster": "true"})
     assert grouped == pytest.approx(single, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_slm_mix_expert_trains_on_its_cluster_only(pn_reference, tmp_path):
-    _, _, blend, root = pn_reference
+def test_slm_mix_expert_trains_on_its_cluster_only(clusters, tmp_path):
+    blend, _ = clusters
     run_dir = tmp_path / "mix"
     run_train(["configs/tiny/mix.yaml", *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
         "train.steps": 3, "data.expert": 2, "checkpoint.dir": tmp_path / "ckpt"})])
@@ -348,7 +354,8 @@ def test_slm_mix_expert_trains_on_its_cluster_only(pn_reference, tmp_path):
     assert (tmp_path / "ckpt" / "expert_0002" / "latest_checkpointed_iteration.txt").is_file()
 
 
-def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys):
+@pytest.mark.slow
+def test_eval_sets_during_training_equal_pn_eval(clusters, tmp_path, capsys):
     """train.eval_sets: a held-out set evaluated with its expert at every eval_interval gives
     the NLL pn-eval computes on the checkpoint of the same step."""
     import json
@@ -358,7 +365,7 @@ def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys)
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    _, _, blend, root = pn_reference
+    blend, root = clusters
     prefix, run_dir, ckpt = root / "data" / "cluster_0001", tmp_path / "run", tmp_path / "ckpt"
     assign = tmp_path / "assign"  # as `pn-data assign` writes it: every window in cluster 2
     assign.mkdir()
@@ -380,10 +387,10 @@ def test_eval_sets_during_training_equal_pn_eval(pn_reference, tmp_path, capsys)
     assert during["loss"] == pytest.approx(after["nll"], rel=1e-5)
 
 
-def test_slm_mix_job_config(pn_reference, tmp_path):
+def test_slm_mix_job_config(clusters, tmp_path):
     from megatron_pn.families import family_of
 
-    _, _, blend, root = pn_reference
+    blend, root = clusters
     cfg = load_config(["configs/tiny/mix.yaml"], tiny_pn_overrides(blend, tmp_path / "run", **{
         "data.expert": 1, "checkpoint.dir": tmp_path / "ckpt"}))
     job = family_of(cfg).job_config(cfg)
@@ -396,8 +403,8 @@ def test_slm_mix_job_config(pn_reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_pn_resume_is_bit_exact(pn_reference, tmp_path):
-    _, _, blend, _ = pn_reference
+def test_pn_resume_is_bit_exact(clusters, tmp_path):
+    blend, _ = clusters
     def run(name, **extra):
         run_dir = tmp_path / name
         args = [PN_CONFIG, *tiny_pn_overrides(blend, run_dir, **SPLIT, **{
@@ -430,15 +437,15 @@ def error_line(args, capsys) -> str:
     ("model.ffn_hidden_size=90 parallel.tensor=4",
      "model.ffn_hidden_size 90 is not divisible by parallel.tensor 4"),
 ])
-def test_pn_config_errors(pn_reference, tmp_path, capsys, override, message):
-    _, _, blend, _ = pn_reference
+def test_pn_config_errors(clusters, tmp_path, capsys, override, message):
+    blend, _ = clusters
     err = error_line([PN_CONFIG, *tiny_pn_overrides(blend, tmp_path / "run"), *override.split()],
                      capsys)
     assert message in err
 
 
-def test_pn_without_cluster_ids_is_refused(pn_reference, tmp_path, capsys):
-    _, _, blend, root = pn_reference
+def test_pn_without_cluster_ids_is_refused(clusters, tmp_path, capsys):
+    blend, root = clusters
     prefix = root / "data" / "cluster_0000"
     err = error_line([PN_CONFIG, *tiny_pn_overrides(blend, tmp_path / "run"),
                       "data.blend_file=null", f"data.blend=[{prefix}]"], capsys)

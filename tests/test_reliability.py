@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (read_metrics, real_text_documents, start_train, tiny_overrides,
-                     tiny_pn_overrides, write_byte_dataset, write_cluster_datasets)
+                     tiny_pn_overrides, write_byte_dataset, write_cluster_datasets,
+                     write_run_checkpoints)
 from megatron_pn import checkpoint
 from megatron_pn.cli.train import main
 
@@ -135,7 +136,7 @@ def test_second_run_on_a_locked_checkpoint_dir_is_refused(dataset, tmp_path, cap
     holder = checkpoint.DirLock(ckpt)  # another run (flock: another open file, same process)
     assert holder.acquire() is None
     args = [CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
-        "train.steps": 1, "checkpoint.dir": ckpt})]
+        "train.steps": 0, "checkpoint.dir": ckpt})]
     err = error_of(args, capsys)
     assert f"checkpoint.dir {ckpt} is in use by another run" in err
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in err
@@ -143,7 +144,7 @@ def test_second_run_on_a_locked_checkpoint_dir_is_refused(dataset, tmp_path, cap
     holder.release()
 
     code, _, _ = run(args, capsys)  # free again: it runs, and releases the lock at its end
-    assert code == 0 and checkpoint.latest_step(ckpt) == 1
+    assert code == 0 and checkpoint.latest_step(ckpt) == 0  # (0 steps: its initial checkpoint)
     assert checkpoint.DirLock(ckpt).acquire() is None
 
 
@@ -171,6 +172,7 @@ def test_a_running_job_keeps_its_checkpoint_dir(dataset, tmp_path, capsys):
 # -- a failed save -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_disk_full_during_save(dataset, tmp_path, capsys, monkeypatch):
     ckpt = tmp_path / "ckpt"
     real_save, calls = checkpoint.dist_checkpointing.save, []
@@ -200,8 +202,17 @@ def test_disk_full_during_save(dataset, tmp_path, capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def two_saves(dataset, tmp_path_factory):
-    """checkpoint.dir of a tiny run with iterations 1 and 2 (latest: 2)."""
+    """checkpoint.dir of a tiny run with iterations 1 and 2 (latest: 2), saved without training:
+    for the cases refused before any state is loaded."""
     root = tmp_path_factory.mktemp("two_saves")
+    return write_run_checkpoints([CONFIG], tiny_overrides(dataset, root / "run", **{
+        "checkpoint.dir": root / "ckpt"}), steps=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def two_trained_saves(dataset, tmp_path_factory):
+    """The same after 2 trained steps: resumable (its optimizer holds state)."""
+    root = tmp_path_factory.mktemp("two_trained_saves")
     assert main([CONFIG, *tiny_overrides(dataset, root / "run", **{
         "train.steps": 2, "checkpoint.save_interval": 1, "checkpoint.dir": root / "ckpt"})]) == 0
     return root / "ckpt"
@@ -239,11 +250,12 @@ DAMAGES = [_truncate_a_shard, _remove_a_shard, _remove_metadata, _garble_common_
            _remove_the_iteration]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.strip("_"))
-def test_damaged_latest_falls_back_to_the_newest_intact(two_saves, dataset, tmp_path, capsys,
-                                                        damage):
+def test_damaged_latest_falls_back_to_the_newest_intact(two_trained_saves, dataset, tmp_path,
+                                                        capsys, damage):
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(two_saves, ckpt)
+    shutil.copytree(two_trained_saves, ckpt)
     reason = damage(ckpt / "iter_0000002")
     step, notes = checkpoint.newest_intact(ckpt)
     assert step == 1 and len(notes) == 1 and notes[0].startswith(f"iter_0000002: {reason}")

@@ -205,8 +205,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class LocalSlurm:
-    """munged + slurmctld + slurmd for one node (this machine), everything under `root`.
-    Settings from the probe in /work/shared/ENVIRONMENT.md; ports picked free."""
+    """munged + slurmctld + slurmd for one node (this machine), everything under `root`, run
+    as root. The settings need neither systemd nor cgroups (a container has neither): process
+    tracking by /proc (proctrack/linuxproc), no task plugin or accounting, CPUs as the only
+    resource (select/cons_tres, CR_CPU), slurmd told to ignore systemd; ports picked free."""
 
     def __init__(self, root: Path):
         self.root = root

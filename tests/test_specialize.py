@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_metrics, run_train, tiny_overrides, tiny_pn_overrides, write_cluster_datasets
+from helpers import (read_metrics, run_train, tiny_overrides, tiny_pn_overrides,
+                     write_cluster_datasets, write_model_checkpoint)
 from megatron_pn import checkpoint
 from megatron_pn.cli.project import main as pn_project
 
@@ -17,9 +18,24 @@ PN_CONFIG = "configs/tiny/pn.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained_pn(tmp_path_factory):
+def clusters(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec")
-    blend = write_cluster_datasets(root / "data")
+    return root, write_cluster_datasets(root / "data")
+
+
+@pytest.fixture(scope="module")
+def initial_pn(clusters):
+    """(root, blend, checkpoint) of the tiny PN as initialized: what the soft/most-frequent
+    identity and the bad-input cases need."""
+    root, blend = clusters
+    ckpt = write_model_checkpoint(root / "pn_init", [PN_CONFIG],
+                                  tiny_pn_overrides(blend, root / "unused"))
+    return root, blend, ckpt
+
+
+@pytest.fixture(scope="module")
+def trained_pn(clusters):
+    root, blend = clusters
     run_train([PN_CONFIG, *tiny_pn_overrides(blend, root / "pn", **{
         "data.split": "80,20,0", "train.steps": 8, "checkpoint.dir": root / "pn" / "ckpt"})])
     return root, blend, root / "pn" / "ckpt"
@@ -50,7 +66,10 @@ def load_pn(ckpt, env):
     return loaded.cfg, loaded.device, loaded.model
 
 
+@pytest.mark.slow
 def test_strategies_on_constructed_histograms(trained_pn, tool_world):
+    """(best-loss needs trained experts: at initialization blowing up the others' weights need
+    not make them worse)"""
     from megatron_pn.specialize import choose, read_spec
 
     root, _, ckpt = trained_pn
@@ -73,11 +92,11 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     assert expert == 2 and np.argmin(details["losses"]) == 2
 
 
-def test_soft_with_one_hot_histogram_is_most_frequent(trained_pn, tool_world):
+def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.specialize import choose, read_spec
 
-    root, _, ckpt = trained_pn
+    root, _, ckpt = initial_pn
     cfg, device, model = load_pn(ckpt, tool_world)
     spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
     _, code, _ = choose("soft", spec, model, cfg, device, 4096)
@@ -161,8 +180,8 @@ def test_finetuning_that_only_hurts_keeps_the_starting_model(trained_pn, tmp_pat
         "checkpoint.load": run_dir / "ckpt", "train.steps": 0})])
     assert read_metrics(again, "valid")[0]["loss"] == pytest.approx(losses[0], rel=1e-6)
 
-def test_bad_input(trained_pn, tmp_path, capsys):
-    root, blend, ckpt = trained_pn
+def test_bad_input(initial_pn, tmp_path, capsys):
+    root, blend, ckpt = initial_pn
     spec = spec_dir(root, "bad", [1, 1, 1, 1], root / "data" / "cluster_0000")
 
     def error(args):
@@ -170,11 +189,10 @@ def test_bad_input(trained_pn, tmp_path, capsys):
         return capsys.readouterr().err
 
     out = str(tmp_path / "out")
-    dense = tmp_path / "dense"
-    run_train(["configs/tiny/slm.yaml", *tiny_overrides(root / "data" / "cluster_0000", dense, **{
-        "train.steps": 0, "checkpoint.dir": dense / "ckpt"})])
+    dense = write_model_checkpoint(tmp_path / "dense", ["configs/tiny/slm.yaml"],
+                                   ["model.vocab_size=257"])
     assert "is a dense checkpoint; pn-project needs a projected network" in error(
-        ["--checkpoint", str(dense / "ckpt"), "--spec-data", str(spec), "--output", out])
+        ["--checkpoint", str(dense), "--spec-data", str(spec), "--output", out])
     assert "no histogram.json" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
     assert "assigned to 3 clusters but the checkpoint has 4" in error(
@@ -244,12 +262,15 @@ def test_distillation_from_itself_starts_at_zero_kl_and_matches_across_tp(teache
                                       rel=1e-5)
 
 
-def test_distillation_bad_input(teacher, tmp_path, capsys):
+def test_distillation_bad_input(tmp_path, capsys):
+    from helpers import real_text_documents, write_byte_dataset
     from megatron_pn.cli.train import main
 
-    root, prefix = teacher
+    prefix = write_byte_dataset(tmp_path / "text", real_text_documents(60_000))
+    llm = write_model_checkpoint(tmp_path / "llm", ["configs/tiny/llm.yaml"],
+                                 ["model.vocab_size=257"])
     args = ["configs/tiny/slm.yaml", *tiny_overrides(prefix, tmp_path / "run"),
-            f"distill.teacher={root / 'llm' / 'ckpt'}"]
+            f"distill.teacher={llm}"]
     assert main(args + ["distill.weight=1.5"]) == 2
     assert "distill.weight: must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert main(args + ["model.vocab_size=1000"]) == 2

@@ -163,6 +163,7 @@ def test_a_failed_or_killed_step_retires_its_worker(data, tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [True, False])
 def test_a_stopped_runner_stops_its_steps_and_the_rerun_resumes(data, tmp_path, workers):
     """SIGTERM to `pn-experiment run` (a job scheduler, `kill`): the running pn-train gets it
@@ -201,6 +202,7 @@ def test_a_stopped_runner_stops_its_steps_and_the_rerun_resumes(data, tmp_path, 
     assert json.loads((run / "finished.json").read_text())["step"] == saved + 2
 
 
+@pytest.mark.slow
 def test_a_killed_runner_leaves_no_step_running(data, tmp_path):
     """SIGKILL gives the runner no say (the OOM killer, `kill -9`): its worker gets SIGTERM from
     the kernel (Linux: PR_SET_PDEATHSIG), so the step it ran saves and stops, no orphan."""

@@ -151,8 +151,8 @@ def test_pn_train_override_and_matching_tokenizers(data, trained_a, tmp_path, ca
 
     for name, prefix, extra in (("allowed", data["b"], {"data.allow_tokenizer_mismatch": "true"}),
                                 ("same", data["a"], {}), ("unrecorded", data["none"], {})):
-        assert main([SLM, *tiny_overrides(prefix, tmp_path / name, **{
-            "train.steps": 1, "checkpoint.load": trained_a, "checkpoint.dir": tmp_path / name /
+        assert main([SLM, *tiny_overrides(prefix, tmp_path / name, **{  # (0 steps: it saves)
+            "train.steps": 0, "checkpoint.load": trained_a, "checkpoint.dir": tmp_path / name /
             "ckpt", **extra})]) == 0
     assert "allowed by data.allow_tokenizer_mismatch" in capsys.readouterr().err
     # the fine-tuned model records the tokenizer of its data; unrecorded data keeps the loaded one
