@@ -123,8 +123,8 @@ def test_pn_train_prints_the_expert_warning_once(tmp_path, capsys):
     assert code == 0
     assert err == ["pn-train: warning: expert 3 of model.num_experts 4 gets no training data "
                    "from the blend (data.blend_file / data.cluster_ids): trained on nothing, "
-                   "keeping the initial codes — lower model.num_experts or add the clusters' "
-                   "data unless that is what you mean"]
+                   "keeping their initial parameters — lower model.num_experts or add the "
+                   "clusters' data unless that is what you mean"]
 
 
 # -- checkpoint.dir: one run at a time ---------------------------------------------------------

@@ -78,9 +78,9 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
     assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
     assert choose("cluster=3", spec, model, cfg, device, 4096)[0] == 3
-    _, code, _ = choose("soft", spec, model, cfg, device, 4096)
-    expected = torch.tensor([0.1, 0.7, 0.05, 0.15]).to(model.expert_codes) @ model.expert_codes
-    assert torch.allclose(code, expected, atol=1e-6)
+    expert, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    assert expert is None and weights == pytest.approx([0.1, 0.7, 0.05, 0.15])
+    assert choose("cluster=3", spec, model, cfg, device, 4096)[1] == [0.0, 0.0, 0.0, 1.0]
 
     # best-loss: every expert but 2 gets its MLP weights blown up (codes x 50): 2 must win.
     with torch.no_grad():
@@ -93,15 +93,23 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
 
 
 def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
+    """The mixture code sum_i p_i E_i of a one-hot histogram is expert i's code exactly, and so
+    is every projected weight; a real mixture is the projection of the mixed code."""
+    from megatron_pn.families import family_of
     from megatron_pn.pn.projection import dense_state_dict
     from megatron_pn.specialize import choose, read_spec
 
     root, _, ckpt = initial_pn
     cfg, device, model = load_pn(ckpt, tool_world)
     spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
-    _, code, _ = choose("soft", spec, model, cfg, device, 4096)
-    soft = dense_state_dict(model, code=code)
+    _, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    family = family_of(cfg)
+    soft = family.dense_state(model, weights)
     hard = dense_state_dict(model, expert=choose("most-frequent", spec, model, cfg, device, 0)[0])
+    mixed = family.dense_state(model, [0.5, 0.0, 0.5, 0.0])
+    code = 0.5 * model.expert_codes[0] + 0.5 * model.expert_codes[2]
+    key = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert torch.allclose(mixed[key], dense_state_dict(model, code=code)[key], atol=1e-6)
     for key, value in hard.items():
         if isinstance(value, torch.Tensor):  # (skip the None `_extra_state` entries)
             assert torch.equal(soft[key], value), key
@@ -191,7 +199,7 @@ def test_bad_input(initial_pn, tmp_path, capsys):
     out = str(tmp_path / "out")
     dense = write_model_checkpoint(tmp_path / "dense", ["configs/tiny/slm.yaml"],
                                    ["model.vocab_size=257"])
-    assert "is a dense checkpoint; pn-project needs a projected network" in error(
+    assert "is a dense checkpoint; pn-project needs a model with one expert per cluster" in error(
         ["--checkpoint", str(dense), "--spec-data", str(spec), "--output", out])
     assert "no histogram.json" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
