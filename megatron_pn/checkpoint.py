@@ -82,11 +82,14 @@ def resolve(path: str | Path) -> Path:
 
 
 def has_training_state(path: str | Path) -> bool:
-    """False for model-only checkpoints (pn-project, pn-import-hf). A DeepSpeed engine's
-    checkpoint (not a dist_checkpointing directory) always holds one."""
+    """False for model-only checkpoints (pn-project, pn-import-hf) and for one saved before the
+    first optimizer step (a fine-tuning's step-0 candidate): its optimizer holds no state yet,
+    its model weights are all there is to start from. A DeepSpeed engine's checkpoint (not a
+    dist_checkpointing directory) always holds one."""
     if not (Path(path) / "metadata.json").is_file():
         return True
-    return "scheduler" in dist_checkpointing.load_common_state_dict(str(path))
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return "scheduler" in common and common.get("iteration", 0) > 0
 
 
 def saved_config(path: str | Path):

@@ -362,3 +362,30 @@ def test_disk_full_during_a_deepspeed_save(dataset, tmp_path, capsys, monkeypatc
         "checkpoint.dir": ckpt})], capsys, code=1)
     assert "saving checkpoint step 2 failed: disk full (ENOSPC)" in err
     assert checkpoint.latest_step(ckpt) == 1 and not (ckpt / "iter_0000002").exists()
+
+
+@pytest.mark.slow
+def test_a_finetuning_stopped_after_its_step0_candidate_reruns_to_the_same_losses(dataset,
+                                                                                 tmp_path):
+    """The step-0 candidate is saved before any optimizer step: a run stopped right after it
+    starts again from those weights (no optimizer state to resume; it failed on the missing
+    Adam moments before), and trains exactly as an uninterrupted run."""
+    from helpers import losses, run_train
+
+    base = tmp_path / "base"
+    run_train(["configs/tiny/slm.yaml", *tiny_overrides(dataset, base, **{
+        "train.steps": 3, "checkpoint.dir": base / "ckpt"})])
+
+    def finetune(name, **extra):
+        run = tmp_path / name
+        return run, run_train(["configs/tiny/slm.yaml", *tiny_overrides(dataset, run, **{
+            "train.steps": 6, "checkpoint.load": base / "ckpt", "checkpoint.dir": run / "ckpt",
+            "checkpoint.keep_best": "true", "train.eval_interval": 2, "data.split": "90,10,0",
+            **extra})])
+
+    whole, _ = finetune("whole")
+    stopped, _ = finetune("stopped", **{"train.exit_after_steps": 0})
+    assert [p.name for p in (stopped / "ckpt").glob("iter_*")] == ["iter_0000000"]
+    _, rerun = finetune("stopped")
+    assert "starting from them at step 0" in rerun.stdout
+    assert losses(stopped) == losses(whole) and len(losses(whole)) == 6
