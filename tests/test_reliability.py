@@ -370,11 +370,11 @@ def test_a_finetuning_stopped_after_its_step0_candidate_reruns_to_the_same_losse
     """The step-0 candidate is saved before any optimizer step: a run stopped right after it
     starts again from those weights (no optimizer state to resume; it failed on the missing
     Adam moments before), and trains exactly as an uninterrupted run."""
-    from helpers import losses, run_train
+    from helpers import losses, run_train, write_model_checkpoint
 
     base = tmp_path / "base"
-    run_train(["configs/tiny/slm.yaml", *tiny_overrides(dataset, base, **{
-        "train.steps": 3, "checkpoint.dir": base / "ckpt"})])
+    write_model_checkpoint(base / "ckpt", ["configs/tiny/slm.yaml"],
+                           tiny_overrides(dataset, base))
 
     def finetune(name, **extra):
         run = tmp_path / name
