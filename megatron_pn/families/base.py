@@ -30,10 +30,10 @@ def one_hot(index: int, k: int) -> list[float]:
 
 class ModelFamily:
     name: str = ""
-    # Each row of a batch is computed by its cluster's expert: the model's forward takes
-    # `cluster_ids`, and held-out windows and batches carry them.
+    # Each row of a batch is computed with its cluster's parameters (a PN's expert, SLM-cond's
+    # vector): the model's forward takes `cluster_ids`; held-out windows and batches carry them.
     routed: bool = False
-    # pn-project turns a checkpoint of this family into dense experts.
+    # pn-project turns a checkpoint of this family into a dense model per cluster (or mixture).
     projectable: bool = False
     # One training job per cluster (`data.expert`), each a run directory of its own.
     per_cluster_jobs: bool = False
