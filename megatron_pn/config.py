@@ -191,6 +191,10 @@ class TrainConfig:
         "about lr per step, so a projected weight W = sum_r alpha_r T_r moves about "
         "||alpha||_1 x lr (~0.8 sqrt(h) x): 1 / that restores a dense weight's rate", 1.0,
         valid=ABOVE_0)
+    cond_vector_lr_mult: float = _help(
+        "cond: learning-rate multiplier of the per-cluster input vectors. Under Adam each of "
+        "their entries moves about lr per step, against token embeddings of entries ~0.02", 1.0,
+        valid=ABOVE_0)
     pn_project_once_per_step: bool = _help(
         "pn: project each expert's weights once per optimizer step, reused by every micro-batch "
         "and backpropagated once (megatron engine; memory: W and dL/dW of each expert the step "

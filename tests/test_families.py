@@ -73,6 +73,12 @@ def test_lr_overrides_give_both_engines_the_same_groups():
     schedule = family.lr_override("module.decoder.layers.0.mlp.linear_fc1.bank", cfg.train)
     assert schedule == pytest.approx({"max_lr": 5e-4, "min_lr": 5e-5})
     assert family.lr_override("decoder.layers.0.mlp.linear_fc1.code_projection", cfg.train) is None
+    cond = load_config([str(REPO / "configs/tiny/cond.yaml")],
+                       ["train.cond_vector_lr_mult=0.1", "train.lr=1e-3", "train.min_lr=1e-4"])
+    assert family_of(cond).lr_override("module.cluster_vectors", cond.train) == pytest.approx(
+        {"max_lr": 1e-4, "min_lr": 1e-5})
+    assert family_of(cond).lr_override("module.embedding.word_embeddings.weight",
+                                       cond.train) is None
     dense = load_config([str(REPO / "configs/tiny/slm.yaml")], ["train.pn_bank_lr_mult=0.5"])
     assert family_of(dense).lr_override("decoder.layers.0.mlp.linear_fc1.weight",
                                         dense.train) is None

@@ -27,6 +27,13 @@ class ConditionedFamily(RoutedFamily):
 
         return ClusterConditionedGPTModel, {"num_clusters": cfg.model.num_experts}
 
+    def lr_overrides(self, train) -> dict[str, dict]:
+        """train.cond_vector_lr_mult x the run's LR schedule for the cluster vectors."""
+        if train.cond_vector_lr_mult == 1.0:
+            return {}
+        return {"*cluster_vectors": {"max_lr": train.lr * train.cond_vector_lr_mult,
+                                     "min_lr": train.min_lr * train.cond_vector_lr_mult}}
+
     def expert_parameters(self, chunks: list, total: int) -> int:
         """The folded dense model: the SLM's shape, without the vectors."""
         return total - chunks[0].cluster_vectors.numel()
