@@ -164,8 +164,6 @@ class Grid:
     def sees_clusters(self, method: str) -> bool:
         """Pretrained on the PN clustering's per-cluster datasets, each sequence's cluster known:
         a routed family (SLM-pn, SLM-cond) or one job per cluster (SLM-mix)."""
-        if method in ("is", "distill"):
-            return False
         family = self.family(method)
         return family.routed or family.per_cluster_jobs
 

@@ -127,7 +127,7 @@ class Collector:
         b = budgets[i]
         spec = self.grid.spec_dir(method, b, d, size)
         parts = [self.device_hours(spec / "ft")]
-        if method not in ("is", "distill") and self.grid.family(method).projectable:
+        if self.grid.family(method).projectable:
             projection = read_json(spec / "source" / "projection.json")
             parts.append(None if projection is None else projection["seconds"] / 3600)
         if method == "is":
