@@ -104,6 +104,12 @@ class ModelConfig:
                                     valid=AT_LEAST_0)
     project_attention: bool = _help("pn: project the attention matrices too (paper: MLP only)",
                                     False)
+    code_map: str = _help(
+        "pn: the code of a cluster mixture w (data.mixture training, pn-project --strategy "
+        "histogram): linear (w @ E) or learned (w @ E + a small MLP of w, zero at init, as in "
+        "Soup-of-Experts; cluster i then has the code of its one-hot mixture)", "linear")
+    code_map_hidden: int = _help("pn, code_map learned: width of the map's hidden layer", 64,
+                                 valid=AT_LEAST_1)
     attention_backend: str = _help(
         "sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels on GPU, "
         "no [s, s] score matrix) or local (megatron-core's DotProductAttention)", "sdpa")
@@ -145,6 +151,19 @@ class DataConfig:
         "pn: order each global batch by cluster so micro-batches hold one or two clusters "
         "(same samples per step, fewer expert projections; the model groups any order itself)",
         False)
+    mixture: str = _help(
+        "pn: mixture training. none (hard routing, the paper: each sequence its cluster's "
+        "expert), step or micro_batch: each step (or micro-batch) draws cluster weights w, "
+        "samples its sequences from the per-cluster datasets in proportion to w and computes "
+        "them all with the code of w (model.code_map), so any cluster histogram makes a model "
+        "(pn-project --strategy histogram)", "none")
+    mixture_concentration: float = _help(
+        "data.mixture: w ~ Dirichlet(concentration x k x p), p the blend's cluster shares (so "
+        "the clusters are drawn as often as in hard routing, on average); small: w near one "
+        "cluster, large: near p", 1.0, valid=ABOVE_0)
+    mixture_one_hot: float = _help(
+        "data.mixture: share of draws that are one cluster (cluster i with probability p_i), "
+        "so single experts stay trained", 0.25, valid=Range(0, 1))
     split: str = _help("train,valid,test proportions of the documents", "969,30,1")
     valid_blend: list = _help(
         "separate validation datasets (prefixes or [weight, prefix]); then all of data.blend "

@@ -35,6 +35,7 @@ from megatron_pn.engines import ENGINES, lr_scheduler
 from megatron_pn.evaluate import perplexity
 from megatron_pn.families import family_of
 from megatron_pn.metrics import MetricsLogger, device_peak_tflops, peak_memory
+from megatron_pn.mixture import mixture_sampling
 from megatron_pn.model import build_model, flops_per_token, transformer_config
 from megatron_pn.preflight import check_writable_dir
 from megatron_pn.run_tokenizer import run_tokenizer
@@ -204,10 +205,15 @@ class Trainer:
 
     def _batches_by_step(self):
         t = self.cfg.train
-        sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
-                              self.dp_rank, self.dp_size, self._cluster_of_each_sample())
+        if self.cfg.data.mixture == "none":
+            dataset = self.train_data
+            sampler = StepSampler(self.step, t.steps, t.global_batch_size, t.micro_batch_size,
+                                  self.dp_rank, self.dp_size, self._cluster_of_each_sample())
+        else:  # mixture training: each step or micro-batch its mixture of the clusters
+            dataset, sampler = mixture_sampling(self.cfg, self.train_data, self.step,
+                                                self.dp_rank, self.dp_size)
         workers = compat.data_workers(self.cfg.data.num_workers, self.device_type)
-        loader = micro_batch_loader(self.train_data, sampler, workers, self.device_type == "cuda",
+        loader = micro_batch_loader(dataset, sampler, workers, self.device_type == "cuda",
                                     ahead=self.num_microbatches)
         micro = iter(loader)
         while True:

@@ -103,7 +103,7 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world, batch_first):
     fc1 = mlp.linear_fc1
     x = torch.randn(5, 4, 64, requires_grad=True)  # [s, b, d]
     ids = torch.tensor([1, 1, 3, 3])
-    routing = ExpertRouting.from_cluster_ids(ids, model.expert_codes)
+    routing = ExpertRouting.from_cluster_ids(ids, model.codes, 4, torch.device("cpu"))
     with fc1.routed(routing, batch_first):
         y, _ = fc1(x.transpose(0, 1) if batch_first else x)
     y = y.transpose(0, 1) if batch_first else y
@@ -452,28 +452,37 @@ def test_pn_without_cluster_ids_is_refused(clusters, tmp_path, capsys):
     assert "needs the cluster id of every training sequence" in err
 
 
+def rows_of(codes):
+    """A code table: experts -> their rows of `codes`."""
+    from megatron_pn.pn.layers import select_codes
+
+    return lambda experts: select_codes(codes, experts)
+
+
 def test_routing_rejects_bad_cluster_ids():
     from megatron_pn.pn.layers import ExpertRouting
 
-    codes = torch.randn(4, 2)
+    codes = rows_of(torch.randn(4, 2))
+    cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="cluster id 4 is outside"):
-        ExpertRouting.from_cluster_ids(torch.tensor([0, 4]), codes)
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 4]), codes, 4, cpu)
     with pytest.raises(ValueError, match="cluster id -1 is outside"):
-        ExpertRouting.from_cluster_ids(torch.tensor([-1, 0]), codes)
+        ExpertRouting.from_cluster_ids(torch.tensor([-1, 0]), codes, 4, cpu)
     with pytest.raises(ValueError, match="must be on the host"):
-        ExpertRouting.from_cluster_ids(torch.tensor([0, 1], device="meta"), codes)
+        ExpertRouting.from_cluster_ids(torch.tensor([0, 1], device="meta"), codes, 4, cpu)
 
 
 def test_routing_groups_rows_on_the_host():
     from megatron_pn.pn.layers import ExpertRouting
 
-    codes = torch.randn(4, 2)
-    routing = ExpertRouting.from_cluster_ids([2, 0, 2, 1, 0], codes)
+    codes, cpu = torch.randn(4, 2), torch.device("cpu")
+    routing = ExpertRouting.from_cluster_ids([2, 0, 2, 1, 0], rows_of(codes), 4, cpu)
     assert routing.experts == (0, 1, 2) and routing.counts == (2, 1, 2)
     assert routing.order.tolist() == [1, 4, 3, 0, 2]
     rows = torch.arange(5) * 10
     assert routing.group(rows).tolist() == [10, 40, 30, 0, 20]
     assert routing.ungroup(routing.group(rows)).tolist() == rows.tolist()
     assert torch.equal(routing.codes, codes[[0, 1, 2]])
-    already_grouped = ExpertRouting.from_cluster_ids(torch.tensor([1, 1, 3]), codes)
+    already_grouped = ExpertRouting.from_cluster_ids(torch.tensor([1, 1, 3]), rows_of(codes), 4,
+                                                     cpu)
     assert already_grouped.order is None and already_grouped.group(rows) is rows

@@ -43,6 +43,8 @@ class ModelFamily:
     eval_set_form: str = "[name, prefix]"
     # the Transformer Engine layer spec can build it
     supports_te: bool = True
+    # data.mixture: its forward takes `mixture`, k cluster weights that compute every row
+    mixture_trainable: bool = False
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -51,6 +53,14 @@ class ModelFamily:
         require(cfg.model.transformer_impl != "transformer_engine" or self.supports_te,
                 f"model.transformer_impl transformer_engine: {self.name} layers extend the local "
                 f"spec; use local (or auto) for model.type {self.name}")
+        require(cfg.data.mixture in ("none", "step", "micro_batch"),
+                f"data.mixture must be none, step or micro_batch, got {cfg.data.mixture!r}")
+        require(cfg.data.mixture == "none" or self.mixture_trainable,
+                f"data.mixture {cfg.data.mixture}: mixture training is for model.type pn, not "
+                f"{self.name}; set data.mixture=none")
+        require(cfg.data.mixture == "none" or not cfg.data.group_by_cluster,
+                "data.group_by_cluster: a mixture micro-batch has one code already; set "
+                "data.group_by_cluster=false with data.mixture")
 
     def check_data(self, cfg: Config, blend) -> None:
         """The training blend fits the family (e.g. it names each dataset's cluster)."""

@@ -22,13 +22,16 @@ def pn_config(cfg: Config):
     m = cfg.model
     return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
                     seed=cfg.train.seed, code_init=m.code_init,
-                    code_init_spread=m.code_init_spread)
+                    code_init_spread=m.code_init_spread, code_map=m.code_map,
+                    code_map_hidden=m.code_map_hidden)
 
 
 class PNFamily(RoutedFamily):
     name = "pn"
-    shape_keys = ("num_experts", "bank_size", "code_size", "project_attention")
+    shape_keys = ("num_experts", "bank_size", "code_size", "project_attention", "code_map",
+                  "code_map_hidden")
     supports_te = False
+    mixture_trainable = True
 
     def check_config(self, cfg: Config) -> None:
         super().check_config(cfg)
@@ -41,6 +44,8 @@ class PNFamily(RoutedFamily):
                 f"model.code_size (m) {m.code_size} must be in [1, model.bank_size "
                 f"{m.bank_size}]: codes are projected to h mixing weights, so m > h adds nothing")
         require(not m.add_bias_linear, "model.type pn needs model.add_bias_linear=false")
+        require(m.code_map in ("linear", "learned"),
+                f"model.code_map must be linear or learned, got {m.code_map!r}")
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -65,7 +70,7 @@ class PNFamily(RoutedFamily):
         from megatron_pn.pn.layers import ProjectedLinear
 
         for chunk in chunks:
-            total -= chunk.expert_codes.numel()
+            total -= sum(p.numel() for _, p in chunk.code_parameters())
             for module in chunk.modules():
                 if isinstance(module, ProjectedLinear):
                     total += math.prod(module.full_shape) - module.bank.numel()
@@ -74,11 +79,19 @@ class PNFamily(RoutedFamily):
 
     # -- training ------------------------------------------------------------------------------
 
+    def batch_routing(self, batch: dict, table) -> dict:
+        """Each row's cluster, or (mixture training) the micro-batch's one mixture."""
+        if "mixture" in batch:
+            return {"mixture": batch["mixture"][0]}
+        return super().batch_routing(batch, table)
+
     def step_experts(self, batches: list[dict], table) -> set:
         import torch
 
         from megatron_pn.data import cluster_ids_of
 
+        if "mixture" in batches[0]:  # the mixture of each micro-batch (ExpertRouting's keys)
+            return {tuple(b["mixture"][0].tolist()) for b in batches}
         return set(torch.cat([cluster_ids_of(b, table) for b in batches]).tolist())
 
     def step_scope(self, cfg: Config, model_chunks):
@@ -112,18 +125,13 @@ class PNFamily(RoutedFamily):
     # -- evaluation, projection, export --------------------------------------------------------
 
     def dense_state(self, model, weights=None) -> dict:
-        """Every projected matrix in closed form for the code sum_i weights[i] E[i] (one-hot
-        weights: expert i exactly)."""
+        """Every projected matrix in closed form for the code of the cluster mixture `weights`
+        (PNGPTModel.codes: sum_i weights[i] E[i], through the learned map if the model has
+        one; one-hot weights: exactly the expert hard routing uses)."""
         from megatron_pn.pn.projection import dense_state_dict
 
-        return dense_state_dict(model, code=mixture(weights, model.expert_codes))
-
-
-def mixture(weights, rows):
-    """sum_i weights[i] rows[i] for k rows: exactly row i for one-hot weights."""
-    import torch
-
-    weights = torch.as_tensor(weights, dtype=rows.dtype, device=rows.device)
-    if weights.shape != rows.shape[:1]:
-        raise ValueError(f"{weights.shape[0]} cluster weights for {rows.shape[0]} clusters")
-    return weights @ rows
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != model.pn.num_experts:
+            raise ValueError(f"{len(weights)} cluster weights for {model.pn.num_experts} "
+                             "clusters")
+        return dense_state_dict(model, code=model.codes((weights,))[0])

@@ -13,6 +13,9 @@ this layer's `code_projection`, and T[l] (out x in x h) its `bank`. Equivalently
 The model groups a micro-batch's rows by expert (`ExpertRouting`, built from the caller's cluster
 ids in any order): we materialize one W per distinct expert in it - one bank contraction per
 expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows.
+An "expert" is a cluster id, or, in mixture training, a mixture of clusters (k weights w): its
+code is then the model's map of w, w @ E or a learned f(w) (PNGPTModel.codes); a mixture
+micro-batch has one expert.
 In training (and evaluation) W is projected once per optimizer step, not per micro-batch, and
 its gradient backpropagated into T, M and E once (`ProjectedWeights`).
 
@@ -35,6 +38,7 @@ import contextlib
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,8 @@ class PNConfig:
     seed: int = 1234  # initialization seed (banks are seeded per layer: layout-independent)
     code_init: str = "shared"  # E: "shared" or independent unit codes "random" (see PNGPTModel)
     code_init_spread: float = 0.1  # shared: each code's deviation from the shared one
+    code_map: str = "linear"  # a mixture w's code: "linear" w @ E, or "learned" (LearnedCodeMap)
+    code_map_hidden: int = 64  # learned: width of its hidden layer
 
 
 def seeded_generator(seed: int, *names) -> torch.Generator:
@@ -72,10 +78,15 @@ def select_codes(expert_codes: torch.Tensor, experts) -> torch.Tensor:
     return expert_codes.index_select(0, index)
 
 
+Expert = Union[int, tuple[float, ...]]  # a cluster id, or mixture weights over the k clusters
+CodesOf = Callable[[tuple], torch.Tensor]  # experts (ascending) -> their codes [u, m]
+
+
 @dataclass(frozen=True)
 class ExpertRouting:
     """Which expert computes which rows of a micro-batch, built on the host from the caller's
-    cluster ids (any order) by `PNGPTModel.forward` and passed down as an argument.
+    cluster ids (any order), or its one mixture, by `PNGPTModel.forward` and passed down as an
+    argument.
 
     The model computes in *grouped* row order: rows sorted by expert (stable), so each expert's
     rows form one contiguous block of `counts[j]` rows. `group` puts a batch-first tensor in that
@@ -83,21 +94,21 @@ class ExpertRouting:
     already sorted (`data.group_by_cluster`).
     """
 
-    codes: torch.Tensor  # [u, m], rows of E of the experts present (gradients flow into E)
-    experts: tuple[int, ...]  # the u distinct experts, ascending
+    codes: torch.Tensor  # [u, m], the codes of the experts present (gradients flow into E)
+    experts: tuple  # the u distinct experts (Expert), ascending
     counts: tuple[int, ...]  # rows of each expert, in grouped order
     order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
     restore: torch.Tensor | None  # the inverse permutation (device)
     projected: "ProjectedWeights | None" = None  # W of the step or evaluation, if it keeps them
 
     @classmethod
-    def from_cluster_ids(cls, cluster_ids, expert_codes: torch.Tensor,
+    def from_cluster_ids(cls, cluster_ids, codes_of: CodesOf, k: int, device,
                          projected: "ProjectedWeights | None" = None) -> "ExpertRouting":
         ids = torch.as_tensor(cluster_ids)
         if ids.device.type != "cpu":
             raise ValueError("cluster_ids must be on the host (a list or a CPU tensor): reading "
                              "them from the device would stall it every micro-batch")
-        ids, k = ids.view(-1).long(), expert_codes.shape[0]
+        ids = ids.view(-1).long()
         bad = ids[(ids < 0) | (ids >= k)]
         if len(bad):
             raise ValueError(f"cluster id {int(bad[0])} is outside [0, {k}) "
@@ -106,11 +117,21 @@ class ExpertRouting:
         if len(ids) > 1 and bool((ids[1:] < ids[:-1]).any()):
             host_order = torch.argsort(ids, stable=True)
             ids = ids[host_order]
-            order = compat.host_to_device(host_order, expert_codes.device)
-            restore = compat.host_to_device(torch.argsort(host_order), expert_codes.device)
+            order = compat.host_to_device(host_order, device)
+            restore = compat.host_to_device(torch.argsort(host_order), device)
         experts, counts = torch.unique_consecutive(ids, return_counts=True)
-        return cls(codes=select_codes(expert_codes, experts), experts=tuple(experts.tolist()),
-                   counts=tuple(counts.tolist()), order=order, restore=restore, projected=projected)
+        experts = tuple(experts.tolist())
+        return cls(codes=codes_of(experts), experts=experts, counts=tuple(counts.tolist()),
+                   order=order, restore=restore, projected=projected)
+
+    @classmethod
+    def from_mixture(cls, weights, rows: int, codes_of: CodesOf,
+                     projected: "ProjectedWeights | None" = None) -> "ExpertRouting":
+        """Every row of the micro-batch computed with the code of one mixture `weights` (k
+        floats on the host, summing to 1): mixture training's micro-batches."""
+        expert = tuple(float(w) for w in torch.as_tensor(weights, dtype=torch.float64).view(-1))
+        return cls(codes=codes_of((expert,)), experts=(expert,), counts=(rows,), order=None,
+                   restore=None, projected=projected)
 
     def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A batch-first tensor [b, ...] in grouped row order (a leading 1 broadcasts: kept)."""
@@ -138,8 +159,8 @@ class ProjectedWeights:
     optimizer changes T, M and E): `pn.model.projected_once`.
     """
 
-    def __init__(self, expert_codes: torch.Tensor, backprop: bool = True, experts=()):
-        self.expert_codes, self.backprop = expert_codes, backprop
+    def __init__(self, codes_of: CodesOf, backprop: bool = True, experts=()):
+        self.codes_of, self.backprop = codes_of, backprop
         self.experts = tuple(sorted(set(experts)))  # the step's, when known: projected at once
         self._weights: dict = {}  # linear -> {expert: W, a leaf}
 
@@ -148,7 +169,7 @@ class ProjectedWeights:
         if any(e not in known for e in routing.experts):
             new = sorted((set(routing.experts) | set(self.experts)) - set(known))
             with torch.no_grad():
-                projected = linear.project(select_codes(self.expert_codes, new))
+                projected = linear.project(self.codes_of(tuple(new)))
             for expert, w in zip(new, projected.unbind(0)):
                 known[expert] = w.detach().requires_grad_(self.backprop)
         return [known[e] for e in routing.experts]
@@ -164,7 +185,7 @@ class ProjectedWeights:
             used = tuple(e for e, w in known.items() if w.grad is not None)
             if used:
                 if used not in codes:
-                    codes[used] = select_codes(self.expert_codes, used)
+                    codes[used] = self.codes_of(used)
                 grads = torch.stack([known[e].grad for e in used])
                 outputs.append(linear.projection_backward(codes[used], grads))
         if outputs:

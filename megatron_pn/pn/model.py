@@ -2,10 +2,15 @@
 
 E (k x m) is a model-level parameter like a tied embedding: every pipeline stage (and virtual
 stage) holds a copy, the copies start equal (seeded), their gradients are summed across copies
-after the data-parallel reduction (`allreduce_expert_code_grads`), so they stay equal. As with
+after the data-parallel reduction (`allreduce_code_grads`), so they stay equal. As with
 megatron-core's tied embedding: the copies sit in their own DDP bucket (`shared_embedding`), so
 the distributed optimizer shards them identically on every stage; only the first copy counts in
-the gradient norm (`shared` on the others) and is the checkpoint's main replica.
+the gradient norm (`shared` on the others) and is the checkpoint's main replica. A learned code
+map (mixture training, `LearnedCodeMap`) is held and reduced the same way.
+
+A mixture of clusters w (k weights) has the code w @ E, or f(w) = w @ E + g(w) with the learned
+map; cluster i is the one-hot mixture, so with the learned map its code is f(e_i), in routing,
+evaluation and projection alike (`codes`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,29 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 
-from megatron_pn.pn.layers import ExpertRouting, PNConfig, ProjectedWeights, seeded_generator
+from megatron_pn.pn.layers import (
+    ExpertRouting,
+    PNConfig,
+    ProjectedWeights,
+    seeded_generator,
+    select_codes,
+)
+
+
+class LearnedCodeMap(torch.nn.Module):
+    """g(w) = gelu(w A + a) B: Soup-of-Experts' small learned map from mixture weights to the
+    coefficients of a linear combination (here: a code, added to w @ E). B starts at zero, so a
+    model starts with the linear map and its initialization is unchanged."""
+
+    def __init__(self, k: int, m: int, hidden: int, generator, device, dtype):
+        super().__init__()
+        weight_in = torch.randn(k, hidden, generator=generator) / k ** 0.5
+        self.weight_in = torch.nn.Parameter(weight_in.to(device=device, dtype=dtype))
+        self.bias_in = torch.nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
+        self.weight_out = torch.nn.Parameter(torch.zeros(hidden, m, device=device, dtype=dtype))
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(weights @ self.weight_in + self.bias_in) @ self.weight_out
 
 
 class PNGPTModel(GPTModel):
@@ -30,13 +57,41 @@ class PNGPTModel(GPTModel):
         self.expert_codes = torch.nn.Parameter(
             torch.empty(pn.num_experts, pn.code_size, device=device, dtype=config.params_dtype)
         )
-        self.expert_codes.shared_embedding = True
+        self.code_map = None
+        if pn.code_map == "learned":
+            self.code_map = LearnedCodeMap(pn.num_experts, pn.code_size, pn.code_map_hidden,
+                                           seeded_generator(pn.seed, "code_map"), device,
+                                           config.params_dtype)
         self.is_main_code_copy = ps.get_pipeline_model_parallel_rank() == 0 and not self.vp_stage
-        if not self.is_main_code_copy:
-            self.expert_codes.shared = True
+        for _, param in self.code_parameters():
+            param.shared_embedding = True
+            if not self.is_main_code_copy:
+                param.shared = True
         self.projected_weights: ProjectedWeights | None = None  # see projected_once
         if config.perform_initialization:
             self._init_expert_codes()
+
+    def code_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """E and the learned code map: replicated on every pipeline stage."""
+        extra = [] if self.code_map is None else [
+            (f"code_map.{name}", p) for name, p in self.code_map.named_parameters()]
+        return [("expert_codes", self.expert_codes), *extra]
+
+    def codes(self, experts: tuple) -> torch.Tensor:
+        """The codes [u, m] of experts (ascending): cluster ids (rows of E, plus g of their
+        one-hot mixture with a learned map), or mixtures (k weights each: w @ E (+ g(w)))."""
+        k, codes = self.pn.num_experts, self.expert_codes
+        if isinstance(experts[0], int):
+            if self.code_map is None:
+                return select_codes(codes, experts)
+            weights = torch.eye(k, dtype=codes.dtype)[list(experts)].to(codes.device)
+            return select_codes(codes, experts) + self.code_map(weights)
+        weights = torch.tensor(experts, dtype=codes.dtype).to(codes.device)
+        if weights.shape[1] != k:
+            raise ValueError(f"mixture of {weights.shape[1]} cluster weights for "
+                             f"model.num_experts = {k}")
+        mixed = weights @ codes
+        return mixed if self.code_map is None else mixed + self.code_map(weights)
 
     @torch.no_grad()
     def _init_expert_codes(self) -> None:
@@ -58,17 +113,27 @@ class PNGPTModel(GPTModel):
         self.expert_codes.copy_(codes / codes.norm(dim=1, keepdim=True))
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
-                *args, cluster_ids, loss_mask=None, **kwargs):
+                *args, cluster_ids=None, mixture=None, loss_mask=None, **kwargs):
         """As GPTModel.forward, plus `cluster_ids` [b]: the expert of each sequence, in any
-        order, on the host (a list or CPU tensor: no device round-trip).
+        order, on the host (a list or CPU tensor: no device round-trip); or, in mixture
+        training, `mixture`: k cluster weights (host) whose code computes every sequence.
 
         The model computes in grouped row order (each expert's rows contiguous, see
         ExpertRouting) and returns the loss [b, s] or logits [b, s, v] in the caller's order.
         Every pipeline stage groups the same way, so the hidden states passed between stages
         stay grouped; only the last stage restores the order.
         """
-        routing = ExpertRouting.from_cluster_ids(cluster_ids, self.expert_codes,
+        if (cluster_ids is None) == (mixture is None):
+            raise ValueError("a projected network computes each sequence with its cluster's "
+                             "expert: pass cluster_ids (or, mixture training, mixture)")
+        if mixture is not None:
+            rows = len(input_ids) if input_ids is not None else decoder_input.shape[1]
+            routing = ExpertRouting.from_mixture(mixture, rows, self.codes,
                                                  self.projected_weights)
+        else:
+            routing = ExpertRouting.from_cluster_ids(
+                cluster_ids, self.codes, self.pn.num_experts, self.expert_codes.device,
+                self.projected_weights)
         if decoder_input is not None:  # [s, b, d]
             decoder_input = routing.group(decoder_input.transpose(0, 1)).transpose(0, 1)
         group = routing.group
@@ -80,9 +145,10 @@ class PNGPTModel(GPTModel):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        codes = state[f"{prefix}expert_codes"]
-        if not self.is_main_code_copy:  # a replica of the first stage's copy
-            codes.replica_id = (1, *codes.replica_id[1:])
+        if not self.is_main_code_copy:  # replicas of the first stage's copies
+            for name, _ in self.code_parameters():
+                tensor = state[f"{prefix}{name}"]
+                tensor.replica_id = (1, *tensor.replica_id[1:])
         return state
 
 
@@ -98,7 +164,7 @@ def projected_once(model_chunks, backprop: bool = True, experts=()):
     other than PNs are left as they are."""
     models = [m for m in map(_unwrap, model_chunks) if isinstance(m, PNGPTModel)]
     for model in models:
-        model.projected_weights = ProjectedWeights(model.expert_codes, backprop, experts)
+        model.projected_weights = ProjectedWeights(model.codes, backprop, experts)
     try:
         yield
     finally:
@@ -106,16 +172,18 @@ def projected_once(model_chunks, backprop: bool = True, experts=()):
             model.projected_weights = None
 
 
-def allreduce_expert_code_grads(model_chunks) -> None:
-    """Sum the gradients of this rank's copies of E, then across pipeline stages."""
-    codes = [_unwrap(chunk).expert_codes for chunk in model_chunks]
-    if len(codes) == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+def allreduce_code_grads(model_chunks) -> None:
+    """Sum the gradients of this rank's copies of E (and of a learned code map), then across
+    pipeline stages."""
+    if len(model_chunks) == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
         return
-    total = torch.stack([p.main_grad for p in codes]).sum(dim=0)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    for p in codes:
-        p.main_grad.copy_(total)
+    copies = zip(*(_unwrap(chunk).code_parameters() for chunk in model_chunks))
+    for params in copies:  # one parameter, one copy per chunk
+        total = torch.stack([p.main_grad for _, p in params]).sum(dim=0)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        for _, p in params:
+            p.main_grad.copy_(total)
 
 
 def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
@@ -126,4 +194,4 @@ def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
         if _unwrap(chunk).projected_weights is not None:
             _unwrap(chunk).projected_weights.backward()
     finalize_model_grads(model_chunks, num_tokens, **kwargs)
-    allreduce_expert_code_grads(model_chunks)
+    allreduce_code_grads(model_chunks)

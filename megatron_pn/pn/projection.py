@@ -20,13 +20,14 @@ def dense_state_dict(pn_model: torch.nn.Module, expert: int | None = None,
     if code is None:
         if not 0 <= expert < codes.shape[0]:
             raise ValueError(f"expert {expert} is outside [0, {codes.shape[0]})")
-        code = codes[expert]
+        code = pn_model.codes((expert,))[0]
     projected = {name: module for name, module in pn_model.named_modules()
                  if isinstance(module, ProjectedLinear)}
+    codes_only = {name for name, _ in pn_model.code_parameters()}  # E, a learned code map
     state = {}
     for key, value in pn_model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if key == "expert_codes" or (owner in projected and leaf in ("bank", "code_projection")):
+        if key in codes_only or (owner in projected and leaf in ("bank", "code_projection")):
             continue
         state[key] = value
     for name, module in projected.items():
