@@ -16,7 +16,8 @@ Three measurements, each in interleaved rounds (best of each: robust to a busy h
                  regrouped once per MLP call so each expert's block is contiguous (what PNMLP
                  does); one expert for the whole micro-batch.
 Goals (issue 11): PN step <= 1.25x dense on CPU with mixed micro-batches; <= 1.15x on a GPU at
-the paper's shape. Each expert is projected once per step (train.pn_project_once_per_step; the
+the paper's shape. Mixture training (data.mixture: one code per step or micro-batch, so one
+projected matrix per step or micro-batch): <= 1.25x dense on CPU. Each expert is projected once per step (train.pn_project_once_per_step; the
 "projected per micro-batch" row turns that off), so the floor is the projection and its
 backward once per step (2*u*h*out*in FLOPs each, u distinct experts in the step) and Adam over
 h x the MLP parameters.
@@ -77,6 +78,11 @@ def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
             "train.pn_project_once_per_step=false"]),
         "PN, data.group_by_cluster": ("configs/paper/pn32.yaml",
                                       common + ["data.group_by_cluster=true"]),
+        "PN, mixture training per step": ("configs/paper/pn32.yaml",
+                                          common + ["data.mixture=step"]),
+        "PN, mixture training per micro-batch, learned map": (
+            "configs/paper/pn32.yaml", common + ["data.mixture=micro_batch",
+                                                 "model.code_map=learned"]),
     }
     best = {}
     for _ in range(args.rounds):

@@ -15,9 +15,9 @@ import yaml
 from megatron_pn.config import split_override
 from pn_base.errors import ConfigError
 
-METHODS = ("slm", "llm", "pn", "cond", "mix", "is", "distill")
-LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "cond": "SLM-cond", "mix": "SLM-mix",
-          "is": "SLM-is", "distill": "SLM-d"}
+METHODS = ("slm", "llm", "pn", "pnmix", "cond", "mix", "is", "distill")
+LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "pnmix": "SLM-pn-mixture",
+          "cond": "SLM-cond", "mix": "SLM-mix", "is": "SLM-is", "distill": "SLM-d"}
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Method:
     config: str = ""  # pn-train model config (distill: the student's; its teacher is the llm)
     budgets: list = field(default_factory=list)  # pretraining steps, one run each (mix: per expert)
     procs: int = 1  # processes per pretraining run (torchrun locally, tasks under SLURM)
+    overrides: list = field(default_factory=list)  # pn-train overrides of its pretraining runs
 
 
 @dataclass
@@ -169,6 +170,13 @@ def check_curves(curves: Curves, k: int, fail) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def method_config(method: Method, *overrides):
+    """The pn-train config of a method's pretraining runs."""
+    from megatron_pn.config import load_config
+
+    return load_config([method.config], [*method.overrides, *overrides])
+
+
 def config_family(config: str):
     """The model family of a pn-train config file (megatron_pn.families)."""
     from megatron_pn.config import load_config

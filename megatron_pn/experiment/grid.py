@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_pn.experiment.config import ExperimentConfig, config_family
+from megatron_pn.experiment.config import ExperimentConfig, config_family, method_config
 from pn_base.outputs import FINISHED, HISTOGRAM, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "soft")
@@ -190,7 +190,7 @@ class Grid:
         args = [spec.config, *data, f"data.tokenizer_model={self.tokenizer}.model",
                 f"model.vocab_size={self.cfg.vocab_size}", f"train.steps={budget}",
                 "train.eval_interval=0", "logging.phase=pretrain", f"logging.run_dir={run}",
-                f"checkpoint.dir={ckpt}", *self.cfg.pretrain_overrides]
+                f"checkpoint.dir={ckpt}", *self.cfg.pretrain_overrides, *spec.overrides]
         done = finished(run)
         name = f"pretrain/{method}/{tag + '/' if tag else ''}b{budget}"
         if expert is not None:  # SLM-mix appends expert_NNNN to the run and checkpoint dirs
@@ -235,8 +235,9 @@ class Grid:
             return (self.pretrain_dir("is", b, f"{d}_{size}") / "ckpt",
                     [f"pretrain/is/{d}_{size}/b{b}"])
         family = self.family(method)
-        if family.projectable:  # the spec set's most frequent cluster, in closed form
-            return self.projection(method, b, d, size, "most-frequent",
+        if family.projectable:  # in closed form: the spec set's most frequent cluster, or
+            # (mixture-trained) its cluster histogram
+            return self.projection(method, b, d, size, self.projection_strategy(method),
                                    self.spec_dir(method, b, d, size) / "source")
         if family.per_cluster_jobs:  # SLM-mix: the expert of the most frequent cluster
             target = self.spec_dir(method, b, d, size) / "source"
@@ -252,6 +253,12 @@ class Grid:
             return target / "expert", [step]
         ckpt = self.pretrain_dir(method, b) / "ckpt"
         return ckpt, [f"pretrain/{method}/b{b}"]
+
+    def projection_strategy(self, method: str) -> str:
+        """A mixture-trained PN becomes a domain's model from its histogram; others take the
+        expert of the most frequent cluster (the paper)."""
+        trained = method_config(self.cfg.methods[method])
+        return "most-frequent" if trained.data.mixture == "none" else "soft"
 
     def projection(self, method: str, b: int, d: str, size: str, strategy: str, target: Path):
         ckpt = self.pretrain_dir(method, b) / "ckpt"

@@ -28,7 +28,10 @@ from pn_base.errors import ConfigError
 from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
 from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
 
-GENERIC_METHODS = ("slm", "llm", "pn", "cond", "mix")  # pretrained once for all domains (Table 8)
+# pretrained once for all domains (Table 8)
+GENERIC_METHODS = ("slm", "llm", "pn", "pnmix", "cond", "mix")
+# Table 5's row of the mixture-trained PN (its largest budget): the spec set's histogram
+MIXTURE_ROW = "histogram, SLM-pn-mixture"
 
 
 def read_json(path: Path) -> dict | None:
@@ -186,6 +189,10 @@ class Collector:
                     cluster[oracle] / "eval_after.json" if oracle is not None else Path("-")),
                 "experts": {"most-frequent": frequent, "best-loss": chosen["expert"],
                             "fine-tune all, keep best": oracle}}
+            if "pnmix" in cfg.methods:  # its histogram, instantiated by the trained map
+                mixed = self.grid.spec_dir("pnmix", max(cfg.methods["pnmix"].budgets), d, size)
+                table[d][MIXTURE_ROW] = entry(mixed / "eval_before.json",
+                                              mixed / "eval_after.json")
         return {"size": size, "budget": max(cfg.methods["pn"].budgets), "k": k, "domains": table}
 
     def collect(self) -> dict:
@@ -230,7 +237,9 @@ class Collector:
         counts = {}
         for method, spec in self.cfg.methods.items():
             config = self.cfg.methods["slm"].config if method in ("is", "distill") else spec.config
-            method_cfg = load_config([config], [f"model.vocab_size={self.cfg.vocab_size}"])
+            method_cfg = load_config([config], [*([] if method in ("is", "distill") else
+                                                  spec.overrides),
+                                                f"model.vocab_size={self.cfg.vocab_size}"])
             check_model(method_cfg)
             model = parameter_counts(method_cfg)
             total, expert = model["total"], model["expert"]
@@ -369,8 +378,10 @@ def table5(results: dict) -> str:
     if not strategies or not strategies["domains"]:
         return ""
     names = ["most-frequent", "best-loss", "soft", "fine-tune all, keep best"]
+    if any(MIXTURE_ROW in d for d in strategies["domains"].values()):
+        names.append(MIXTURE_ROW)
     cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "soft": "1x",
-            "fine-tune all, keep best": f"{strategies['k']}x"}
+            "fine-tune all, keep best": f"{strategies['k']}x", MIXTURE_ROW: "1x"}
     lines = [f"Table 5 (expert selection; SLM-pn at {strategies['budget']} steps, spec set "
              f"{strategies['size']}; macro-averaged test perplexity over "
              f"{len(strategies['domains'])} domains)", "",
