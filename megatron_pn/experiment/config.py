@@ -169,7 +169,6 @@ def check_curves(curves: Curves, k: int, fail) -> None:
                  f"give curves.steps and eval_interval divisible by clusters.pn = {k}")
 
 
-@functools.lru_cache(maxsize=None)
 def method_config(method: Method, *overrides):
     """The pn-train config of a method's pretraining runs."""
     from megatron_pn.config import load_config
@@ -177,6 +176,7 @@ def method_config(method: Method, *overrides):
     return load_config([method.config], [*method.overrides, *overrides])
 
 
+@functools.lru_cache(maxsize=None)
 def config_family(config: str):
     """The model family of a pn-train config file (megatron_pn.families)."""
     from megatron_pn.config import load_config
