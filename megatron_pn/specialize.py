@@ -125,8 +125,6 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
 
 
 def project(args) -> dict:
-    import dataclasses
-
     from megatron_pn import checkpoint  # megatron-core: seconds to import, not for --help
     from megatron_pn.families import family_of
     from megatron_pn.run_tokenizer import checkpoint_fingerprint
@@ -153,7 +151,7 @@ def project(args) -> dict:
         loaded = load_model(args.checkpoint, env)
         expert, weights, details = choose(args.strategy, spec, loaded.model, loaded.cfg,
                                           env.device, args.sample_tokens)
-        dense_cfg = dataclasses.replace(loaded.cfg, model=family.dense_config(loaded.cfg.model))
+        dense_cfg = family.dense_run_config(loaded.cfg)
         # every weight comes from the projection
         [dense] = build_model(dense_cfg, env.device.type, initialize=False)
         load_every_weight(dense, family.dense_state(loaded.model, weights))

@@ -146,6 +146,14 @@ class ModelFamily:
         pn-export-hf): a dense model is itself."""
         return model
 
+    def dense_run_config(self, cfg: Config) -> Config:
+        """The config a dense model made from this family's checkpoint records (pn-project):
+        the dense model, its data no longer drawn as cluster mixtures."""
+        import dataclasses
+
+        return dataclasses.replace(cfg, model=self.dense_config(cfg.model),
+                                   data=dataclasses.replace(cfg.data, mixture="none"))
+
     def dense_state(self, model, weights=None) -> dict:
         """The state dict of that dense model. `weights` (length k, summing to 1) mixes the
         clusters of a routed family: one-hot for one expert, a spec set's histogram for a
