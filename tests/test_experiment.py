@@ -301,6 +301,26 @@ def test_plan_prefers_shared_pretraining_for_many_domains_and_respects_inference
     assert unlimited["recommendation"] == "llm"  # 80 + 30 = 110 <= 120: NLL 1.9
 
 
+def test_plan_offers_a_projected_model_without_fine_tuning_at_the_projection_cost():
+    """An instant specialist (a mixture-trained PN's histogram model): C_spec is the projection
+    alone, its NLL the one before fine-tuning; for many domains that can win."""
+    results = constructed_results()
+    rows = method_rows("pnmix", [10, 20, 40], [2.9, 2.7, 2.5], 0.1)
+    for row in rows:  # before fine-tuning 0.05 worse than after, for a hundredth of the cost
+        row["sizes"]["small"].update(nll_before=row["sizes"]["small"]["nll_after"] + 0.05,
+                                     projection_cost=0.001)
+    results["methods"]["pnmix"] = rows
+    results["parameters"]["pnmix"] = {"inference": 100}
+    many = plan(results, domains=1000, size="small", inference_budget=100, budget=45.0)
+    by_method = {r["method"]: r for r in many["rows"]}
+    # 1000 domains: fine-tuning costs 100 on top of any pretraining (nothing affordable at 45);
+    # without it the mixture-trained PN's 40 + 1 = 41 reaches 2.55
+    assert by_method["pnmix"]["nll"] is None
+    assert by_method["pnmix (no fine-tuning)"]["nll"] == pytest.approx(2.55)
+    assert many["recommendation"] == "pnmix (no fine-tuning)"
+    assert "pn (no fine-tuning)" not in by_method  # no projection cost recorded: not an option
+
+
 def test_plan_command_prints_the_numbers_and_explains_bad_input(tmp_path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(constructed_results()))

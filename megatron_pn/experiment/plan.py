@@ -6,7 +6,9 @@ size), it compares the methods whose inference model fits the budget at equal to
 
     C_total(N) = C_generic + N * C_spec
 
-and recommends the one with the lowest predicted perplexity. A method's perplexity at a total
+and recommends the one with the lowest predicted perplexity. A method that projects a domain's
+model in closed form (SLM-pn, SLM-pn-mixture, SLM-cond) is also an option without fine-tuning,
+its C_spec the projection alone. A method's perplexity at a total
 cost is interpolated (linear in log-cost) between its measured budgets; below its smallest
 budget it is not affordable; above its largest, its largest budget's perplexity is used (and
 said). `--scale` maps measured costs to another setting (e.g. GPU-hours at paper scale from
@@ -72,20 +74,33 @@ def spec_size(results: dict, wanted: str) -> str:
     return min(known, key=lambda s: abs(math.log(known[s] / tokens)))
 
 
+NO_FINETUNING = " (no fine-tuning)"  # an option: the projected model as it comes
+
+
 def options(results: dict, size: str, domains: int, scale: float) -> list[Option]:
+    """Each method fine-tuned, and each projectable one also without fine-tuning (C_spec: the
+    projection alone; the instant specialists of a mixture-trained PN)."""
     found = []
     for method, rows in results["methods"].items():
-        points = []
-        for row in rows:
-            cell = row["sizes"].get(size, {})
-            generic, spec, nll = row["generic_cost"], cell.get("spec_cost"), cell.get("nll_after")
-            if None not in (generic, spec, nll):
-                points.append(((generic + domains * spec) * scale, nll, row["budget"]))
-        if points:
-            points.sort()
-            params = results.get("parameters", {}).get(method, {}).get("inference", 0)
-            found.append(Option(method, params, *map(list, zip(*points))))
+        params = results.get("parameters", {}).get(method, {}).get("inference", 0)
+        for name, spec_key, nll_key in ((method, "spec_cost", "nll_after"),
+                                        (method + NO_FINETUNING, "projection_cost",
+                                         "nll_before")):
+            points = []
+            for row in rows:
+                cell = row["sizes"].get(size, {})
+                generic, spec, nll = row["generic_cost"], cell.get(spec_key), cell.get(nll_key)
+                if None not in (generic, spec, nll):
+                    points.append(((generic + domains * spec) * scale, nll, row["budget"]))
+            if points:
+                points.sort()
+                found.append(Option(name, params, *map(list, zip(*points))))
     return found
+
+
+def label(option: str) -> str:
+    method, _, rest = option.partition(" ")
+    return LABELS.get(method, method) + (" " + rest if rest else "")
 
 
 def plan(results: dict, domains: int, size: str, inference_budget: float | None,
@@ -129,16 +144,16 @@ def render(result: dict, unit: str) -> str:
         totals = ", ".join(f"{t:.3g}" for t in r["totals"])
         ppls = ", ".join(f"{math.exp(n):.1f}" for n in r["nlls"])
         predicted = "–" if r["nll"] is None else f"{math.exp(r['nll']):.2f}"
-        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['inference_params']:,} | "
+        lines.append(f"| {label(r['method'])} | {r['inference_params']:,} | "
                      f"{totals} | {ppls} | {predicted} ({r['note']}) |")
     for r in result["excluded"]:
-        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['inference_params']:,} | "
+        lines.append(f"| {label(r['method'])} | {r['inference_params']:,} | "
                      "over the inference budget | | |")
     if result.get("throughput"):
         lines += ["", "pretraining throughput in the cost logs (tokens per device-second): "
-                  + ", ".join(f"{LABELS.get(m, m)} {v:,.0f}"
+                  + ", ".join(f"{label(m)} {v:,.0f}"
                               for m, v in result["throughput"].items())]
     choice = result["recommendation"]
-    lines += ["", f"recommendation: {LABELS.get(choice, choice)}" if choice else
+    lines += ["", f"recommendation: {label(choice)}" if choice else
               "recommendation: none affordable: raise --budget"]
     return "\n".join(lines)

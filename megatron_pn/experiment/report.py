@@ -131,8 +131,7 @@ class Collector:
         spec = self.grid.spec_dir(method, b, d, size)
         parts = [self.device_hours(spec / "ft")]
         if self.grid.family(method).projectable:
-            projection = read_json(spec / "source" / "projection.json")
-            parts.append(None if projection is None else projection["seconds"] / 3600)
+            parts.append(self.projection_cost(spec))
         if method == "is":
             parts.append(self.device_hours(self.grid.pretrain_dir("is", b, f"{d}_{size}")))
         if method == "distill":
@@ -140,9 +139,17 @@ class Collector:
             parts.append(self.device_hours(self.grid.spec_dir("llm", b_llm, d, size) / "ft"))
         return None if None in parts else sum(parts)
 
+    @staticmethod
+    def projection_cost(spec: Path) -> float | None:
+        """Device-hours of the closed-form projection (C_spec of a model used without
+        fine-tuning)."""
+        projection = read_json(spec / "source" / "projection.json")
+        return None if projection is None else projection["seconds"] / 3600
+
     def method_rows(self, method: str) -> list[dict]:
         cfg = self.cfg
         budgets = cfg.methods["slm" if method == "distill" else method].budgets
+        projectable = method not in ("is", "distill") and self.grid.family(method).projectable
         rows = []
         for i, b in enumerate(budgets):
             row = {"method": method, "budget": b, "generic_cost": self.generic_cost(method, i),
@@ -155,6 +162,8 @@ class Collector:
                         "nll_before": test_nll(spec / "eval_before.json"),
                         "nll_after": test_nll(spec / "eval_after.json"),
                         "spec_cost": self.spec_cost(method, i, d, size),
+                        "projection_cost": (self.projection_cost(spec) if projectable
+                                            else None),
                         "ft_steps": _steps(spec / "ft")}
                 row["sizes"][size] = {"domains": per_domain, **macro(per_domain)}
             rows.append(row)
@@ -257,7 +266,7 @@ def _steps(run_dir: Path) -> int | None:
 def macro(per_domain: dict) -> dict:
     """Macro-averages over the domains (None until every domain has its number)."""
     return {key: macro_average(v[key] for v in per_domain.values())
-            for key in ("nll_before", "nll_after", "spec_cost")}
+            for key in ("nll_before", "nll_after", "spec_cost", "projection_cost")}
 
 
 # ---------------------------------------------------------------------------------------------
