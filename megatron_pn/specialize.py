@@ -7,8 +7,9 @@
 cluster histogram, and the indexed dataset it was computed from). Strategies (paper, Table 5):
   most-frequent  the expert of the spec set's most frequent cluster
   best-loss      the expert with the lowest loss on a sample of the spec set
-  soft           one projection of the histogram-weighted code sum_i p(i|spec) E[i] (beyond the
-                 paper; with a one-hot histogram it is most-frequent)
+  histogram      the dense model the checkpoint is for the spec set's cluster histogram p, in
+                 one closed-form step (a hard-routed PN: the projection of the code
+                 sum_i p(i) E[i]; beyond the paper; a one-hot histogram gives that expert)
   cluster=I      expert I
 The output is the checkpoint format `pn-train` writes (model weights only, any TP/PP on load):
 fine-tune it with `pn-train CONFIG checkpoint.load=OUTPUT ...`.
@@ -30,7 +31,7 @@ from pn_base.fileio import atomic_write_json, check_writable
 from pn_base.outputs import HISTOGRAM
 from pn_base.tokenizer_identity import require_same, spec_fingerprint
 
-STRATEGIES = ("most-frequent", "best-loss", "soft", "cluster=I")
+STRATEGIES = ("most-frequent", "best-loss", "histogram", "cluster=I")
 
 
 class ProjectionError(ToolError):
@@ -104,7 +105,7 @@ def check_strategy(strategy: str) -> None:
 
 def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens: int):
     """(expert or None, the cluster weights to instantiate, details) for a strategy: one-hot
-    weights for an expert, the spec set's histogram for `soft`."""
+    weights for an expert, the spec set's histogram for `histogram`."""
     p, k = spec["p"], len(spec["p"])
     if strategy == "most-frequent":
         expert = int(np.argmax(p))
@@ -114,7 +115,7 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
         if not 0 <= expert < k:
             raise ProjectionError(f"--strategy {strategy}: the checkpoint has experts 0..{k - 1}")
         return expert, one_hot(expert, k), {"p_expert": float(p[expert])}
-    if strategy == "soft":
+    if strategy == "histogram":
         return None, p.tolist(), {"histogram": p.tolist()}
     if strategy == "best-loss":
         losses = expert_losses(model, cfg, spec["source_prefix"], sample_tokens, device)

@@ -13,7 +13,7 @@
 #
 # DOMAINS.txt: one domain per line, "NAME TRAIN_PREFIX VALID_PREFIX TEST_PREFIX" (indexed
 # datasets tokenized like the generic corpus; # starts a comment); array task i takes the i-th
-# domain. --strategy: most-frequent (default), best-loss, soft or cluster=I (pn-project).
+# domain. --strategy: most-frequent (default), best-loss, histogram or cluster=I (pn-project).
 # Defaults: --model-config configs/paper/slm.yaml (the expert's shape), --finetune-config
 # configs/finetune/paper_1m.yaml. Outputs: DIR/NAME/{assign,expert,finetune,eval.json,hf}.
 # Every stage is skipped when its output is complete, and fine-tuning saves and requeues on

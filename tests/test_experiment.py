@@ -64,7 +64,7 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     # a run per budget (mix: per budget and expert; SLM-is: per budget, domain (1) and size)
     assert kinds.count("pretrain") == (n["slm"] + n["llm"] + n["pn"] + n["cond"] + n["mix"] * k
                                        + n["is"] * sizes)
-    # each run per size (SLM-d: one per SLM budget), Table 5: soft + one per expert
+    # each run per size (SLM-d: one per SLM budget), Table 5: histogram + one per expert
     assert kinds.count("finetune") == (sum(n.values()) + n["slm"]) * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
@@ -390,7 +390,7 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
     assert results["shared_machine"]["runs"] and "shared the machine" in printed
     strategies = results["strategies"]["domains"]["fortunes"]
     assert all(strategies[s]["nll_after"] is not None
-               for s in ("most-frequent", "best-loss", "soft", "fine-tune all, keep best"))
+               for s in ("most-frequent", "best-loss", "histogram", "fine-tune all, keep best"))
     tables = (out / "tables.md").read_text()
     assert "Table 8" in tables and "Table 5" in tables and "| SLM-pn |" in tables
     assert "| SLM-cond |" in tables

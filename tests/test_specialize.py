@@ -25,7 +25,7 @@ def clusters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def initial_pn(clusters):
-    """(root, blend, checkpoint) of the tiny PN as initialized: what the soft/most-frequent
+    """(root, blend, checkpoint) of the tiny PN as initialized: what the histogram/most-frequent
     identity and the bad-input cases need."""
     root, blend = clusters
     ckpt = write_model_checkpoint(root / "pn_init", [PN_CONFIG],
@@ -78,7 +78,7 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
     assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
     assert choose("cluster=3", spec, model, cfg, device, 4096)[0] == 3
-    expert, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    expert, weights, _ = choose("histogram", spec, model, cfg, device, 4096)
     assert expert is None and weights == pytest.approx([0.1, 0.7, 0.05, 0.15])
     assert choose("cluster=3", spec, model, cfg, device, 4096)[1] == [0.0, 0.0, 0.0, 1.0]
 
@@ -92,7 +92,7 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     assert expert == 2 and np.argmin(details["losses"]) == 2
 
 
-def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
+def test_histogram_strategy_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     """The mixture code sum_i p_i E_i of a one-hot histogram is expert i's code exactly, and so
     is every projected weight; a real mixture is the projection of the mixed code."""
     from megatron_pn.families import family_of
@@ -102,9 +102,9 @@ def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     root, _, ckpt = initial_pn
     cfg, device, model = load_pn(ckpt, tool_world)
     spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
-    _, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    _, weights, _ = choose("histogram", spec, model, cfg, device, 4096)
     family = family_of(cfg)
-    soft = family.dense_state(model, weights)
+    mixed_one_hot = family.dense_state(model, weights)
     hard = dense_state_dict(model, expert=choose("most-frequent", spec, model, cfg, device, 0)[0])
     mixed = family.dense_state(model, [0.5, 0.0, 0.5, 0.0])
     code = 0.5 * model.expert_codes[0] + 0.5 * model.expert_codes[2]
@@ -112,7 +112,7 @@ def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     assert torch.allclose(mixed[key], dense_state_dict(model, code=code)[key], atol=1e-6)
     for key, value in hard.items():
         if isinstance(value, torch.Tensor):  # (skip the None `_extra_state` entries)
-            assert torch.equal(soft[key], value), key
+            assert torch.equal(mixed_one_hot[key], value), key
 
 
 @pytest.mark.slow

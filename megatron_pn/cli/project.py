@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _project_main(args) -> int:
     record = specialize.project(args)
-    chosen = record["expert"] if record["expert"] is not None else "soft mixture"
+    chosen = record["expert"] if record["expert"] is not None else "histogram mixture"
     print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
           f"{args.output} in {record['seconds']:.1f}s")
     return 0

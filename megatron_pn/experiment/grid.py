@@ -26,7 +26,7 @@ from pathlib import Path
 from megatron_pn.experiment.config import ExperimentConfig, config_family
 from pn_base.outputs import FINISHED, HISTOGRAM, expert_dir
 
-STRATEGIES = ("most-frequent", "best-loss", "soft")
+STRATEGIES = ("most-frequent", "best-loss", "histogram")
 
 
 @dataclass

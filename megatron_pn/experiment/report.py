@@ -180,7 +180,8 @@ class Collector:
                                        cluster[frequent] / "eval_after.json"),
                 "best-loss": entry(root / "best-loss" / "eval_before.json",
                                    cluster[chosen["expert"]] / "eval_after.json"),
-                "soft": entry(root / "soft" / "eval_before.json", root / "soft" / "eval_after.json"),
+                "histogram": entry(root / "histogram" / "eval_before.json",
+                                   root / "histogram" / "eval_after.json"),
                 "fine-tune all, keep best": entry(
                     cluster[oracle] / "eval_before.json" if oracle is not None else Path("-"),
                     cluster[oracle] / "eval_after.json" if oracle is not None else Path("-")),
@@ -368,8 +369,8 @@ def table5(results: dict) -> str:
     strategies = results.get("strategies")
     if not strategies or not strategies["domains"]:
         return ""
-    names = ["most-frequent", "best-loss", "soft", "fine-tune all, keep best"]
-    cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "soft": "1x",
+    names = ["most-frequent", "best-loss", "histogram", "fine-tune all, keep best"]
+    cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "histogram": "1x",
             "fine-tune all, keep best": f"{strategies['k']}x"}
     lines = [f"Table 5 (expert selection; SLM-pn at {strategies['budget']} steps, spec set "
              f"{strategies['size']}; macro-averaged test perplexity over "
