@@ -51,6 +51,10 @@ class ProjectionError(ToolError):
 def histogram_file(args) -> tuple[Path, str]:
     """The histogram.json to read, and how errors name it (the option and the file)."""
     if args.histogram:
+        if args.histogram.is_dir():
+            raise ProjectionError(f"--histogram {args.histogram} is a directory; give the "
+                                  f"file, {args.histogram / HISTOGRAM}, or pass the directory "
+                                  "as --spec-data")
         return args.histogram, f"--histogram {args.histogram}"
     path = args.spec_data / HISTOGRAM
     if not path.is_file():

@@ -331,11 +331,14 @@ BAD_HISTOGRAMS = {  # file content -> the field its error names, and what it say
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_HISTOGRAMS, "unreadable"])
+@pytest.mark.parametrize("case", [*BAD_HISTOGRAMS, "missing", "directory"])
 def test_bad_histogram_file_is_one_line_and_writes_nothing(initial_pn, tmp_path, capsys, case):
     _, _, ckpt = initial_pn
     path = tmp_path / "histogram.json"
-    if case != "unreadable":
+    if case == "directory":
+        path.mkdir()
+        said = f"is a directory; give the file, {path / 'histogram.json'}"
+    elif case != "missing":
         content, said = BAD_HISTOGRAMS[case]
         path.write_text(content.replace("%s", CENTROIDS))
     else:
@@ -344,7 +347,7 @@ def test_bad_histogram_file_is_one_line_and_writes_nothing(initial_pn, tmp_path,
                        "histogram", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"pn-project: error: --histogram {path}: ") and said in err
+    assert err.startswith(f"pn-project: error: --histogram {path}") and said in err
     assert not (tmp_path / "out").exists()
 
 
