@@ -318,7 +318,7 @@ BAD_HISTOGRAMS = {  # file content -> the field its error names, and what it say
             '"p": entry 2 is not finite'),
     "text": ('{"k": 4, "tokens": [1, "2", 3, 4], "centroids_sha256": "%s"}',
              '"tokens": expected a list of 4 numbers'),
-    "missing": ('{"k": 4, "windows": [1, 2, 3, 4], "centroids_sha256": "%s"}', 'no "tokens"'),
+    "no tokens": ('{"k": 4, "windows": [1, 2, 3, 4], "centroids_sha256": "%s"}', 'no "tokens"'),
     "json": ('{"k": 4, "tokens": [1, 2, 3, 4]', "not valid JSON"),
     "array": ("[1, 2, 3, 4]", "expected a JSON object"),
     "no centroids": ('{"k": 4, "tokens": [1, 2, 3, 4]}',
@@ -331,18 +331,18 @@ BAD_HISTOGRAMS = {  # file content -> the field its error names, and what it say
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_HISTOGRAMS, "missing", "directory"])
+@pytest.mark.parametrize("case", [*BAD_HISTOGRAMS, "no file", "directory"])
 def test_bad_histogram_file_is_one_line_and_writes_nothing(initial_pn, tmp_path, capsys, case):
     _, _, ckpt = initial_pn
     path = tmp_path / "histogram.json"
-    if case == "directory":
-        path.mkdir()
-        said = f"is a directory; give the file, {path / 'histogram.json'}"
-    elif case != "missing":
+    if case in BAD_HISTOGRAMS:
         content, said = BAD_HISTOGRAMS[case]
         path.write_text(content.replace("%s", CENTROIDS))
-    else:
-        said = "cannot read it"
+    elif case == "directory":
+        path.mkdir()
+        said = f"is a directory; give the file, {path / 'histogram.json'}"
+    else:  # no file
+        said = "cannot read it (No such file or directory)"
     code = pn_project(["--checkpoint", str(ckpt), "--histogram", str(path), "--strategy",
                        "histogram", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
