@@ -27,6 +27,7 @@ from megatron.core import tensor_parallel
 
 from megatron_pn import checkpoint, compat
 from megatron_pn.checks import check_config
+from megatron_pn.clustering import run_clustering
 from megatron_pn.config import Config
 from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader
 from megatron_pn.distributed import agreed, init_distributed
@@ -281,6 +282,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "early_stopping": self.selection.state_dict(),
             "tokenizer": self.tokenizer.record() if self.tokenizer else None,
+            "clustering": run_clustering(self.cfg),  # pn-project checks histograms against it
         }
         path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")

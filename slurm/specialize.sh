@@ -11,11 +11,15 @@
 #            [--tokenizer HF_TOKENIZER_DIR] [-- pn-train overrides for fine-tuning]
 #        bash slurm/specialize.sh --help
 #
-# DOMAINS.txt: one domain per line, "NAME TRAIN_PREFIX VALID_PREFIX TEST_PREFIX" (indexed
-# datasets tokenized like the generic corpus; # starts a comment); array task i takes the i-th
-# domain. --strategy: most-frequent (default), best-loss, soft or cluster=I (pn-project).
+# DOMAINS.txt: one domain per line, "NAME TRAIN_PREFIX VALID_PREFIX TEST_PREFIX [HISTOGRAM]"
+# (indexed datasets tokenized like the generic corpus; # starts a comment); array task i takes
+# the i-th domain. HISTOGRAM, a histogram.json of the domain with the PN's clustering (e.g. of
+# an earlier `pn-data assign`), replaces the assign step: pn-project gets it as --histogram.
+# --strategy: most-frequent (default), best-loss (needs the assign step: no HISTOGRAM),
+# histogram (the PN for the domain's cluster histogram) or cluster=I (pn-project).
 # Defaults: --model-config configs/paper/slm.yaml (the expert's shape), --finetune-config
-# configs/finetune/paper_1m.yaml. Outputs: DIR/NAME/{assign,expert,finetune,eval.json,hf}.
+# configs/finetune/paper_1m.yaml. Outputs: DIR/NAME/{assign,expert,finetune,eval.json,hf}
+# (no assign with a HISTOGRAM).
 # Every stage is skipped when its output is complete, and fine-tuning saves and requeues on
 # a stop signal like pretraining: a requeued task goes on where it stopped.
 #
@@ -63,17 +67,23 @@ overrides=("$@")
 [[ -f $domains ]] || pn_die "--domains $domains: no such file"
 task=${SLURM_ARRAY_TASK_ID:-0}
 line=$(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$domains" | sed -n "$((task + 1))p")
-read -r name train valid test extra <<< "$line"
-[[ -n $test && -z $extra ]] \
-    || pn_die "$domains: line $((task + 1)) must be 'NAME TRAIN_PREFIX VALID_PREFIX TEST_PREFIX'"
+read -r name train valid test histogram extra <<< "$line"
+[[ -n $test && -z $extra ]] || pn_die "$domains: line $((task + 1)) must be" \
+    "'NAME TRAIN_PREFIX VALID_PREFIX TEST_PREFIX [HISTOGRAM]'"
 dir=$out/$name
 pn_log "domain $name (task $task): train $train, valid $valid, test $test -> $dir"
 
-pn_stage "assign" "$dir/assign" \
-    pn-data assign --data-prefix "$train" --clusters "$clusters" --output "$dir/assign"
+if [[ -n $histogram ]]; then
+    [[ -f $histogram ]] || pn_die "$domains: line $((task + 1)): histogram $histogram: no such file"
+    spec=(--histogram "$histogram")
+else
+    pn_stage "assign" "$dir/assign" \
+        pn-data assign --data-prefix "$train" --clusters "$clusters" --output "$dir/assign"
+    spec=(--spec-data "$dir/assign")
+fi
 # pn-project's checkpoint is complete once its `latest` marker exists; replace a partial one.
 pn_stage "project ($strategy)" "$dir/expert/latest_checkpointed_iteration.txt" \
-    pn-project --checkpoint "$pn_ckpt" --spec-data "$dir/assign" --strategy "$strategy" \
+    pn-project --checkpoint "$pn_ckpt" "${spec[@]}" --strategy "$strategy" \
     --output "$dir/expert" --overwrite
 if [[ ! -e $dir/finetune/finished ]]; then
     pn_train_job "$model_config" "$finetune_config" "checkpoint.load=$dir/expert" \

@@ -157,7 +157,10 @@ CASES = [
     ("pn-experiment", ["report", "{ws}/exp"], "experiment.json"),
     # command lines argparse refuses: the same one line
     ("pn-train", [], "CONFIG.yaml"),
-    ("pn-project", ["--checkpoint", "{ws}/ckpt"], "--spec-data"),
+    ("pn-project", ["--checkpoint", "{ws}/ckpt", "--output", "{ws}/projected"],
+     "one of the arguments --spec-data --histogram is required"),
+    ("pn-project", ["--checkpoint", "{ws}/ckpt", "--spec-data", "{ws}/nope_spec", "--histogram",
+                    "{ws}/h.json", "--output", "{ws}/projected"], "not allowed with"),
     ("pn-eval", ["--checkpoint", "{ws}/ckpt", "--precision", "fp8"], "fp8"),
     ("pn-data", ["preprocess", "--bogus"], "required"),
     ("pn-experiment", [], "command"),

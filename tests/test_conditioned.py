@@ -136,7 +136,8 @@ def test_cond_trains_on_clusters_and_specializes(world, tmp_path):
     docs = [d.upper() for d in real_text_documents(20_000)]
     prefix = write_byte_dataset(spec / "text", docs)
     (spec / "histogram.json").write_text(json.dumps({
-        "k": 4, "tokens": [0, 100, 0, 0], "source_prefix": str(prefix)}))
+        "k": 4, "tokens": [0, 100, 0, 0], "source_prefix": str(prefix),
+        "centroids_sha256": "c" * 64}))
     assert pn_project(["--checkpoint", str(run / "ckpt"), "--spec-data", str(spec),
                        "--strategy", "most-frequent", "--output", str(tmp_path / "proj")]) == 0
     assert json.loads((tmp_path / "proj" / "projection.json").read_text())["expert"] == 1

@@ -19,6 +19,7 @@ from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
 from megatron_pn.cli.plan import main as pn_plan
 from megatron_pn.experiment.plan import plan
+from megatron_pn.experiment.report import MIXTURE_ROW
 from pn_base.errors import ConfigError
 
 TINY = REPO / "configs" / "experiments" / "tiny.yaml"
@@ -62,9 +63,9 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     k, sizes = cfg.clusters["pn"], len(cfg.spec_sizes)
     n = {name: len(method.budgets) for name, method in cfg.methods.items() if name != "distill"}
     # a run per budget (mix: per budget and expert; SLM-is: per budget, domain (1) and size)
-    assert kinds.count("pretrain") == (n["slm"] + n["llm"] + n["pn"] + n["cond"] + n["mix"] * k
-                                       + n["is"] * sizes)
-    # each run per size (SLM-d: one per SLM budget), Table 5: soft + one per expert
+    assert kinds.count("pretrain") == (n["slm"] + n["llm"] + n["pn"] + n["pnmix"] + n["cond"]
+                                       + n["mix"] * k + n["is"] * sizes)
+    # each run per size (SLM-d: one per SLM budget), Table 5: histogram + one per expert
     assert kinds.count("finetune") == (sum(n.values()) + n["slm"]) * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
@@ -348,7 +349,8 @@ SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
          "train.eval_steps=1,train.log_interval=1000]",
          "methods.slm.budgets=[8]", "methods.llm.budgets=[4]", "methods.pn.budgets=[8]",
-         "methods.pn.procs=2", "methods.cond.budgets=[8]", "methods.mix.budgets=[4]",
+         "methods.pn.procs=2", "methods.pnmix.budgets=[8]", "methods.cond.budgets=[8]",
+         "methods.mix.budgets=[4]",
          "methods.is.budgets=[8]",
          "export_hf={pn: [fortunes]}"]
 
@@ -390,7 +392,7 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
             assert cell["nll_after"] < uniform, (method, row)  # every model learned something
             if method != "distill":
                 assert cell["nll_before"] is not None, (method, row)
-            if method in ("slm", "llm", "pn", "cond", "mix"):
+            if method in ("slm", "llm", "pn", "pnmix", "cond", "mix"):
                 assert row["generic_nll"] is not None and row["generic_cost"] > 0
     # evaluated on the domain's test split, not on the validation split early stopping used
     evaluation = json.loads((out / "spec" / "pn" / "b8" / "fortunes_s20k" / "eval_after.json")
@@ -406,14 +408,19 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
     projection = json.loads((out / "spec" / "cond" / "b8" / "fortunes_s20k" / "source" /
                              "projection.json").read_text())
     assert projection["strategy"] == "most-frequent" and projection["expert"] in (0, 1)
+    # the mixture-trained PN: each domain's model from its histogram, in Table 5 too
+    projection = json.loads((out / "spec" / "pnmix" / "b8" / "fortunes_s20k" / "source" /
+                             "projection.json").read_text())
+    assert projection["strategy"] == "histogram" and projection["expert"] is None
+    assert results["strategies"]["domains"]["fortunes"][MIXTURE_ROW]["nll_before"] is not None
     # the runs of --jobs 2 overlap: the report says their costs come from a shared machine
     assert results["shared_machine"]["runs"] and "shared the machine" in printed
     strategies = results["strategies"]["domains"]["fortunes"]
     assert all(strategies[s]["nll_after"] is not None
-               for s in ("most-frequent", "best-loss", "soft", "fine-tune all, keep best"))
+               for s in ("most-frequent", "best-loss", "histogram", "fine-tune all, keep best"))
     tables = (out / "tables.md").read_text()
     assert "Table 8" in tables and "Table 5" in tables and "| SLM-pn |" in tables
-    assert "| SLM-cond |" in tables
+    assert "| SLM-cond |" in tables and "| SLM-pn-mixture |" in tables
     for png in ("fig4_spec_ppl_vs_cost.png", "fig6_total_cost.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # a re-run has nothing left to do

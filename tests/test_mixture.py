@@ -225,3 +225,32 @@ def test_mixture_training_is_for_projected_networks(clusters, tmp_path, capsys):
             "data.mixture=step"]
     assert main(args) == 2
     assert "mixture training is for model.type pn, not cond" in capsys.readouterr().err
+
+
+def test_a_mixture_trained_checkpoint_becomes_an_ordinary_dense_checkpoint(clusters, tmp_path,
+                                                                           capsys):
+    """pn-project --histogram FILE (the histogram alone) on a mixture-trained PN with a learned
+    map: a dense checkpoint that pn-eval reads as any dense model (its config draws no
+    mixtures), holding the model of the histogram's code."""
+    import json
+
+    from helpers import write_model_checkpoint
+    from megatron_pn import checkpoint
+    from megatron_pn.cli.evaluate import main as pn_eval
+    from megatron_pn.cli.project import main as pn_project
+
+    blend, root = clusters
+    ckpt = write_model_checkpoint(tmp_path / "pn", [PN_CONFIG], tiny_pn_overrides(
+        blend, tmp_path / "unused", **{**MIXTURE, "train.steps": 0}))
+    histogram = tmp_path / "histogram.json"
+    histogram.write_text(json.dumps({"k": 4, "tokens": [5, 0, 3, 2], "centroids_sha256": "ab"}))
+    out = tmp_path / "instant"
+    assert pn_project(["--checkpoint", str(ckpt), "--histogram", str(histogram), "--strategy",
+                       "histogram", "--output", str(out)]) == 0
+    saved = checkpoint.saved_config(out)
+    assert saved.model.type == "dense" and saved.data.mixture == "none"
+    assert json.loads((out / "projection.json").read_text())["weights"] == [0.5, 0.0, 0.3, 0.2]
+    prefix = json.loads(blend.read_text())["blend"][0][1]
+    assert pn_eval(["--checkpoint", str(out), "--data", prefix, "--max-tokens", "2000",
+                    "--quiet"]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -3,7 +3,9 @@ it writes, fine-tuning with lr/3, early stopping and the best checkpoint kept, c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,17 +17,26 @@ from megatron_pn import checkpoint
 from megatron_pn.cli.project import main as pn_project
 
 PN_CONFIG = "configs/tiny/pn.yaml"
+CENTROIDS = "c" * 64  # the clustering the tiny PNs train on (clusters.json beside the blend)
 
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec")
-    return root, write_cluster_datasets(root / "data")
+    blend = write_cluster_datasets(root / "data")
+    write_manifest(blend, CENTROIDS)
+    return root, blend
+
+
+def write_manifest(blend, centroids, **extra):
+    """The clusters.json `pn-data cluster` writes beside its blend (what pn-project reads)."""
+    (blend.parent / "clusters.json").write_text(json.dumps(
+        {"k": 4, "centroids_sha256": centroids, **extra}))
 
 
 @pytest.fixture(scope="module")
 def initial_pn(clusters):
-    """(root, blend, checkpoint) of the tiny PN as initialized: what the soft/most-frequent
+    """(root, blend, checkpoint) of the tiny PN as initialized: what the histogram/most-frequent
     identity and the bad-input cases need."""
     root, blend = clusters
     ckpt = write_model_checkpoint(root / "pn_init", [PN_CONFIG],
@@ -41,13 +52,20 @@ def trained_pn(clusters):
     return root, blend, root / "pn" / "ckpt"
 
 
-def spec_dir(root, name, tokens, source):
+def spec_dir(root, name, tokens, source, **extra):
     """What `pn-data assign` writes for a specialization set (the keys pn-project reads)."""
     path = root / name
     path.mkdir(exist_ok=True)
     (path / "histogram.json").write_text(json.dumps({
-        "k": len(tokens), "tokens": tokens, "windows": tokens, "source_prefix": str(source)}))
+        "k": len(tokens), "tokens": tokens, "windows": tokens, "source_prefix": str(source),
+        "centroids_sha256": CENTROIDS, **extra}))
     return path
+
+
+def spec_of(path):
+    from megatron_pn.specialize import read_histogram
+
+    return read_histogram(path / "histogram.json", 4, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +88,15 @@ def load_pn(ckpt, env):
 def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     """(best-loss needs trained experts: at initialization blowing up the others' weights need
     not make them worse)"""
-    from megatron_pn.specialize import choose, read_spec
+    from megatron_pn.specialize import choose
 
     root, _, ckpt = trained_pn
     cfg, device, model = load_pn(ckpt, tool_world)
     source = root / "data" / "cluster_0001"
-    spec = read_spec(spec_dir(root, "s1", [10, 70, 5, 15], source), 4)
+    spec = spec_of(spec_dir(root, "s1", [10, 70, 5, 15], source))
     assert choose("most-frequent", spec, model, cfg, device, 4096)[0] == 1
     assert choose("cluster=3", spec, model, cfg, device, 4096)[0] == 3
-    expert, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    expert, weights, _ = choose("histogram", spec, model, cfg, device, 4096)
     assert expert is None and weights == pytest.approx([0.1, 0.7, 0.05, 0.15])
     assert choose("cluster=3", spec, model, cfg, device, 4096)[1] == [0.0, 0.0, 0.0, 1.0]
 
@@ -92,19 +110,19 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     assert expert == 2 and np.argmin(details["losses"]) == 2
 
 
-def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
+def test_histogram_strategy_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     """The mixture code sum_i p_i E_i of a one-hot histogram is expert i's code exactly, and so
     is every projected weight; a real mixture is the projection of the mixed code."""
     from megatron_pn.families import family_of
     from megatron_pn.pn.projection import dense_state_dict
-    from megatron_pn.specialize import choose, read_spec
+    from megatron_pn.specialize import choose
 
     root, _, ckpt = initial_pn
     cfg, device, model = load_pn(ckpt, tool_world)
-    spec = read_spec(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"), 4)
-    _, weights, _ = choose("soft", spec, model, cfg, device, 4096)
+    spec = spec_of(spec_dir(root, "onehot", [0, 0, 9, 0], root / "data" / "cluster_0002"))
+    _, weights, _ = choose("histogram", spec, model, cfg, device, 4096)
     family = family_of(cfg)
-    soft = family.dense_state(model, weights)
+    mixed_one_hot = family.dense_state(model, weights)
     hard = dense_state_dict(model, expert=choose("most-frequent", spec, model, cfg, device, 0)[0])
     mixed = family.dense_state(model, [0.5, 0.0, 0.5, 0.0])
     code = 0.5 * model.expert_codes[0] + 0.5 * model.expert_codes[2]
@@ -112,7 +130,7 @@ def test_soft_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
     assert torch.allclose(mixed[key], dense_state_dict(model, code=code)[key], atol=1e-6)
     for key, value in hard.items():
         if isinstance(value, torch.Tensor):  # (skip the None `_extra_state` entries)
-            assert torch.equal(soft[key], value), key
+            assert torch.equal(mixed_one_hot[key], value), key
 
 
 @pytest.mark.slow
@@ -203,25 +221,204 @@ def test_bad_input(initial_pn, tmp_path, capsys):
         ["--checkpoint", str(dense), "--spec-data", str(spec), "--output", out])
     assert "no histogram.json" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
-    assert "assigned to 3 clusters but the checkpoint has 4" in error(
+    assert '"k" is 3 but the checkpoint has 4 experts' in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(spec_dir(tmp_path, "k3", [1, 2, 3],
          root)), "--output", out])
-    # The spec set was assigned with other centroids than the PN's clustering.
-    (blend.parent / "clusters.json").write_text(json.dumps({"centroids_sha256": "a" * 64}))
-    other = spec_dir(tmp_path, "other", [1, 2, 3, 4], root)
-    hist = json.loads((other / "histogram.json").read_text())
-    (other / "histogram.json").write_text(json.dumps({**hist, "centroids_sha256": "b" * 64}))
+    # The spec set was assigned with other centroids than the PN's clustering ...
+    other = spec_dir(tmp_path, "other", [1, 2, 3, 4], root, centroids_sha256="b" * 64)
+    assert "is another clustering than the checkpoint's" in error(
+        ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
+    # ... or tokenized with another tokenizer than the clustering.
+    write_manifest(blend, CENTROIDS, tokenizer_sha256="c" * 64)
     try:
-        assert "other centroids" in error(
-            ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
-        # ... or tokenized with another tokenizer.
-        (blend.parent / "clusters.json").write_text(json.dumps({"tokenizer_sha256": "c" * 64}))
-        (other / "histogram.json").write_text(json.dumps({**hist, "tokenizer_sha256": "d" * 64}))
-        assert "other tokenizer" in error(
-            ["--checkpoint", str(ckpt), "--spec-data", str(other), "--output", out])
+        assert "tokenizer mismatch" in error(
+            ["--checkpoint", str(ckpt), "--spec-data",
+             str(spec_dir(tmp_path, "tok", [1, 2, 3, 4], root, tokenizer_sha256="d" * 64)),
+             "--output", out])
     finally:
-        (blend.parent / "clusters.json").unlink()
+        write_manifest(blend, CENTROIDS)
     assert not (tmp_path / "out").exists()
+
+
+# -- --histogram: the histogram alone ----------------------------------------------------------
+
+def histogram_file(path, **content):
+    """A histogram.json in its minimal form (what a data owner may send)."""
+    path.write_text(json.dumps({"k": 4, "centroids_sha256": CENTROIDS, **content}))
+    return path
+
+
+def project_to(ckpt, out, *args):
+    assert pn_project(["--checkpoint", str(ckpt), "--output", str(out), *map(str, args)]) == 0
+    return out
+
+
+def tensors(ckpt, env):
+    """The tensors of a checkpoint's model state."""
+    return {k: v for k, v in load_pn(ckpt, env)[2].state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_histogram_file_projects_as_its_spec_data(initial_pn, tool_world, tmp_path):
+    """--histogram, from an assign output or in the minimal form, is the --spec-data projection
+    of the same histogram (and not the most frequent expert's), with its source recorded."""
+    root, _, ckpt = initial_pn
+    spec = spec_dir(tmp_path, "spec", [1, 5, 2, 2], root / "data" / "cluster_0001")
+    minimal = histogram_file(tmp_path / "sent.json", tokens=[10, 50, 20, 20])
+    histogram = ["--strategy", "histogram"]
+    by_spec = tensors(project_to(ckpt, tmp_path / "a", "--spec-data", spec, *histogram),
+                      tool_world)
+    for name, path in (("b", spec / "histogram.json"), ("c", minimal)):
+        assert_same_tensors(tensors(project_to(ckpt, tmp_path / name, "--histogram", path,
+                                               *histogram), tool_world), by_spec)
+    frequent = tensors(project_to(ckpt, tmp_path / "d", "--histogram", minimal), tool_world)
+    assert not torch.equal(frequent["decoder.layers.0.mlp.linear_fc1.weight"],
+                           by_spec["decoder.layers.0.mlp.linear_fc1.weight"])
+    record = json.loads((tmp_path / "c" / "projection.json").read_text())
+    assert record["histogram_file"] == str(minimal) and record["spec_data"] is None
+    assert record["clustering_matched"] == str(root / "data" / "clusters.json")
+    assert record["histogram_sha256"] == hashlib.sha256(minimal.read_bytes()).hexdigest()
+    assert record["weights"] == pytest.approx([0.1, 0.5, 0.2, 0.2])
+
+
+def test_one_hot_histogram_file_is_that_expert(initial_pn, tool_world, tmp_path):
+    from megatron_pn.pn.projection import dense_state_dict
+
+    _, _, ckpt = initial_pn
+    one_hot = histogram_file(tmp_path / "h.json", tokens=[0, 0, 7, 0])
+    mixed = tensors(project_to(ckpt, tmp_path / "mixed", "--histogram", one_hot,
+                               "--strategy", "histogram"), tool_world)
+    expert = tensors(project_to(ckpt, tmp_path / "expert", "--histogram", one_hot,
+                                "--strategy", "cluster=2"), tool_world)
+    assert_same_tensors(mixed, expert)
+    direct = dense_state_dict(load_pn(ckpt, tool_world)[2], expert=2)
+    assert_same_tensors(mixed, {k: direct[k] for k in mixed})
+    other = dense_state_dict(load_pn(ckpt, tool_world)[2], expert=1)
+    assert not torch.equal(mixed["decoder.layers.0.mlp.linear_fc1.weight"],
+                           other["decoder.layers.0.mlp.linear_fc1.weight"])
+
+
+BAD_HISTOGRAMS = {  # file content -> the field its error names, and what it says
+    "k": ('{"k": 3, "tokens": [1, 2, 3], "centroids_sha256": "%s"}', '"k" is 3'),
+    "length": ('{"k": 4, "tokens": [1, 2, 3], "centroids_sha256": "%s"}',
+               '"tokens" has 3 entries but the checkpoint has 4'),
+    "negative": ('{"k": 4, "tokens": [1, -2, 3, 4], "centroids_sha256": "%s"}',
+                 '"tokens": entry 1 is negative'),
+    "zeros": ('{"k": 4, "tokens": [0, 0, 0, 0], "centroids_sha256": "%s"}',
+              '"tokens": all zero'),
+    "nan": ('{"k": 4, "tokens": [1, NaN, 3, 4], "centroids_sha256": "%s"}',
+            '"tokens": entry 1 is not finite'),
+    "inf": ('{"k": 4, "p": [0.5, 0.5, Infinity, 0], "centroids_sha256": "%s"}',
+            '"p": entry 2 is not finite'),
+    "text": ('{"k": 4, "tokens": [1, "2", 3, 4], "centroids_sha256": "%s"}',
+             '"tokens": expected a list of 4 numbers'),
+    "no tokens": ('{"k": 4, "windows": [1, 2, 3, 4], "centroids_sha256": "%s"}', 'no "tokens"'),
+    "json": ('{"k": 4, "tokens": [1, 2, 3, 4]', "not valid JSON"),
+    "array": ("[1, 2, 3, 4]", "expected a JSON object"),
+    "no centroids": ('{"k": 4, "tokens": [1, 2, 3, 4]}',
+                     'no "centroids_sha256", so nothing says which clustering its clusters are '
+                     "— send the histogram.json of `pn-data assign` (it records them), or pass "
+                     "--allow-clustering-mismatch"),
+    "other centroids": ('{"k": 4, "tokens": [1, 2, 3, 4], "centroids_sha256": "%s"}' % ("b" * 64),
+                        '"centroids_sha256" bbbbbbbbbbbb is another clustering than the '
+                        "checkpoint's"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_HISTOGRAMS, "no file", "directory"])
+def test_bad_histogram_file_is_one_line_and_writes_nothing(initial_pn, tmp_path, capsys, case):
+    _, _, ckpt = initial_pn
+    path = tmp_path / "histogram.json"
+    if case in BAD_HISTOGRAMS:
+        content, said = BAD_HISTOGRAMS[case]
+        path.write_text(content.replace("%s", CENTROIDS))
+    elif case == "directory":
+        path.mkdir()
+        said = f"is a directory; give the file, {path / 'histogram.json'}"
+    else:  # no file
+        said = "cannot read it (No such file or directory)"
+    code = pn_project(["--checkpoint", str(ckpt), "--histogram", str(path), "--strategy",
+                       "histogram", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"pn-project: error: --histogram {path}") and said in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_best_loss_needs_the_spec_text(initial_pn, tmp_path, capsys):
+    _, _, ckpt = initial_pn
+    code = pn_project(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out"),
+                       "--histogram", str(histogram_file(tmp_path / "h.json", tokens=[1] * 4)),
+                       "--strategy", "best-loss"])
+    assert code == 2 and "give --spec-data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def recorded_pn(tmp_path_factory):
+    """A PN checkpoint pn-train saved (0 steps) from a clustering with its clusters.json, whose
+    data is deleted after: only the checkpoint's record knows the clustering."""
+    root = tmp_path_factory.mktemp("recorded")
+    blend = write_cluster_datasets(root / "data")
+    write_manifest(blend, "e" * 64)
+    run_train([PN_CONFIG, *tiny_pn_overrides(blend, root / "run", **{
+        "train.steps": 0, "checkpoint.dir": root / "ckpt"})])
+    shutil.rmtree(root / "data")
+    return root, blend, root / "ckpt"
+
+
+def test_histogram_needs_no_training_data_and_checks_the_recorded_clustering(
+        recorded_pn, tool_world, tmp_path, capsys):
+    from megatron.core import dist_checkpointing
+
+    from megatron_pn import checkpoint as ckpts
+
+    _, blend, ckpt = recorded_pn
+    assert not blend.parent.exists() and checkpoint.saved_config(ckpt).data.blend_file == str(blend)
+    common = dist_checkpointing.load_common_state_dict(str(ckpts.resolve(ckpt)))
+    assert common["clustering"] == {"centroids_sha256": "e" * 64, "k": 4}
+    same = histogram_file(tmp_path / "same.json", tokens=[1, 2, 3, 4], centroids_sha256="e" * 64)
+    project_to(ckpt, tmp_path / "out", "--histogram", same, "--strategy", "histogram")
+    assert checkpoint.saved_config(tmp_path / "out").model.type == "dense"
+    assert json.loads((tmp_path / "out" / "projection.json").read_text())[
+        "clustering_matched"] == f"checkpoint {ckpts.resolve(ckpt)}"
+    assert "warning" not in capsys.readouterr().err
+    # the fixture's CENTROIDS are another clustering: refused, then allowed with a warning
+    other = histogram_file(tmp_path / "other.json", tokens=[1, 2, 3, 4])
+    args = ["--checkpoint", str(ckpt), "--histogram", str(other), "--output",
+            str(tmp_path / "other")]
+    assert pn_project(args) == 2
+    err = capsys.readouterr().err
+    assert f"is another clustering than the checkpoint's (checkpoint {ckpts.resolve(ckpt)}: " \
+        "eeeeeeeeeeee)" in err and "--allow-clustering-mismatch" in err
+    assert not (tmp_path / "other").exists()
+    # --spec-data too is checked against the record
+    spec = spec_dir(tmp_path, "spec", [1, 2, 3, 4], tmp_path / "text")
+    assert pn_project(["--checkpoint", str(ckpt), "--spec-data", str(spec), "--output",
+                       str(tmp_path / "spec_out")]) == 2
+    assert f"clustering than the checkpoint's (checkpoint {ckpts.resolve(ckpt)}" in \
+        capsys.readouterr().err
+    assert pn_project([*args, "--allow-clustering-mismatch"]) == 0
+    assert "allowed by --allow-clustering-mismatch" in capsys.readouterr().err
+    assert json.loads((tmp_path / "other" / "projection.json").read_text())[
+        "clustering_matched"] is None
+
+
+def test_only_routed_runs_record_their_clustering(clusters):
+    from megatron_pn.clustering import run_clustering
+    from megatron_pn.config import load_config
+
+    _, blend = clusters
+    pn = load_config([PN_CONFIG], [f"data.blend_file={blend}"])
+    assert run_clustering(pn) == {"centroids_sha256": CENTROIDS, "k": 4}
+    assert run_clustering(load_config(["configs/tiny/slm.yaml"], [f"data.blend_file={blend}"])) \
+        is None
 
 
 # -- distillation (SLM-d) -----------------------------------------------------------------------

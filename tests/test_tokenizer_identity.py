@@ -223,7 +223,8 @@ def spec(root, name, sha):
     path = root / name
     path.mkdir()
     (path / "histogram.json").write_text(json.dumps(
-        {"k": 4, "tokens": [1, 5, 1, 1], "windows": [1, 5, 1, 1], "tokenizer_sha256": sha}))
+        {"k": 4, "tokens": [1, 5, 1, 1], "windows": [1, 5, 1, 1], "tokenizer_sha256": sha,
+         "centroids_sha256": "c" * 64}))
     return path
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from megatron_pn import specialize
-from megatron_pn.specialize import STRATEGIES
+from megatron_pn.specialize import CLUSTERING_FLAG, STRATEGIES
 from pn_base.errors import ArgumentParser, run_command
 
 
@@ -17,8 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=specialize.__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a PN checkpoint (root or iter dir)")
-    parser.add_argument("--spec-data", required=True, type=Path,
-                        help="`pn-data assign` output directory of the specialization set")
+    spec = parser.add_mutually_exclusive_group(required=True)
+    spec.add_argument("--spec-data", type=Path,
+                      help="`pn-data assign` output directory of the specialization set")
+    spec.add_argument("--histogram", type=Path, metavar="FILE",
+                      help="the specialization set's cluster histogram alone (a histogram.json "
+                      "of `pn-data assign`): no text, no training data needed")
     parser.add_argument("--strategy", default="most-frequent",
                         help=f"one of {', '.join(STRATEGIES)} (default: most-frequent)")
     parser.add_argument("--output", required=True, type=Path, help="dense checkpoint directory")
@@ -27,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
                         help="project although the specialization set records another "
                         "tokenizer than the checkpoint was trained with")
+    parser.add_argument(CLUSTERING_FLAG, action="store_true",
+                        help="project although the histogram records another clustering than "
+                        "the checkpoint was trained on, or none")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _project_main(args) -> int:
     record = specialize.project(args)
-    chosen = record["expert"] if record["expert"] is not None else "soft mixture"
+    chosen = record["expert"] if record["expert"] is not None else "histogram mixture"
     print(f"projected expert {chosen} ({record['strategy']}) of {record['source']} -> "
           f"{args.output} in {record['seconds']:.1f}s")
     return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 from megatron_pn.experiment.config import ExperimentConfig, config_family, method_config
 from pn_base.outputs import FINISHED, HISTOGRAM, expert_dir
 
-STRATEGIES = ("most-frequent", "best-loss", "soft")
+STRATEGIES = ("most-frequent", "best-loss", "histogram")
 
 
 @dataclass
@@ -258,7 +258,7 @@ class Grid:
         """A mixture-trained PN becomes a domain's model from its histogram; others take the
         expert of the most frequent cluster (the paper)."""
         trained = method_config(self.cfg.methods[method])
-        return "most-frequent" if trained.data.mixture == "none" else "soft"
+        return "most-frequent" if trained.data.mixture == "none" else "histogram"
 
     def projection(self, method: str, b: int, d: str, size: str, strategy: str, target: Path):
         ckpt = self.pretrain_dir(method, b) / "ckpt"

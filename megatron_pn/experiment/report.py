@@ -192,7 +192,8 @@ class Collector:
                                        cluster[frequent] / "eval_after.json"),
                 "best-loss": entry(root / "best-loss" / "eval_before.json",
                                    cluster[chosen["expert"]] / "eval_after.json"),
-                "soft": entry(root / "soft" / "eval_before.json", root / "soft" / "eval_after.json"),
+                "histogram": entry(root / "histogram" / "eval_before.json",
+                                   root / "histogram" / "eval_after.json"),
                 "fine-tune all, keep best": entry(
                     cluster[oracle] / "eval_before.json" if oracle is not None else Path("-"),
                     cluster[oracle] / "eval_after.json" if oracle is not None else Path("-")),
@@ -386,10 +387,10 @@ def table5(results: dict) -> str:
     strategies = results.get("strategies")
     if not strategies or not strategies["domains"]:
         return ""
-    names = ["most-frequent", "best-loss", "soft", "fine-tune all, keep best"]
+    names = ["most-frequent", "best-loss", "histogram", "fine-tune all, keep best"]
     if any(MIXTURE_ROW in d for d in strategies["domains"].values()):
         names.append(MIXTURE_ROW)
-    cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "soft": "1x",
+    cost = {"most-frequent": "1x", "best-loss": "1x (+ scoring k experts)", "histogram": "1x",
             "fine-tune all, keep best": f"{strategies['k']}x", MIXTURE_ROW: "1x"}
     lines = [f"Table 5 (expert selection; SLM-pn at {strategies['budget']} steps, spec set "
              f"{strategies['size']}; macro-averaged test perplexity over "
