@@ -89,6 +89,18 @@ def test_the_dense_model_of_a_mixture_equals_the_pn_computed_with_its_code(world
     assert not torch.allclose(got, single, atol=1e-3)  # a mixture is not its largest expert
 
 
+def test_a_learned_map_counts_in_pretraining_not_in_the_expert(world):
+    counts = {}
+    for code_map in MAPS:
+        cfg = tiny_cfg(code_map)
+        model = build(cfg)
+        total = sum(p.numel() for p in model.parameters())
+        counts[code_map] = total, family_of(cfg).expert_parameters([model], total)
+    hidden = tiny_cfg().model.code_map_hidden  # k x hidden + hidden + hidden x m
+    assert counts["learned"][0] - counts["linear"][0] == 4 * hidden + hidden + hidden * 2
+    assert counts["learned"][1] == counts["linear"][1]
+
+
 def test_pn_forward_needs_exactly_one_of_cluster_ids_and_mixture(world):
     model = build(tiny_cfg())
     ids, positions = tokens()

@@ -37,12 +37,18 @@ class LearnedCodeMap(torch.nn.Module):
     coefficients of a linear combination (here: a code, added to w @ E). B starts at zero, so a
     model starts with the linear map and its initialization is unchanged."""
 
-    def __init__(self, k: int, m: int, hidden: int, generator, device, dtype):
+    def __init__(self, k: int, m: int, hidden: int, device, dtype):
         super().__init__()
-        weight_in = torch.randn(k, hidden, generator=generator) / k ** 0.5
-        self.weight_in = torch.nn.Parameter(weight_in.to(device=device, dtype=dtype))
-        self.bias_in = torch.nn.Parameter(torch.zeros(hidden, device=device, dtype=dtype))
-        self.weight_out = torch.nn.Parameter(torch.zeros(hidden, m, device=device, dtype=dtype))
+        self.weight_in = torch.nn.Parameter(torch.empty(k, hidden, device=device, dtype=dtype))
+        self.bias_in = torch.nn.Parameter(torch.empty(hidden, device=device, dtype=dtype))
+        self.weight_out = torch.nn.Parameter(torch.empty(hidden, m, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        k, hidden = self.weight_in.shape
+        self.weight_in.copy_(torch.randn(k, hidden, generator=generator) / k ** 0.5)
+        self.bias_in.zero_()
+        self.weight_out.zero_()
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(weights @ self.weight_in + self.bias_in) @ self.weight_out
@@ -60,8 +66,7 @@ class PNGPTModel(GPTModel):
         self.code_map = None
         if pn.code_map == "learned":
             self.code_map = LearnedCodeMap(pn.num_experts, pn.code_size, pn.code_map_hidden,
-                                           seeded_generator(pn.seed, "code_map"), device,
-                                           config.params_dtype)
+                                           device, config.params_dtype)
         self.is_main_code_copy = ps.get_pipeline_model_parallel_rank() == 0 and not self.vp_stage
         for _, param in self.code_parameters():
             param.shared_embedding = True
@@ -95,7 +100,8 @@ class PNGPTModel(GPTModel):
 
     @torch.no_grad()
     def _init_expert_codes(self) -> None:
-        """Unit-norm rows (see pn/layers.py: projected experts then have the dense init std).
+        """E, and a learned code map if there is one. E has unit-norm rows (see pn/layers.py:
+        projected experts then have the dense init std).
 
         random: independent codes, so the experts' mixing vectors alpha = E[i] M are unrelated
         (for h = 3, m = 2 they lie on one circle, some nearly opposite: W[j] ~ -W[i]).
@@ -111,6 +117,8 @@ class PNGPTModel(GPTModel):
             directions = codes / codes.norm(dim=1, keepdim=True)
             codes = shared / shared.norm() + self.pn.code_init_spread * directions
         self.expert_codes.copy_(codes / codes.norm(dim=1, keepdim=True))
+        if self.code_map is not None:
+            self.code_map.reset_parameters(seeded_generator(self.pn.seed, "code_map"))
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                 *args, cluster_ids=None, mixture=None, loss_mask=None, **kwargs):
