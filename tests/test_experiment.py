@@ -349,7 +349,9 @@ SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
          "train.eval_steps=1,train.log_interval=1000]",
          "methods.slm.budgets=[8]", "methods.llm.budgets=[4]", "methods.pn.budgets=[8]",
-         "methods.pn.procs=2", "methods.pnmix.budgets=[8]", "methods.cond.budgets=[8]",
+         "methods.pn.procs=2", "methods.pnmix.budgets=[8]",
+         "methods.pnmix.overrides=[model.code_map=learned,data.mixture=micro_batch]",
+         "methods.cond.budgets=[8]",
          "methods.mix.budgets=[4]",
          "methods.is.budgets=[8]",
          "export_hf={pn: [fortunes]}"]
