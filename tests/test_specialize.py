@@ -205,6 +205,11 @@ def test_bad_input(initial_pn, tmp_path, capsys):
         ["--checkpoint", str(dense), "--spec-data", str(spec), "--output", out])
     assert "no histogram.json" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
+    with pytest.raises(SystemExit) as bad:  # argparse: the command line itself
+        pn_project(["--checkpoint", str(ckpt), "--spec-data", str(spec), "--output", out,
+                    "--strategy", "best-loss", "--sample-tokens", "0"])
+    assert bad.value.code == 2
+    assert "--sample-tokens: expected a positive integer, got 0" in capsys.readouterr().err
     assert "assigned to 3 clusters but the checkpoint has 4" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(spec_dir(tmp_path, "k3", [1, 2, 3],
          root)), "--output", out])
