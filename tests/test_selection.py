@@ -108,6 +108,16 @@ def test_the_state_a_checkpoint_keeps_decides_as_before(tmp_path):
         second.observe(6, scores(best, windows="other"))
 
 
+def test_a_checkpoint_that_saved_train_eval_steps_still_loads():
+    """(a config file or override naming it is refused with what replaced it:
+    test_reliability)"""
+    from megatron_pn.config import config_from_dict
+
+    saved = Config().to_dict()
+    saved["train"]["eval_steps"] = 4
+    assert config_from_dict(saved).train.valid_tokens == Config().train.valid_tokens
+
+
 # -- the windows -------------------------------------------------------------------------------
 
 def test_validation_is_the_first_windows_of_the_validation_split(dataset, tmp_path):
