@@ -11,7 +11,7 @@ from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend,
 from megatron_pn.families import FAMILIES, family_of
 from megatron_pn.families.dense import ATTENTION_BACKENDS
 from megatron_pn.model import ACTIVATIONS, padded_vocab_size
-from megatron_pn.training.selection import selection_settings
+from megatron_pn.training.selection import selection_margin, selection_settings
 from pn_base.errors import require as _require
 
 CHOICES = {
@@ -42,6 +42,7 @@ def check_model(cfg: Config) -> None:
         value = _get(cfg, key)
         _require(value in allowed, f"{key}: '{value}' is not one of {', '.join(allowed)}")
     check_ranges(cfg)  # every numeric key against its declared range (config.py)
+    selection_margin(cfg.train.selection_margin)
     m, t = cfg.model, cfg.train
     _require(t.decay_steps is None or t.warmup_steps < t.decay_steps,
              f"train.warmup_steps {t.warmup_steps} must be below train.decay_steps {t.decay_steps}")
@@ -195,7 +196,6 @@ def check_eval_sets(cfg: Config) -> None:
     sets = cfg.train.eval_sets
     if not sets:
         return
-    _require(cfg.parallel.pipeline == 1, "train.eval_sets needs parallel.pipeline=1")
     for entry in sets:
         family_of(cfg).check_eval_set(cfg, entry)
     names = [entry[0] for entry in sets]

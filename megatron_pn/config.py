@@ -51,6 +51,7 @@ def _number(value) -> str:
 AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, low_open=True)
 FRACTION = Range(0, 1, high_open=True)  # dropout, Adam betas
 MAX_SEQ_LENGTH = 1_048_576
+VALID_TOKENS = 32768  # train.valid_tokens, and what pn-project's best-loss scores each expert on
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING,
@@ -203,8 +204,18 @@ class TrainConfig:
     precision: str = _help("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
     seed: int = _help("seed for initialization and data order", 1234, valid=Range(0, 2**32 - 1))
     eval_interval: int = _help("steps between validation runs (0: off)", 0, valid=AT_LEAST_0)
-    eval_steps: int = _help("validation global batches (the same ones at every evaluation)", 2,
-                            valid=AT_LEAST_1)
+    valid_tokens: int = _help(
+        "tokens of the validation split each evaluation scores: the same fixed windows every "
+        "time, as pn-eval reads a set (every token predicted once, windows of the model's "
+        "context within documents), the first of each validation dataset's windows up to its "
+        "share (by blend weight; unweighted: by its validation tokens); all of them when fewer. "
+        "The loss early stopping, keep-best and the step-0 candidate compare",
+        VALID_TOKENS, valid=AT_LEAST_1)
+    selection_margin: str = _help(
+        "how much a validation loss must beat the best so far to replace it (early stopping "
+        "counts evaluations without such a gain): auto, the noise of the comparison (the "
+        "standard error of the per-token difference on the same windows, from per-window "
+        "sums), or a number of nats >= 0", "auto")
     pn_bank_lr_mult: float = _help(
         "pn: learning-rate multiplier of the weight banks T. Under Adam every bank entry moves "
         "about lr per step, so a projected weight W = sum_r alpha_r T_r moves about "
@@ -224,14 +235,14 @@ class TrainConfig:
         "is the expert that computes the whole set (e.g. its most frequent cluster's) or a "
         "`pn-data assign` directory of the set (each window by its cluster's expert); for mix, "
         "[name, prefix, ASSIGN_DIR] keeps the windows of the expert's cluster. Logged as "
-        "eval/<name> (loss, ppl, tokens); needs parallel.pipeline=1", factory=list)
+        "eval/<name> (loss, ppl, stderr, tokens)", factory=list)
     eval_sets_max_tokens: int | None = _help("evaluate at most this many tokens of each of "
                                              "train.eval_sets (None: all)", 20000, valid=AT_LEAST_1)
     log_interval: int = _help("steps between log lines", 1, valid=AT_LEAST_1)
     early_stopping_patience: int | None = _help(
-        "stop when the validation loss has not improved for this many evaluations (from "
-        "loaded weights, the model at step 0 is evaluated first and counts)", None,
-        valid=AT_LEAST_1)
+        "stop when the validation loss has not beaten the best by train.selection_margin for "
+        "this many evaluations (from loaded weights, the model at step 0 is evaluated first "
+        "and counts)", None, valid=AT_LEAST_1)
     lr_factor_of_loaded: float | None = _help(
         "fine-tuning: lr and min_lr = this factor x those of the checkpoint.load run "
         "(the paper: 1/3)", None, valid=ABOVE_0)
@@ -356,17 +367,28 @@ def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
 
 
-def _apply(obj, updates: dict, source: str, path: str = "") -> None:
+# Keys of earlier versions: the config a checkpoint saved may hold them (dropped when read); a
+# config file or override naming one is told what replaced it.
+RETIRED = {"train.eval_steps": "validation scores fixed windows of the validation split; "
+                               "size them with train.valid_tokens"}
+
+
+def _apply(obj, updates: dict, source: str, path: str = "", saved: bool = False) -> None:
     types_ = _field_types(type(obj))
     for key, value in updates.items():
         where = f"{source}: {path}{key}"
         if key not in types_:
+            retired = RETIRED.get(path + key)
+            if retired and saved:
+                continue
+            if retired:
+                raise ConfigError(f"{where}: no longer a key: {retired}")
             raise _unknown_key(f"{source}: {path.rstrip('.') or 'top level'}", key, list(types_))
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: is a section; expected a mapping of its keys")
-            _apply(current, value, source, f"{path}{key}.")
+            _apply(current, value, source, f"{path}{key}.", saved)
         else:
             setattr(obj, key, _convert(value, types_[key], where))
 
@@ -417,7 +439,7 @@ def load_config(files: list[str], overrides: list[str] = ()) -> Config:
 def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
     """A Config from `Config.to_dict()` output (e.g. the config saved in a checkpoint)."""
     cfg = Config()
-    _apply(cfg, data, source)
+    _apply(cfg, data, source, saved=True)
     return cfg
 
 

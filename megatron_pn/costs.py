@@ -4,7 +4,9 @@ Costs are device-hours from each run's `cost.json`: wall time x devices on GPUs;
 CPU time of the run's processes (wall time would count whatever else the machine ran beside it:
 two runs sharing two cores each take twice as long). The total for N
 domains is C_total(N) = C_generic + N * C_specialization; methods are compared at equal
-pretraining cost by interpolating their perplexity between measured budgets.
+pretraining cost by interpolating their perplexity between measured budgets. A held-out NLL
+comes with its standard error over windows (`mean_and_stderr`: pn-eval, pn-train's validation,
+the margin of its checkpoint selection).
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ def macro_average(nlls) -> float | None:
     if not nlls or any(v is None for v in nlls):
         return None
     return float(np.mean(nlls))
+
+
+def mean_and_stderr(sums: np.ndarray, sizes: np.ndarray) -> tuple[float | None, float | None]:
+    """The mean per-token NLL of windows with these NLL sums and token counts, and its standard
+    error. Tokens of one window share their context and are correlated, so the windows are the
+    samples: the mean R = sum(s) / sum(n) is a ratio estimator whose standard error (the delta
+    method) is sqrt(sum((s_w - R n_w)^2) / (W (W - 1))) / mean(n) over the W windows; with
+    windows of equal size, the standard error of the per-window mean NLLs. (None, None) without
+    tokens; no standard error from fewer than two windows."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    count = len(sizes)
+    if not sizes.sum():
+        return None, None
+    mean = float(sums.sum() / sizes.sum())
+    if count < 2:
+        return mean, None
+    residuals = sums - mean * sizes
+    return mean, float(np.sqrt((residuals ** 2).sum() / (count * (count - 1))) / sizes.mean())
 
 
 def total_cost(generic: float, specialization: float, domains: int | np.ndarray):

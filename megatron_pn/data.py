@@ -131,15 +131,22 @@ def used_split(data: DataConfig, with_validation: bool) -> str:
     return ",".join(f"{w:g}" for w in weights)
 
 
+def split_documents(n_docs: int, split: str, part: int) -> tuple[int, int] | None:
+    """Documents [begin, end) of part 0 (train) or 1 (valid) of a dataset of `n_docs` under
+    `split`, as megatron-core splits it (None: the split reads no such part)."""
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[part]
+    return None if bounds is None else tuple(int(round(b * n_docs)) for b in bounds)
+
+
 def check_split_nonempty(prefix: str, split: str) -> None:
     """Each split that is read must get at least one document of every dataset (megatron-core
     would otherwise loop forever looking for tokens)."""
     n_docs = len(IndexedDataset(prefix, mmap=True))
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds in zip(("train", "valid"), matrix):
-        if bounds is None:
+    for part, name in enumerate(("train", "valid")):
+        documents = split_documents(n_docs, split, part)
+        if documents is None:
             continue
-        begin, end = (int(round(b * n_docs)) for b in bounds)
+        begin, end = documents
         if end <= begin:
             raise DataError(
                 f"dataset prefix {prefix}: its {n_docs} documents leave none for the {name} "
@@ -153,8 +160,7 @@ def check_long_enough(prefix: str, seq_length: int, split: str | None) -> None:
     dataset = IndexedDataset(prefix, mmap=True)  # alive while its memory map is read
     lengths = dataset.sequence_lengths
     if split:
-        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[0]
-        begin, end = (int(round(b * len(lengths))) for b in bounds)
+        begin, end = split_documents(len(lengths), split, 0)
         lengths = lengths[begin:end]
     tokens = int(lengths.sum())
     del lengths, dataset
@@ -212,19 +218,15 @@ def check_indexed_dataset(prefix: str) -> None:
 
 
 def build_datasets(cfg: Config, cache_dir: str):
-    """(train, valid) megatron-core datasets sized for the whole run."""
+    """The megatron-core training dataset, sized for the whole run. Its documents exclude the
+    validation split's, which validation reads as fixed windows (training/validation.py)."""
     blend = resolve_blend(cfg.data)
     train_samples = cfg.train.steps * cfg.train.global_batch_size
-    valid_samples = cfg.train.eval_steps * cfg.train.global_batch_size
-    with_validation = bool(cfg.train.eval_interval)
     if cfg.data.valid_blend:  # separate validation data: every training document trains
-        valid = resolve_blend(cfg.data, cfg.data.valid_blend)
-        splits = {"blend_per_split": [(blend.prefixes, blend.weights),
-                                      (valid.prefixes, valid.weights) if with_validation else None,
-                                      None]}
+        splits = {"blend_per_split": [(blend.prefixes, blend.weights), None, None]}
     else:
         splits = {"blend": (blend.prefixes, blend.weights),
-                  "split": used_split(cfg.data, with_validation)}
+                  "split": used_split(cfg.data, bool(cfg.train.eval_interval))}
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
@@ -239,13 +241,14 @@ def build_datasets(cfg: Config, cache_dir: str):
     )
     for prefix in blend.prefixes if config.split else ():
         check_split_nonempty(prefix, config.split)
-    sizes = [train_samples, valid_samples if cfg.train.eval_interval else 0, 0]
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, config
+    if config.split:  # the training part only (the others are read elsewhere or not at all)
+        config.split_matrix = [config.split_matrix[0], None, None]
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, 0, 0], lambda: True, config
     ).build()
     if train_samples and (train is None or len(train) == 0):
         raise DataError(f"data.split '{cfg.data.split}' leaves no training documents")
-    return train, valid
+    return train
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -293,7 +296,10 @@ def cluster_ids_of(batch: dict, cluster_table: torch.Tensor) -> torch.Tensor:
 
     A blend's `dataset_id` is the position of the sequence's dataset in the blend, and
     `cluster_table[position]` its cluster (a single dataset has no `dataset_id`: position 0).
+    A batch of held-out windows carries its rows' clusters (`cluster_ids`) itself.
     """
+    if "cluster_ids" in batch:
+        return batch["cluster_ids"]
     positions = batch.get("dataset_id")
     if positions is None:
         positions = torch.zeros(len(batch["tokens"]), dtype=torch.long)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_pn.costs import macro_average as macro_average_nll
+from megatron_pn.costs import mean_and_stderr
 from megatron_pn.families import family_of
 from megatron_pn.checkpoint_tools import (LoadedModel, ToolError, load_model,
                                     resolve_checkpoint)
@@ -141,13 +142,17 @@ def window_clusters(assign_dir: str, held: HeldOut) -> np.ndarray:
     return np.where(same_doc, assignments[rows], fallback).astype(np.int64)
 
 
-def held_out(name: str, prefix: str, seq_length: int, max_tokens: int | None) -> HeldOut:
+def held_out(name: str, prefix: str, seq_length: int, max_tokens: int | None,
+             documents: tuple[int, int] | None = None) -> HeldOut:
     """A set as pn-eval reads it: every token of every document predicted once, in windows of
     the model's context, the first `max_tokens` of them (pn-eval, train.eval_sets, the
-    experts' scores of pn-project)."""
+    validation split of pn-train, the experts' scores of pn-project); with `documents`, of the
+    documents [begin, end) only (a split of the dataset)."""
     dataset = open_dataset(prefix)
-    return HeldOut(name, prefix, dataset,
-                   document_windows(dataset.sequence_lengths, seq_length, max_tokens))
+    begin, end = documents or (0, len(dataset))
+    windows = document_windows(dataset.sequence_lengths[begin:end], seq_length, max_tokens)
+    windows[:, 0] += begin
+    return HeldOut(name, prefix, dataset, windows)
 
 
 def configured_eval_sets(cfg) -> list[HeldOut]:
@@ -186,12 +191,14 @@ def split_list(text: str) -> list[str]:
 # Evaluation
 
 
-def window_batch(held: HeldOut, rows: np.ndarray, eod: int) -> dict[str, torch.Tensor]:
-    """Inputs, labels and loss mask of some windows, right-padded to the longest."""
-    length = int(held.windows[rows, 2].max())
-    tokens = np.full((len(rows), length), eod, dtype=np.int64)
-    labels = np.zeros((len(rows), length), dtype=np.int64)
-    mask = np.zeros((len(rows), length), dtype=np.float32)
+def window_batch(held: HeldOut, rows: np.ndarray, eod: int,
+                 shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Inputs, labels and loss mask of some windows, right-padded to the longest (or to
+    `shape`, rows and length: padding rows predict nothing)."""
+    shape = shape or (len(rows), int(held.windows[rows, 2].max()))
+    tokens = np.full(shape, eod, dtype=np.int64)
+    labels = np.zeros(shape, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.float32)
     for i, (doc, start, size) in enumerate(held.windows[rows]):
         # ([EOD] + doc)[a : a+n] and doc[a : a+n], read as one slice doc[a-1 : a+n]
         first = max(start - 1, 0)
@@ -204,36 +211,46 @@ def window_batch(held: HeldOut, rows: np.ndarray, eod: int) -> dict[str, torch.T
             "loss_mask": torch.from_numpy(mask)}
 
 
+def row_losses(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of masked per-token losses (float64): a window's NLL sum."""
+    mask = loss_mask.double()
+    return (per_token_loss.view(mask.shape).double() * mask).sum(dim=1)
+
+
 @torch.no_grad()
-def batch_loss(loaded: LoadedModel, batch: dict, cluster_ids: torch.Tensor | None):
-    """(sum of masked per-token losses, token count), megatron-core's loss as in training."""
+def batch_loss(loaded: LoadedModel, batch: dict, cluster_ids: torch.Tensor | None) -> np.ndarray:
+    """Each window's NLL sum, megatron-core's per-token loss as in training."""
     routing = {} if cluster_ids is None else {"cluster_ids": cluster_ids}  # PN: host ids
     batch = {key: value.to(loaded.device) for key, value in batch.items()}
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=loaded.device).expand_as(tokens)
     losses = loaded.model(tokens, positions, None, labels=batch["labels"], **routing)
-    mask = batch["loss_mask"]
-    return float((losses.double() * mask.double()).sum()), int(mask.sum())
+    return row_losses(losses, batch["loss_mask"]).cpu().numpy()
 
 
 def evaluate_set(loaded: LoadedModel, held: HeldOut, eod: int, batch_size: int,
                  progress: bool = False) -> dict:
     from tqdm import tqdm
 
-    total, count = 0.0, 0
+    sums = []
     bar = tqdm(total=held.num_tokens, desc=held.name, unit="tok", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     with bar, family_of(loaded.cfg).eval_scope([loaded.model]):  # PN: each expert once
         for first in range(0, len(held.windows), batch_size):
             rows = np.arange(first, min(first + batch_size, len(held.windows)))
             ids = None if held.cluster_ids is None else torch.from_numpy(held.cluster_ids[rows])
-            loss, tokens = batch_loss(loaded, window_batch(held, rows, eod), ids)
-            total, count = total + loss, count + tokens
-            bar.update(tokens)
-    nll = total / count if count else None  # only with --only-cluster: a cluster may be absent
-    return {"name": held.name, "prefix": held.prefix, "tokens": count,
+            sums.append(batch_loss(loaded, window_batch(held, rows, eod), ids))
+            bar.update(int(held.windows[rows, 2].sum()))
+    return set_result(held, np.concatenate(sums or [np.zeros(0)]))
+
+
+def set_result(held: HeldOut, sums: np.ndarray) -> dict:
+    """A set's result from its windows' NLL sums: tokens, NLL, its standard error, perplexity
+    (None without tokens: with --only-cluster a cluster may be absent from a set)."""
+    nll, stderr = mean_and_stderr(sums, held.windows[:, 2])
+    return {"name": held.name, "prefix": held.prefix, "tokens": held.num_tokens,
             "documents": int(len(np.unique(held.windows[:, 0]))),
-            "windows": int(len(held.windows)), "nll": nll,
+            "windows": int(len(held.windows)), "nll": nll, "stderr": stderr,
             "ppl": None if nll is None else perplexity(nll)}
 
 

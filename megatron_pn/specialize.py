@@ -11,7 +11,9 @@ takes the histogram alone — a histogram.json of `pn-data assign`, or {"k", "to
 the training data, and its "centroids_sha256" must be the clustering the checkpoint was trained
 on (pn-train records it in the checkpoint). Strategies (paper, Table 5):
   most-frequent  the expert of the spec set's most frequent cluster
-  best-loss      the expert with the lowest loss on a sample of the spec set (--spec-data only)
+  best-loss      the expert with the lowest loss on the spec set's first --sample-tokens, in
+                 pn-eval's windows (projection.json records each expert's loss and stderr;
+                 --spec-data only)
   histogram      the dense model the checkpoint is for the spec set's cluster histogram p, in
                  one closed-form step (a hard-routed PN: the projection of the code
                  sum_i p(i) E[i]; beyond the paper; a one-hot histogram gives that expert)
@@ -146,9 +148,11 @@ def warn(message: str) -> None:
 # -- choosing the expert --------------------------------------------------------------------------
 
 @torch.no_grad()
-def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -> np.ndarray:
-    """Per-token NLL of every expert on the first `sample_tokens` of the spec set, in pn-eval's
-    windows (every token predicted once, within its document)."""
+def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -> list[dict]:
+    """Every expert's result (per-token NLL and its standard error) on the first
+    `sample_tokens` of the spec set, in pn-eval's windows (every token predicted once, within
+    its document): the same fixed windows for every expert, as a fine-tuning's selection scores
+    its checkpoints (train.valid_tokens: the same default)."""
     from types import SimpleNamespace
 
     from megatron_pn.evaluate import evaluate_set, held_out, model_eod_id
@@ -157,11 +161,11 @@ def expert_losses(model, cfg: Config, prefix: str, sample_tokens: int, device) -
     if not held.num_tokens:
         raise ProjectionError(f"spec data {prefix}: no tokens to score the experts on")
     loaded, eod = SimpleNamespace(model=model.eval(), cfg=cfg, device=device), model_eod_id(cfg)
-    losses = []
+    results = []
     for expert in range(cfg.model.num_experts):
         held.cluster_ids = np.full(len(held.windows), expert, dtype=np.int64)
-        losses.append(evaluate_set(loaded, held, eod, cfg.train.micro_batch_size)["nll"])
-    return np.array(losses)
+        results.append(evaluate_set(loaded, held, eod, cfg.train.micro_batch_size))
+    return results
 
 
 def check_strategy(strategy: str, has_text: bool) -> None:
@@ -192,10 +196,12 @@ def choose(strategy: str, spec: dict, model, cfg: Config, device, sample_tokens:
     if strategy == "histogram":
         return None, p.tolist(), {"weights": p.tolist()}
     if strategy == "best-loss":
-        losses = expert_losses(model, cfg, spec["source_prefix"], sample_tokens, device)
+        results = expert_losses(model, cfg, spec["source_prefix"], sample_tokens, device)
+        losses = [r["nll"] for r in results]
         expert = int(np.argmin(losses))
         return (expert, one_hot(expert, k),
-                {"losses": losses.tolist(), "sample_tokens": sample_tokens})
+                {"losses": losses, "stderrs": [r["stderr"] for r in results],
+                 "sample_tokens": sample_tokens, "tokens": results[0]["tokens"]})
     raise ProjectionError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
 
 

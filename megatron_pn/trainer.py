@@ -117,10 +117,8 @@ class Trainer:
             self._print(f"resumed from {self.start.resume} at step {self.step}")
 
         run_dir = Path(cfg.logging.run_dir)
-        self.train_data, self.valid_data = build_datasets(
-            cfg, cfg.data.cache_dir or str(run_dir / "index_cache")
-        )
-        self.validation = Validation(cfg, self.valid_data, self.dp_rank, self.dp_size, self.env)
+        self.train_data = build_datasets(cfg, cfg.data.cache_dir or str(run_dir / "index_cache"))
+        self.validation = Validation(cfg, self.dp_rank, self.dp_size, self.env)
         self.is_logging_rank = self.env.rank == self.env.world_size - 1
         self.metrics = MetricsLogger(
             str(run_dir), self.is_logging_rank, cfg.to_dict(), cfg.logging.tensorboard,
@@ -258,12 +256,15 @@ class Trainer:
                         "exiting; a rerun resumes here")
         else:
             if early_stopped:
-                self._print(f"early stopping at step {self.step}: no validation improvement in "
-                            f"{t.early_stopping_patience} evaluations (best "
-                            f"{self.selection.best:.4f})")
+                self._print(f"early stopping at step {self.step}: no validation gain beyond "
+                            f"train.selection_margin in {t.early_stopping_patience} evaluations "
+                            f"(best {self.selection.best:.4f} at step {self.selection.best_step})")
             improved = False
-            if t.eval_interval and (self.step == 0 or self.step % t.eval_interval):
-                improved = self._validate()  # the final model is always evaluated
+            # The final model is always evaluated; a pause (train.exit_after_steps) is not the
+            # end: evaluating there would change what the selection keeps after the resume.
+            over = self.step >= t.steps
+            if t.eval_interval and over and (self.step == 0 or self.step % t.eval_interval):
+                improved = self._validate()
             saved = bool(ckpt.dir) and checkpoint.newest_intact(ckpt.dir)[0] == self.step
             self._checkpoint(save=ckpt.save_at_end, saved=saved,
                              keep=improved and self.selection.keep_best and ckpt.save_at_end)
@@ -300,14 +301,17 @@ class Trainer:
             checkpoint.mark_best(ckpt.dir, self.step)
 
     def _validate(self) -> bool:
-        """Evaluate and log; True when the validation loss is the best so far."""
-        for name, result in self.validation.held_out(self.engine).items():
+        """Evaluate and log; True when the validation loss replaces the best so far."""
+        for name, result in self.validation.held_out(self.engine, self._forward_step).items():
             self.metrics.log(self.step, {"loss": result["nll"], "ppl": result["ppl"],
-                                         "tokens": result["tokens"]}, f"eval/{name}")
-        loss = self.validation.loss(self.engine, self._forward_step)
-        if loss is not None:
-            self.metrics.log(self.step, {"loss": loss, "ppl": perplexity(loss)}, "valid")
-        return self.selection.observe(self.step, loss)
+                                         "stderr": result["stderr"], "tokens": result["tokens"]},
+                             f"eval/{name}")
+        scores = self.validation.scores(self.engine, self._forward_step)
+        if scores is not None:
+            self.metrics.log(self.step, {"loss": scores.nll, "ppl": perplexity(scores.nll),
+                                         "stderr": scores.stderr,
+                                         "tokens": int(scores.sizes.sum())}, "valid")
+        return self.selection.observe(self.step, scores)
 
     def _mark_finished(self, reason: str) -> None:
         """run_dir/finished.json: the run is over (pipelines wait on this file; a killed or

@@ -43,7 +43,7 @@ def config_for(blend: str, root, **extra):
 def test_weighted_blend_draws_in_proportion(two_datasets, tmp_path):
     upper, lower = two_datasets
     cfg = config_for(f"[[0.8, {upper}], [0.2, {lower}]]", tmp_path, **{"train.steps": 50})
-    train, _ = build_datasets(cfg, str(tmp_path / "cache"))
+    train = build_datasets(cfg, str(tmp_path / "cache"))
     ids = np.array([int(train[i]["dataset_id"]) for i in range(400)])
     assert abs((ids == 0).mean() - 0.8) < 0.05
     # And the samples really come from the named dataset.

@@ -102,6 +102,17 @@ def test_known_nll_and_macro_average_of_a_unigram_model(world, data, tmp_path, c
         got = next(r for r in report["datasets"] if r["name"] == name)
         assert got["tokens"] == len(tokens)
         assert got["nll"] == pytest.approx(nll[name], rel=1e-6)
+        # the standard error over windows (the samples), from their NLL sums by hand
+        sums, sizes = [], []
+        for doc in documents(data[name]):
+            for a in range(0, len(doc), cfg.model.seq_length):
+                window = doc[a:a + cfg.model.seq_length]
+                sums.append(-np.log(q.double().numpy()[window]).sum())
+                sizes.append(len(window))
+        sums, sizes = np.array(sums), np.array(sizes)
+        mean = sums.sum() / sizes.sum()
+        stderr = np.sqrt(((sums - mean * sizes) ** 2).sum() / (len(sums) * (len(sums) - 1)))
+        assert got["stderr"] == pytest.approx(stderr / sizes.mean(), rel=1e-5)
         assert got["ppl"] == pytest.approx(math.exp(nll[name]), rel=1e-6)
     assert nll["lower"] != pytest.approx(nll["upper"], rel=1e-3)  # the domains differ
     macro = (nll["lower"] + nll["upper"]) / 2

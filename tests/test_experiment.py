@@ -347,7 +347,7 @@ def test_plan_command_prints_the_numbers_and_explains_bad_input(tmp_path, capsys
 SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "spec_sizes={s20k: 20000}", "test_max_tokens=2000", "clusters={pn: 2, is: 3}",
          "finetune_steps={s20k: 6}", "finetune_overrides=[train.eval_interval=3,"
-         "train.eval_steps=1,train.log_interval=1000]",
+         "train.valid_tokens=1024,train.log_interval=1000]",
          "methods.slm.budgets=[8]", "methods.llm.budgets=[4]", "methods.pn.budgets=[8]",
          "methods.pn.procs=2", "methods.pnmix.budgets=[8]",
          "methods.pnmix.overrides=[model.code_map=learned,data.mixture=micro_batch]",

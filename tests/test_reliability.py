@@ -55,6 +55,12 @@ def error_of(args, capsys, code: int = 2) -> str:
     ("train.log_interval=0", "train.log_interval: must be >= 1, got 0"),
     ("train.min_lr=0.1", "train.min_lr: must be <= train.lr 0.003, got 0.1"),
     ("model.seq_length=1048576 model.vocab_size=32000", "GiB for one micro-batch"),
+    ("train.valid_tokens=0", "train.valid_tokens: must be >= 1, got 0"),
+    ("train.selection_margin=-0.1",
+     "train.selection_margin: must be auto or a number of nats >= 0, got -0.1"),
+    ("train.selection_margin=noise",
+     "train.selection_margin: must be auto or a number of nats >= 0, got noise"),
+    ("train.eval_steps=4", "train.eval_steps: no longer a key: validation scores fixed windows"),
 ])
 def test_out_of_range_values(dataset, tmp_path, capsys, override, message):
     err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run"), *override.split(),

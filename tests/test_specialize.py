@@ -108,6 +108,8 @@ def test_strategies_on_constructed_histograms(trained_pn, tool_world):
     expert, _, details = choose("best-loss", spec, model, cfg, device, 4096)
     model.expert_codes.data.copy_(saved)
     assert expert == 2 and np.argmin(details["losses"]) == 2
+    assert details["tokens"] == 4096 and len(details["stderrs"]) == 4  # each expert's noise
+    assert all(0 < stderr < 0.5 for stderr in details["stderrs"])
 
 
 def test_histogram_strategy_with_one_hot_histogram_is_most_frequent(initial_pn, tool_world):
@@ -158,7 +160,7 @@ def test_project_then_finetune_with_early_stopping(trained_pn, tmp_path):
             "checkpoint.load": projected, "checkpoint.dir": run_dir / "ckpt",
             "data.valid_blend": f"[{root / 'data' / 'cluster_0001'}]", "data.split": "100,0,0",
             "train.eval_interval": 1, "train.early_stopping_patience": 2, "train.steps": 200,
-            "train.eval_steps": 1, "train.log_interval": 1})])
+            "train.valid_tokens": 2048, "train.selection_margin": 0, "train.log_interval": 1})])
     train, valid = read_metrics(run_dir), read_metrics(run_dir, "valid")
     pretrain_lr = checkpoint.saved_config(ckpt).train.lr
     assert train[1]["lr"] == pytest.approx(pretrain_lr / 3)  # lr / 3, constant
@@ -188,7 +190,7 @@ def test_finetuning_that_only_hurts_keeps_the_starting_model(trained_pn, tmp_pat
     assert pn_project(["--checkpoint", str(ckpt), "--output", str(projected), "--spec-data",
                        str(spec_dir(root, "s3", [1, 2, 3, 90], spec_train))]) == 0
     common = {"data.valid_blend": f"[{root / 'data' / 'cluster_0001'}]", "data.split": "100,0,0",
-              "train.eval_interval": 1, "train.eval_steps": 1, "train.log_interval": 1}
+              "train.eval_interval": 1, "train.valid_tokens": 2048, "train.log_interval": 1}
     run_dir = tmp_path / "ft"
     run_train(["configs/tiny/slm.yaml", "configs/finetune/tiny.yaml", *tiny_overrides(
         spec_train, run_dir, **common, **{
@@ -221,6 +223,11 @@ def test_bad_input(initial_pn, tmp_path, capsys):
         ["--checkpoint", str(dense), "--spec-data", str(spec), "--output", out])
     assert "no histogram.json" in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(tmp_path), "--output", out])
+    with pytest.raises(SystemExit) as bad:  # argparse: the command line itself
+        pn_project(["--checkpoint", str(ckpt), "--spec-data", str(spec), "--output", out,
+                    "--strategy", "best-loss", "--sample-tokens", "0"])
+    assert bad.value.code == 2
+    assert "--sample-tokens: expected a positive integer, got 0" in capsys.readouterr().err
     assert '"k" is 3 but the checkpoint has 4 experts' in error(
         ["--checkpoint", str(ckpt), "--spec-data", str(spec_dir(tmp_path, "k3", [1, 2, 3],
          root)), "--output", out])

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_tools.arguments import positive_int
 from megatron_pn import specialize
+from megatron_pn.config import VALID_TOKENS
 from megatron_pn.specialize import CLUSTERING_FLAG, STRATEGIES
 from pn_base.errors import ArgumentParser, run_command
 
@@ -26,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", default="most-frequent",
                         help=f"one of {', '.join(STRATEGIES)} (default: most-frequent)")
     parser.add_argument("--output", required=True, type=Path, help="dense checkpoint directory")
-    parser.add_argument("--sample-tokens", type=int, default=65536,
-                        help="best-loss: spec tokens each expert is scored on (default 65536)")
+    parser.add_argument("--sample-tokens", type=positive_int, default=VALID_TOKENS,
+                        help="best-loss: spec tokens each expert is scored on (default "
+                        f"{VALID_TOKENS}, as train.valid_tokens)")
     parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
                         help="project although the specialization set records another "
                         "tokenizer than the checkpoint was trained with")

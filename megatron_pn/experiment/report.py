@@ -26,7 +26,7 @@ from megatron_pn.experiment.config import (LABELS, ExperimentConfig, config_fami
 from megatron_pn.experiment.grid import Grid
 from pn_base.errors import ConfigError
 from pn_base.fileio import atomic_write_figure, atomic_write_json, atomic_write_text
-from pn_base.outputs import COST, HISTOGRAM, METRICS, expert_dir
+from pn_base.outputs import COST, FINISHED, HISTOGRAM, METRICS, expert_dir
 
 # pretrained once for all domains (Table 8)
 GENERIC_METHODS = ("slm", "llm", "pn", "pnmix", "cond", "mix")
@@ -62,13 +62,15 @@ def test_nll(path: Path) -> float | None:
     return None if result is None else result["datasets"][0]["nll"]
 
 
-def best_valid_loss(run_dir: Path) -> float | None:
-    path = run_dir / METRICS
-    if not path.is_file():
+def kept_valid_loss(run_dir: Path) -> float | None:
+    """The validation loss of the checkpoint a fine-tuning kept (finished.json's best_step:
+    with a selection margin, not always the lowest one logged)."""
+    finished, path = read_json(run_dir / FINISHED), run_dir / METRICS
+    if finished is None or not path.is_file():
         return None
     losses = [r["loss"] for r in map(json.loads, path.read_text().splitlines())
-              if r.get("split") == "valid"]
-    return min(losses) if losses else None
+              if r.get("split") == "valid" and r["step"] == finished["best_step"]]
+    return losses[-1] if losses else None
 
 
 def pooled_nll(paths: list[Path]) -> float | None:
@@ -183,7 +185,7 @@ class Collector:
             if hist is None or chosen is None:
                 continue
             frequent = int(np.argmax(hist["tokens"]))
-            valid = {e: best_valid_loss(cluster[e] / "ft") for e in range(k)}
+            valid = {e: kept_valid_loss(cluster[e] / "ft") for e in range(k)}
             oracle = min((e for e in valid if valid[e] is not None), key=valid.get, default=None)
             entry = lambda before, after: {"nll_before": test_nll(before),  # noqa: E731
                                            "nll_after": test_nll(after)}
