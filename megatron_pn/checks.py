@@ -22,6 +22,7 @@ CHOICES = {
     "model.position_embedding_type": ("rope", "learned_absolute"),
     "model.attention_backend": ATTENTION_BACKENDS,
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "data.mixture": ("none", "step", "micro_batch"),
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "checkpoint.optimizer_format": ("fully_reshardable", "dp_reshardable"),

@@ -216,7 +216,7 @@ def test_mixture_training_layouts_and_resume_reproduce_the_single_process_curve(
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.mixture=always", "data.mixture must be none, step or micro_batch"),
+    ("data.mixture=always", "data.mixture: 'always' is not one of none, step, micro_batch"),
     ("model.code_map=mlp", "model.code_map must be linear or learned"),
     ("data.mixture_one_hot=1.5", "data.mixture_one_hot: must be in [0, 1]"),
     ("data.mixture_concentration=0", "data.mixture_concentration: must be > 0"),

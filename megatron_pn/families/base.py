@@ -53,8 +53,6 @@ class ModelFamily:
         require(cfg.model.transformer_impl != "transformer_engine" or self.supports_te,
                 f"model.transformer_impl transformer_engine: {self.name} layers extend the local "
                 f"spec; use local (or auto) for model.type {self.name}")
-        require(cfg.data.mixture in ("none", "step", "micro_batch"),
-                f"data.mixture must be none, step or micro_batch, got {cfg.data.mixture!r}")
         require(cfg.data.mixture == "none" or self.mixture_trainable,
                 f"data.mixture {cfg.data.mixture}: mixture training is for model.type pn, not "
                 f"{self.name}; set data.mixture=none")

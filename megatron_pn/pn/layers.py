@@ -95,7 +95,7 @@ class ExpertRouting:
     """
 
     codes: torch.Tensor  # [u, m], the codes of the experts present (gradients flow into E)
-    experts: tuple  # the u distinct experts (Expert), ascending
+    experts: tuple[Expert, ...]  # the u distinct experts, ascending
     counts: tuple[int, ...]  # rows of each expert, in grouped order
     order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
     restore: torch.Tensor | None  # the inverse permutation (device)
