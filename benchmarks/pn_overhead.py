@@ -128,7 +128,7 @@ def validation_rates(shape: list[str], args) -> dict:
         }
         best = {}
         # as an evaluation runs: each expert projected once for all its batches (projected_once)
-        with torch.no_grad(), projected_once([models["pn"]], backprop=False):
+        with torch.no_grad(), projected_once([models["pn"]]):
             for _ in range(args.rounds):
                 for name, call in calls.items():
                     seconds = _best_time(call, env.device, repeats=3 if not args.paper else 10)

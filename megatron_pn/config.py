@@ -216,8 +216,10 @@ class TrainConfig:
         valid=ABOVE_0)
     pn_project_once_per_step: bool = _help(
         "pn: project each expert's weights once per optimizer step, reused by every micro-batch "
-        "and backpropagated once (megatron engine; memory: W and dL/dW of each expert the step "
-        "uses). false, and always under DeepSpeed: once per micro-batch", True)
+        "and backpropagated once (memory: W and dL/dW of each expert the step uses). false, and "
+        "always under DeepSpeed ZeRO-3 or an offloaded optimizer (they add the previous step's "
+        "to a gradient that first comes in a later micro-batch, engines.py): once per "
+        "micro-batch", True)
     eval_sets: list = _help(
         "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
         "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "

@@ -150,7 +150,8 @@ def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
 def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_per_step):
     """Under megatron-core's DDP the bank gradient is added into `main_grad` in place, over
     micro-batches, and equals autograd's gradient of the same micro-batches - also when each
-    expert is projected once for the whole step and backpropagated once at its end."""
+    expert is projected once for the whole step and backpropagated once, in the backward of
+    its last micro-batch."""
     import contextlib
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -169,14 +170,12 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
     project = ProjectedLinear.project
     monkeypatch.setattr(ProjectedLinear, "project",
                         lambda self, codes: projections.append(len(codes)) or project(self, codes))
-    scope = projected_once([ddp]) if once_per_step else contextlib.nullcontext()
+    scope = projected_once([ddp], micro_batches=2) if once_per_step else contextlib.nullcontext()
     with scope:
         for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # 2 micro-batches
             tokens, positions = inputs(seed=seed)
             for model in (plain, ddp):
                 model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
-        if once_per_step:  # (finalize_pn_model_grads does this in training)
-            wrapped.projected_weights.backward()
     linears = 2 * cfg.model.num_layers
     # plain: once per linear and micro-batch; DDP: the same, or once per linear and step
     assert len(projections) == 2 * linears + (1 if once_per_step else 2) * linears
@@ -190,7 +189,7 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
 
 
 def test_evaluation_projects_each_expert_once(world, monkeypatch):
-    """projected_once(backprop=False) (validation, pn-eval): the same outputs, each expert's
+    """projected_once without micro-batches (validation, pn-eval): the same outputs, each expert's
     weights projected once for all batches, and no graph kept."""
     from megatron_pn.pn import projected_once
     from megatron_pn.pn.layers import ProjectedLinear
@@ -204,7 +203,7 @@ def test_evaluation_projects_each_expert_once(world, monkeypatch):
         project = ProjectedLinear.project
         monkeypatch.setattr(ProjectedLinear, "project", lambda self, codes: projections.append(
             len(codes)) or project(self, codes))
-        with projected_once([model], backprop=False):
+        with projected_once([model]):
             got = [model(t, p, None, cluster_ids=ids) for (t, p), ids in batches]
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

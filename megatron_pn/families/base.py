@@ -109,9 +109,12 @@ class ModelFamily:
         """The experts an optimizer step uses (known before its first micro-batch)."""
         return ()
 
-    def step_scope(self, cfg: Config, model_chunks):
-        """A context around one optimizer step's micro-batches, given the step's experts."""
-        return lambda experts: contextlib.nullcontext()
+    def step_scope(self, cfg: Config, model_chunks, late_gradients: bool):
+        """A context around one optimizer step's micro-batches, given the step's experts and
+        its number of micro-batches (keywords `experts`, `micro_batches`). `late_gradients`:
+        the engine sums a parameter's gradient right when its first one of the step comes in a
+        later micro-batch than the first."""
+        return lambda **step: contextlib.nullcontext()
 
     def eval_scope(self, model_chunks):
         """A context around one evaluation's forward passes."""
