@@ -220,6 +220,10 @@ class TrainConfig:
         "always under DeepSpeed ZeRO-3 or an offloaded optimizer (they add the previous step's "
         "to a gradient that first comes in a later micro-batch, engines.py): once per "
         "micro-batch", True)
+    pn_grouped_gemm: str = _help(
+        "pn: a micro-batch's per-expert GEMMs (rows sorted by expert): grouped (one "
+        "torch._grouped_mm call), loop (one GEMM per expert) or auto (grouped on a GPU of "
+        "compute capability >= 9.0 in bf16, else loop: compat.grouped_gemm)", "auto")
     eval_sets: list = _help(
         "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
         "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "

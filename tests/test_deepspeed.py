@@ -86,11 +86,15 @@ def pn(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_pn_under_deepspeed_matches_megatron_engine(pn, tmp_path, stage):
-    """The PN's curve under ZeRO-1/2/3 (DP=2; once per step under ZeRO-1/2, per micro-batch
-    under ZeRO-3) is the megatron engine's; ZeRO-3 still partitions the banks."""
+    """The PN's curve under ZeRO-1/2/3 (DP=2; projected once per step under ZeRO-1/2, per
+    micro-batch under ZeRO-3, as the run's start-up line says) is the megatron engine's; ZeRO-3
+    still partitions the banks."""
     run, reference = pn
     proc = run(tmp_path, 2, engine="deepspeed", **{"deepspeed.zero_stage": stage})
     assert losses(tmp_path) == pytest.approx(reference, rel=1e-4)
+    per = "micro-batch" if stage == 3 else "optimizer step"  # the start-up line says which
+    assert (f"pn: experts projected once per {per}; per-expert GEMMs in a loop "
+            "(train.pn_grouped_gemm=auto, cpu, float32)") in proc.stdout
     if stage == 3:  # the parameters (the banks hold most of them) across the 2 DP ranks
         held, total = (int(x.replace(",", "")) for x in re.search(
             r"rank 0 holds ([\d,]+) of ([\d,]+) parameter elements", proc.stdout).groups())

@@ -116,6 +116,12 @@ class ModelFamily:
         later micro-batch than the first."""
         return lambda **step: contextlib.nullcontext()
 
+    def compute_note(self, cfg: Config, late_gradients: bool, device_type: str,
+                     dtype) -> str | None:
+        """A start-up line on how this model computes where that depends on the engine or the
+        device (None: nothing to say)."""
+        return None
+
     def eval_scope(self, model_chunks):
         """A context around one evaluation's forward passes."""
         return contextlib.nullcontext()

@@ -24,7 +24,7 @@ def pn_config(cfg: Config):
     return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
                     seed=cfg.train.seed, code_init=m.code_init,
                     code_init_spread=m.code_init_spread, code_map=m.code_map,
-                    code_map_hidden=m.code_map_hidden)
+                    code_map_hidden=m.code_map_hidden, grouped_gemm=cfg.train.pn_grouped_gemm)
 
 
 class PNFamily(RoutedFamily):
@@ -109,6 +109,19 @@ class PNFamily(RoutedFamily):
         """train.pn_project_once_per_step, where the engine takes late gradients: the banks,
         codes and projections get theirs in the step's last micro-batch only."""
         return cfg.train.pn_project_once_per_step and late_gradients
+
+    def compute_note(self, cfg: Config, late_gradients: bool, device_type: str, dtype) -> str:
+        """How often the experts are projected, and how their GEMMs run (compat.grouped_gemm)."""
+        import torch
+
+        from megatron_pn import compat
+
+        once = self.projects_once_per_step(cfg, late_gradients)
+        mode = cfg.train.pn_grouped_gemm
+        grouped = compat.grouped_gemm(mode, torch.device(device_type), dtype)
+        return (f"pn: experts projected once per {'optimizer step' if once else 'micro-batch'}; "
+                f"per-expert GEMMs {'grouped (torch._grouped_mm)' if grouped else 'in a loop'} "
+                f"(train.pn_grouped_gemm={mode}, {device_type}, {str(dtype).split('.')[-1]})")
 
     def eval_scope(self, model_chunks):
         from megatron_pn.pn import projected_once

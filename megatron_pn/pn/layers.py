@@ -12,7 +12,8 @@ this layer's `code_projection`, and T[l] (out x in x h) its `bank`. Equivalently
 
 The model groups a micro-batch's rows by expert (`ExpertRouting`, built from the caller's cluster
 ids in any order): we materialize one W per distinct expert in it - one bank contraction per
-expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows.
+expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows
+(all the micro-batch's experts in one grouped GEMM where the device has one: compat.grouped_gemm).
 An "expert" is a cluster id, or, in mixture training, a mixture of clusters (k weights w): its
 code is then the model's map of w, w @ E or a learned f(w) (PNGPTModel.codes); a mixture
 micro-batch has one expert.
@@ -66,6 +67,7 @@ class PNConfig:
     code_init_spread: float = 0.1  # shared: each code's deviation from the shared one
     code_map: str = "linear"  # a mixture w's code: "linear" w @ E, or "learned" (LearnedCodeMap)
     code_map_hidden: int = 64  # learned: width of its hidden layer
+    grouped_gemm: str = "auto"  # per-expert GEMMs: auto, grouped or loop (compat.grouped_gemm)
 
 
 def seeded_generator(seed: int, *names) -> torch.Generator:
@@ -371,11 +373,12 @@ class ProjectedLinear(MegatronModule):
         step's summed dL/dW into T, M and E (ProjectedWeights, the step's last micro-batch)."""
         return _StepContraction.apply(self.mixing_weights(codes), self.bank, weights)
 
-    def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
-        """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""
+    def expert_weights(self, routing: ExpertRouting):
+        """W[l, i] of the routing's experts: this step's, if it keeps them (a list), else
+        projected now (one [u, out, in] tensor)."""
         if routing.projected is not None:
             return routing.projected.weights(self, routing)
-        return list(self.project(routing.codes).unbind(0))
+        return self.project(routing.codes)
 
     def _apply_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Each expert's matrix applied to its block of rows (see `routed` for the layouts)."""
@@ -390,9 +393,15 @@ class ProjectedLinear(MegatronModule):
         rows = x.transpose(0, 1).contiguous()
         return self._per_expert(rows, weights, routing).transpose(0, 1).contiguous()
 
-    @staticmethod
-    def _per_expert(rows: torch.Tensor, weights, routing: ExpertRouting):
-        """rows [b, ..., in] in grouped order: one GEMM per expert over its contiguous block."""
+    def _per_expert(self, rows: torch.Tensor, weights, routing: ExpertRouting) -> torch.Tensor:
+        """rows [b, ..., in] in grouped order, weights the u experts' [out, in] (a list, or
+        one [u, out, in] tensor): each expert's matrix on its contiguous block of rows, in one
+        grouped GEMM where compat.grouped_gemm says so, else one GEMM per expert."""
+        out, inp = weights[0].shape
+        if (compat.grouped_gemm(self.pn.grouped_gemm, rows.device, rows.dtype)
+                and compat.grouped_gemm_fits(inp, out, rows.dtype)):
+            stacked = weights if torch.is_tensor(weights) else torch.stack(weights)
+            return grouped_linear(rows, stacked, routing.counts)
         blocks = rows.split(routing.counts, dim=0)
         return torch.cat([F.linear(block, w) for block, w in zip(blocks, weights)])
 
@@ -402,6 +411,20 @@ class ProjectedLinear(MegatronModule):
             state, prefix, {"bank": self.partition_dim}, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
+
+
+def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, counts) -> torch.Tensor:
+    """rows [b, ..., in], expert j's the j-th contiguous block of counts[j] rows, times its
+    weights[j]^T ([u, out, in]): one torch._grouped_mm over the flattened rows, each group ending
+    at a host-computed offset."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    per_row = flat.shape[0] // rows.shape[0]  # the tokens of one row
+    ends = torch.tensor(counts).cumsum(0).mul_(per_row).to(torch.int32)
+    out = torch._grouped_mm(flat, weights.transpose(1, 2),
+                            offs=compat.host_to_device(ends, rows.device))
+    if out.requires_grad:  # its backward rejects a broadcast or column-major gradient
+        out.register_hook(torch.Tensor.contiguous)
+    return out.view(*rows.shape[:-1], out.shape[-1])
 
 
 class PNColumnParallelLinear(ProjectedLinear):
