@@ -89,9 +89,14 @@ else
     echo "no $WHEELS/requirements.txt: assuming the packages are installed (make gpu-wheels)"
 fi
 
-TESTS="tests/test_gpu.py tests/test_attention.py tests/test_fusions.py tests/test_metrics.py"
+# (test_pn.py: grouped per-expert GEMMs against the loop, on the GPU kernels)
+TESTS="tests/test_gpu.py tests/test_attention.py tests/test_fusions.py tests/test_metrics.py
+       tests/test_pn.py::test_grouped_gemm_equals_the_loop
+       tests/test_pn.py::test_grouped_gemm_runs_by_default_only_on_hopper_in_bf16"
 stage tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS
 
+# the PN step rows: dense, PN (mixed), PN with the other per-expert GEMM path, grouped by cluster
+PN_RUNS=(--runs dense pn pn_gemm by_cluster)
 if [ $SMOKE -eq 1 ]; then
     SHORT=(--steps 3 --warmup 1)
     stage throughput_slm 240 "$PY" benchmarks/train_throughput.py --configs configs/tiny/slm.yaml \
@@ -99,7 +104,7 @@ if [ $SMOKE -eq 1 ]; then
     stage pn_mlp 60 "$PY" benchmarks/pn_overhead.py --tiny --only mlp --rounds 1 \
         --results "$OUT_DIR/RESULTS.md"
     stage pn_overhead 300 "$PY" benchmarks/pn_overhead.py --tiny --only step --rounds 1 \
-        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
+        "${SHORT[@]}" "${PN_RUNS[@]}" --results "$OUT_DIR/RESULTS.md"
 else
     SHORT=(--steps 12 --warmup 5)
     stage throughput_slm 90 "$PY" benchmarks/train_throughput.py --configs configs/paper/slm.yaml \
@@ -111,7 +116,7 @@ else
     stage pn_mlp 45 "$PY" benchmarks/pn_overhead.py --paper --only mlp --rounds 2 \
         --results "$OUT_DIR/RESULTS.md"
     stage pn_overhead 120 "$PY" benchmarks/pn_overhead.py --paper --only step --rounds 1 \
-        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
+        "${SHORT[@]}" "${PN_RUNS[@]}" --results "$OUT_DIR/RESULTS.md"
 fi
 
 TESTS_LINE=$(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' "$OUT_DIR/tests.log" | tail -n 1)

@@ -46,11 +46,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_throughput import RunFailed, measure, random_dataset, write_section  # noqa: E402
 
+from megatron_pn import compat  # noqa: E402
 from megatron_pn.config import load_config  # noqa: E402
 from megatron_pn.metrics import device_description  # noqa: E402
+from megatron_pn.model import params_dtype  # noqa: E402
 from megatron_pn.pn.layers import grouped_linear  # noqa: E402
 
 SECTION = "## PN overhead"
+SLM, PN = "configs/paper/slm.yaml", "configs/paper/pn32.yaml"
+STEP_RUNS = ("dense", "pn", "pn_per_micro_batch", "pn_gemm", "by_cluster", "mixture_step",
+             "mixture_micro_batch", "ds_dense", "ds_pn", "ds_pn_per_micro_batch")
 REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=4",
            "model.num_layers=4", "model.seq_length=256", "model.vocab_size=8192",
            "train.micro_batch_size=4", "train.global_batch_size=16"]
@@ -72,40 +77,49 @@ def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Pa
 
 
 DEEPSPEED = ["engine=deepspeed", "deepspeed.zero_stage=2"]
-BASELINES = {"PN, DeepSpeed ZeRO-2, mixed": "dense SLM, DeepSpeed ZeRO-2",
-             "PN, DeepSpeed ZeRO-2, mixed, projected per micro-batch":
-                 "dense SLM, DeepSpeed ZeRO-2"}  # the rest: against the first row
 
 
-def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
-    """tokens/s of training steps (subprocess runs, interleaved rounds, best of each)."""
+def step_runs(common: list[str], dense: list[str]) -> dict:
+    """key -> (row, config, overrides, the row it is measured against: None for the first)."""
+    # the per-expert GEMM path train.pn_grouped_gemm=auto does not take here (params' dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grouped = compat.grouped_gemm("auto", device, params_dtype(load_config([PN]), device.type))
+    other = "loop" if grouped else "grouped"
+    ds_dense = "dense SLM, DeepSpeed ZeRO-2"
+    return {
+        "dense": ("dense SLM (baseline)", SLM, dense, None),
+        "pn": ("PN, mixed micro-batches", PN, common, None),
+        "pn_per_micro_batch": ("PN, mixed, projected per micro-batch", PN, common + [
+            "train.pn_project_once_per_step=false"], None),
+        "pn_gemm": (f"PN, mixed, train.pn_grouped_gemm={other}", PN, common + [
+            f"train.pn_grouped_gemm={other}"], None),
+        "by_cluster": ("PN, data.group_by_cluster", PN, common + ["data.group_by_cluster=true"],
+                       None),
+        "mixture_step": ("PN, mixture training per step", PN, common + ["data.mixture=step"],
+                         None),
+        "mixture_micro_batch": ("PN, mixture training per micro-batch, learned map", PN,
+                                common + ["data.mixture=micro_batch", "model.code_map=learned"],
+                                None),
+        "ds_dense": (ds_dense, SLM, dense + DEEPSPEED, None),
+        "ds_pn": ("PN, DeepSpeed ZeRO-2, mixed", PN, common + DEEPSPEED, ds_dense),
+        "ds_pn_per_micro_batch": ("PN, DeepSpeed ZeRO-2, mixed, projected per micro-batch", PN,
+                                  common + DEEPSPEED + ["train.pn_project_once_per_step=false"],
+                                  ds_dense),
+    }
+
+
+def step_times(shape: list[str], vocab: int, args, work: Path) -> tuple[dict, dict]:
+    """tokens/s of training steps (subprocess runs, interleaved rounds, best of each), and
+    each row's baseline row."""
     tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if args.paper else 200_000
     blend = cluster_blend(work / "clusters", 32, vocab, tokens)
     common = shape + [f"data.blend_file={blend}"]
     dense = common + ["data.blend_file=null", f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"]
-    runs = {
-        "dense SLM (baseline)": ("configs/paper/slm.yaml", dense),
-        "PN, mixed micro-batches": ("configs/paper/pn32.yaml", common),
-        "PN, mixed, projected per micro-batch": ("configs/paper/pn32.yaml", common + [
-            "train.pn_project_once_per_step=false"]),
-        "PN, mixed, grouped GEMM (train.pn_grouped_gemm=grouped)": (
-            "configs/paper/pn32.yaml", common + ["train.pn_grouped_gemm=grouped"]),
-        "PN, data.group_by_cluster": ("configs/paper/pn32.yaml",
-                                      common + ["data.group_by_cluster=true"]),
-        "PN, mixture training per step": ("configs/paper/pn32.yaml",
-                                          common + ["data.mixture=step"]),
-        "PN, mixture training per micro-batch, learned map": (
-            "configs/paper/pn32.yaml", common + ["data.mixture=micro_batch",
-                                                 "model.code_map=learned"]),
-        "dense SLM, DeepSpeed ZeRO-2": ("configs/paper/slm.yaml", dense + DEEPSPEED),
-        "PN, DeepSpeed ZeRO-2, mixed": ("configs/paper/pn32.yaml", common + DEEPSPEED),
-        "PN, DeepSpeed ZeRO-2, mixed, projected per micro-batch": (
-            "configs/paper/pn32.yaml", common + DEEPSPEED + [
-                "train.pn_project_once_per_step=false"]),
-    }
+    runs = {key: run for key, run in step_runs(common, dense).items()
+            if key in (args.runs or STEP_RUNS)}
     best = {}
     for _ in range(args.rounds):
-        for name, (config, overrides) in runs.items():
+        for name, config, overrides, _ in runs.values():
             try:
                 rate = measure(config, overrides, 1, args.steps, args.warmup, work)["tokens_per_s"]
                 best[name] = max(best.get(name) or 0.0, rate)
@@ -113,7 +127,7 @@ def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
                 best.setdefault(name, None)
                 rate = error
             print(f"{name}: {rate}", flush=True)  # kept in the log if the run is cut short
-    return best
+    return best, {name: base for name, _, _, base in runs.values() if base}
 
 
 def validation_rates(shape: list[str], args) -> dict:
@@ -127,8 +141,7 @@ def validation_rates(shape: list[str], args) -> dict:
     with inference_world(single_process=True) as env:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         models = {}
-        for name, config in (("dense", "configs/paper/slm.yaml"),
-                             ("pn", "configs/paper/pn32.yaml")):
+        for name, config in (("dense", SLM), ("pn", PN)):
             cfg = load_config([config], shape + ["model.hidden_dropout=0",
                                                  "model.attention_dropout=0"])
             models[name] = build_gpt(cfg, transformer_config(cfg, env.device.type)).to(
@@ -263,6 +276,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--only", choices=("step", "validation", "mlp"), action="append",
                         help="run only these measurements (repeatable; default: all)")
+    parser.add_argument("--runs", choices=STEP_RUNS, nargs="+",
+                        help="the step measurement's rows (default: all; dense first)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         default="bfloat16" if on_gpu else "float32",
                         help="the mlp measurement's dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -278,9 +293,9 @@ def main() -> int:
     rates = {}
     if "step" in only:
         with tempfile.TemporaryDirectory() as tmp:
-            rates = step_times(shape, vocab, args, Path(tmp))
+            rates, baselines = step_times(shape, vocab, args, Path(tmp))
         lines += [f"Training step (median of steps {args.warmup + 1}-{args.steps}):", ""]
-        lines += ratio_table("pn-train", rates, baselines=BASELINES)
+        lines += ratio_table("pn-train", rates, baselines=baselines)
     if "validation" in only:
         lines += ["Validation / evaluation (forward only, no grad):", ""]
         lines += ratio_table("forward", validation_rates(shape, args))
