@@ -289,7 +289,8 @@ def main() -> int:
 
     lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
              f"{'paper expert shape (d 1024, 7 layers)' if args.paper else ' '.join(shape)}; "
-             f"k=32 h=23 m=16; best of {args.rounds} interleaved rounds.", ""]
+             f"k=32 h=23 m=16; best of {args.rounds} interleaved rounds; "
+             f"{torch.get_num_threads()} torch threads per process.", ""]
     rates = {}
     if "step" in only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -174,11 +174,12 @@ GROUPED_GEMM = ("auto", "grouped", "loop")  # train.pn_grouped_gemm
 def grouped_gemm(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a PN linear applies its experts' matrices to their blocks of rows in one
     `torch._grouped_mm` call (train.pn_grouped_gemm) instead of one GEMM per expert: `grouped`
-    and `loop` force a path (where torch has the call); `auto` groups where it pays, a GPU of
-    compute capability 9.0 or more (Hopper: CUTLASS grouped kernels) in bf16. On CPU torch's
-    grouped call is correct in fp32 and bf16 but was slower than the loop (2-core CPU,
-    benchmarks/RESULTS.md, PN overhead), and its backward needs row-major gradients (ours are:
-    `pn.layers.grouped_linear`)."""
+    and `loop` force a path (where torch has the call); `auto` groups on a GPU of compute
+    capability 9.0 or more (Hopper: CUTLASS grouped kernels) in bf16. On CPU torch's grouped
+    call is right in fp32 and bf16 and one MLP's forward+backward took 12-22% less than the
+    loop, but a training step was no faster (2-core CPU, benchmarks/RESULTS.md, PN overhead
+    2026-12-03): the loop stays, torch's private op is not worth it there. Its backward needs
+    row-major gradients (`pn.layers.grouped_linear` makes them so)."""
     if mode == "loop" or not hasattr(torch, "_grouped_mm"):
         return False
     if mode == "grouped":

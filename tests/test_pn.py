@@ -184,8 +184,9 @@ def test_grouped_gemm_equals_the_loop(world, monkeypatch, device, dtype, once_pe
 
 def test_grouped_gemm_runs_by_default_only_on_hopper_in_bf16():
     """auto (the default) groups on a GPU of compute capability >= 9.0 in bf16, where the CUTLASS
-    grouped kernels are; elsewhere the loop, which was faster on CPU (benchmarks/RESULTS.md);
-    grouped and loop force a path; shapes off torch's 16-byte alignment keep the loop."""
+    grouped kernels are; elsewhere the loop (on CPU a training step was no faster grouped:
+    benchmarks/RESULTS.md); grouped and loop force a path; shapes off torch's 16-byte alignment
+    keep the loop."""
     from megatron_pn.compat import grouped_gemm, grouped_gemm_fits
 
     cpu = torch.device("cpu")
