@@ -2,8 +2,8 @@
 spec replaced by projected ones (megatron_pn/pn/: the equation, the spec, PNGPTModel). Every row
 is computed by its cluster's expert: batches carry cluster ids from the per-cluster blend, each
 expert is projected once per optimizer step (and evaluation), the step's projections are
-backpropagated in its last micro-batch's backward, before the gradient reduction (either
-engine)."""
+backpropagated in its last micro-batch's backward, before the gradient reduction (megatron-core;
+DeepSpeed ZeRO-1/2: engines.py)."""
 
 from __future__ import annotations
 
