@@ -6,8 +6,9 @@
 #
 # Stages: the device; the carried wheels (`make gpu-wheels`) installed where missing; the GPU
 # tests (bf16 vs fp32 curve, SDPA and fused kernels against their references on CUDA); tokens/s,
-# MFU and peak memory of the paper's SLM and LLM over a micro-batch sweep; the PN/dense step-time
-# ratio at the paper's shape (mixed and grouped micro-batches).
+# MFU and peak memory of the paper's SLM and LLM over a micro-batch sweep; one PN MLP at the paper's
+# shape in bf16, its per-expert GEMMs grouped (torch._grouped_mm) against the loop; the PN/dense
+# step-time ratio at the paper's shape (mixed and grouped micro-batches).
 # Results are appended, with device and date, to DIR/RESULTS.md (a copy of benchmarks/RESULTS.md:
 # copy it back to keep them). --cpu-smoke runs the stages a CPU can run at tiny sizes (the test
 # suite does, so this stays runnable). DIR defaults to $OUT (the folder a lent GPU session
@@ -88,15 +89,22 @@ else
     echo "no $WHEELS/requirements.txt: assuming the packages are installed (make gpu-wheels)"
 fi
 
-TESTS="tests/test_gpu.py tests/test_attention.py tests/test_fusions.py tests/test_metrics.py"
+# (test_pn.py: grouped per-expert GEMMs against the loop, on the GPU kernels)
+TESTS="tests/test_gpu.py tests/test_attention.py tests/test_fusions.py tests/test_metrics.py
+       tests/test_pn.py::test_grouped_gemm_equals_the_loop
+       tests/test_pn.py::test_grouped_gemm_runs_by_default_only_on_hopper_in_bf16"
 stage tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS
 
+# the PN step rows: dense, PN (mixed), PN with the other per-expert GEMM path, grouped by cluster
+PN_RUNS=(--runs dense pn pn_gemm by_cluster)
 if [ $SMOKE -eq 1 ]; then
     SHORT=(--steps 3 --warmup 1)
     stage throughput_slm 240 "$PY" benchmarks/train_throughput.py --configs configs/tiny/slm.yaml \
         --micro-batch-sizes 2 4 "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
+    stage pn_mlp 60 "$PY" benchmarks/pn_overhead.py --tiny --only mlp --rounds 1 \
+        --results "$OUT_DIR/RESULTS.md"
     stage pn_overhead 300 "$PY" benchmarks/pn_overhead.py --tiny --only step --rounds 1 \
-        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
+        "${SHORT[@]}" "${PN_RUNS[@]}" --results "$OUT_DIR/RESULTS.md"
 else
     SHORT=(--steps 12 --warmup 5)
     stage throughput_slm 90 "$PY" benchmarks/train_throughput.py --configs configs/paper/slm.yaml \
@@ -104,8 +112,11 @@ else
     # an LLM step is ~6x an SLM step (~1.2 s at 50% MFU): fewer of them
     stage throughput_llm 110 "$PY" benchmarks/train_throughput.py --configs configs/paper/llm.yaml \
         --micro-batch-sizes 4 8 --steps 10 --warmup 4 --results "$OUT_DIR/RESULTS.md"
+    # grouped vs loop (train.pn_grouped_gemm), bf16: seconds of GPU time
+    stage pn_mlp 45 "$PY" benchmarks/pn_overhead.py --paper --only mlp --rounds 2 \
+        --results "$OUT_DIR/RESULTS.md"
     stage pn_overhead 120 "$PY" benchmarks/pn_overhead.py --paper --only step --rounds 1 \
-        "${SHORT[@]}" --results "$OUT_DIR/RESULTS.md"
+        "${SHORT[@]}" "${PN_RUNS[@]}" --results "$OUT_DIR/RESULTS.md"
 fi
 
 TESTS_LINE=$(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' "$OUT_DIR/tests.log" | tail -n 1)

@@ -8,19 +8,24 @@ measured in one run on this device and printed as ratios.
 Three measurements, each in interleaved rounds (best of each: robust to a busy host):
   1. step:       `pn-train` step time, PN over dense, with micro-batches that mix clusters (one
                  projected matrix per distinct cluster in each micro-batch) and with
-                 `data.group_by_cluster` (micro-batches of one or two clusters).
+                 `data.group_by_cluster` (micro-batches of one or two clusters); under the
+                 megatron engine, and under DeepSpeed ZeRO-2 against a dense DeepSpeed step.
   2. validation: forward-only (no grad) tokens/s of the same models, mixed and one cluster.
   3. mlp:        one MLP's forward+backward and no-grad forward on a mixed micro-batch for the
                  ways of applying per-expert weights: the dense MLP; per-expert slices of the
                  sequence-first [s, b, d] activations (strided: torch runs s tiny GEMMs); rows
                  regrouped once per MLP call so each expert's block is contiguous (what PNMLP
-                 does); one expert for the whole micro-batch.
+                 does), then one GEMM per expert (the loop) or one torch._grouped_mm call
+                 (train.pn_grouped_gemm), on the projection's [u, out, in] weights or on the
+                 step's weights stacked per call (projected once per step); one expert for the
+                 whole micro-batch. `--paper --only mlp` is gpu_check.sh's grouped-vs-loop row.
 Goals (issue 11): PN step <= 1.25x dense on CPU with mixed micro-batches; <= 1.15x on a GPU at
-the paper's shape. Mixture training (data.mixture: one code per step or micro-batch, so one
-projected matrix per step or micro-batch): <= 1.25x dense on CPU. Each expert is projected once per step (train.pn_project_once_per_step; the
-"projected per micro-batch" row turns that off), so the floor is the projection and its
-backward once per step (2*u*h*out*in FLOPs each, u distinct experts in the step) and Adam over
-h x the MLP parameters.
+the paper's shape; (issue 26) under DeepSpeed <= 1.15x its dense step at the reduced shape.
+Mixture training (data.mixture: one code per step or micro-batch, so one projected matrix per
+step or micro-batch): <= 1.25x dense on CPU. Each expert is projected once per step
+(train.pn_project_once_per_step; the "projected per micro-batch" rows turn that off), so the
+floor is the projection and its backward once per step (2*u*h*out*in FLOPs each, u distinct
+experts in the step) and Adam over h x the MLP parameters.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_throughput import RunFailed, measure, random_dataset, write_section  # noqa: E402
 
+from megatron_pn import compat  # noqa: E402
 from megatron_pn.config import load_config  # noqa: E402
 from megatron_pn.metrics import device_description  # noqa: E402
+from megatron_pn.model import params_dtype  # noqa: E402
+from megatron_pn.pn.layers import grouped_linear  # noqa: E402
 
 SECTION = "## PN overhead"
+SLM, PN = "configs/paper/slm.yaml", "configs/paper/pn32.yaml"
+STEP_RUNS = ("dense", "pn", "pn_per_micro_batch", "pn_gemm", "by_cluster", "mixture_step",
+             "mixture_micro_batch", "ds_dense", "ds_pn", "ds_pn_per_micro_batch")
 REDUCED = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=4",
            "model.num_layers=4", "model.seq_length=256", "model.vocab_size=8192",
            "train.micro_batch_size=4", "train.global_batch_size=16"]
@@ -65,28 +76,50 @@ def cluster_blend(root: Path, k: int, vocab: int, tokens_per_cluster: int) -> Pa
     return path
 
 
-def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
-    """tokens/s of training steps (subprocess runs, interleaved rounds, best of each)."""
+DEEPSPEED = ["engine=deepspeed", "deepspeed.zero_stage=2"]
+
+
+def step_runs(common: list[str], dense: list[str]) -> dict:
+    """key -> (row, config, overrides, the row it is measured against: None for the first)."""
+    # the per-expert GEMM path train.pn_grouped_gemm=auto does not take here (params' dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grouped = compat.grouped_gemm("auto", device, params_dtype(load_config([PN]), device.type))
+    other = "loop" if grouped else "grouped"
+    ds_dense = "dense SLM, DeepSpeed ZeRO-2"
+    return {
+        "dense": ("dense SLM (baseline)", SLM, dense, None),
+        "pn": ("PN, mixed micro-batches", PN, common, None),
+        "pn_per_micro_batch": ("PN, mixed, projected per micro-batch", PN, common + [
+            "train.pn_project_once_per_step=false"], None),
+        "pn_gemm": (f"PN, mixed, train.pn_grouped_gemm={other}", PN, common + [
+            f"train.pn_grouped_gemm={other}"], None),
+        "by_cluster": ("PN, data.group_by_cluster", PN, common + ["data.group_by_cluster=true"],
+                       None),
+        "mixture_step": ("PN, mixture training per step", PN, common + ["data.mixture=step"],
+                         None),
+        "mixture_micro_batch": ("PN, mixture training per micro-batch, learned map", PN,
+                                common + ["data.mixture=micro_batch", "model.code_map=learned"],
+                                None),
+        "ds_dense": (ds_dense, SLM, dense + DEEPSPEED, None),
+        "ds_pn": ("PN, DeepSpeed ZeRO-2, mixed", PN, common + DEEPSPEED, ds_dense),
+        "ds_pn_per_micro_batch": ("PN, DeepSpeed ZeRO-2, mixed, projected per micro-batch", PN,
+                                  common + DEEPSPEED + ["train.pn_project_once_per_step=false"],
+                                  ds_dense),
+    }
+
+
+def step_times(shape: list[str], vocab: int, args, work: Path) -> tuple[dict, dict]:
+    """tokens/s of training steps (subprocess runs, interleaved rounds, best of each), and
+    each row's baseline row."""
     tokens = (args.steps + 2) * 128 * 1025 * 2 // 32 if args.paper else 200_000
     blend = cluster_blend(work / "clusters", 32, vocab, tokens)
     common = shape + [f"data.blend_file={blend}"]
-    runs = {
-        "dense SLM (baseline)": ("configs/paper/slm.yaml", common + [
-            "data.blend_file=null", f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"]),
-        "PN, mixed micro-batches": ("configs/paper/pn32.yaml", common),
-        "PN, mixed, projected per micro-batch": ("configs/paper/pn32.yaml", common + [
-            "train.pn_project_once_per_step=false"]),
-        "PN, data.group_by_cluster": ("configs/paper/pn32.yaml",
-                                      common + ["data.group_by_cluster=true"]),
-        "PN, mixture training per step": ("configs/paper/pn32.yaml",
-                                          common + ["data.mixture=step"]),
-        "PN, mixture training per micro-batch, learned map": (
-            "configs/paper/pn32.yaml", common + ["data.mixture=micro_batch",
-                                                 "model.code_map=learned"]),
-    }
+    dense = common + ["data.blend_file=null", f"data.blend=[{work / 'clusters' / 'cluster_0000'}]"]
+    runs = {key: run for key, run in step_runs(common, dense).items()
+            if key in (args.runs or STEP_RUNS)}
     best = {}
     for _ in range(args.rounds):
-        for name, (config, overrides) in runs.items():
+        for name, config, overrides, _ in runs.values():
             try:
                 rate = measure(config, overrides, 1, args.steps, args.warmup, work)["tokens_per_s"]
                 best[name] = max(best.get(name) or 0.0, rate)
@@ -94,7 +127,7 @@ def step_times(shape: list[str], vocab: int, args, work: Path) -> dict:
                 best.setdefault(name, None)
                 rate = error
             print(f"{name}: {rate}", flush=True)  # kept in the log if the run is cut short
-    return best
+    return best, {name: base for name, _, _, base in runs.values() if base}
 
 
 def validation_rates(shape: list[str], args) -> dict:
@@ -108,8 +141,7 @@ def validation_rates(shape: list[str], args) -> dict:
     with inference_world(single_process=True) as env:
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         models = {}
-        for name, config in (("dense", "configs/paper/slm.yaml"),
-                             ("pn", "configs/paper/pn32.yaml")):
+        for name, config in (("dense", SLM), ("pn", PN)):
             cfg = load_config([config], shape + ["model.hidden_dropout=0",
                                                  "model.attention_dropout=0"])
             models[name] = build_gpt(cfg, transformer_config(cfg, env.device.type)).to(
@@ -128,7 +160,7 @@ def validation_rates(shape: list[str], args) -> dict:
         }
         best = {}
         # as an evaluation runs: each expert projected once for all its batches (projected_once)
-        with torch.no_grad(), projected_once([models["pn"]], backprop=False):
+        with torch.no_grad(), projected_once([models["pn"]]):
             for _ in range(args.rounds):
                 for name, call in calls.items():
                     seconds = _best_time(call, env.device, repeats=3 if not args.paper else 10)
@@ -137,15 +169,20 @@ def validation_rates(shape: list[str], args) -> dict:
 
 
 def mlp_alternatives(args) -> dict:
-    """ms per call of one SwiGLU MLP (fwd+bwd, no-grad fwd), 4 rows of 4 different experts."""
+    """ms per call of one SwiGLU MLP (fwd+bwd, no-grad fwd), b rows of b different experts."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    d, ffn, h, s, b = (1024, 2736, 23, 1024, 8) if args.paper else (256, 688, 23, 256, 4)
-    fc1 = torch.randn(2 * ffn * d, h, device=device, requires_grad=True)
-    fc2 = torch.randn(d * ffn, h, device=device, requires_grad=True)
-    alpha = torch.randn(b, h, device=device, requires_grad=True)  # one expert per row
-    x = torch.randn(s, b, d, device=device, requires_grad=True)
-    dense_fc1 = torch.randn(2 * ffn, d, device=device, requires_grad=True)
-    dense_fc2 = torch.randn(d, ffn, device=device, requires_grad=True)
+    dtype = getattr(torch, args.dtype)
+    d, ffn, h, s, b = ((1024, 2736, 23, 1024, 8) if args.paper else (64, 176, 23, 64, 4)
+                       if args.tiny else (256, 688, 23, 256, 4))
+
+    def tensor(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    fc1, fc2 = tensor(2 * ffn * d, h), tensor(d * ffn, h)
+    alpha = tensor(b, h)  # one expert per row
+    x = tensor(s, b, d)
+    dense_fc1, dense_fc2 = tensor(2 * ffn, d), tensor(d, ffn)
+    experts = (1,) * b  # rows of each expert, in grouped order
 
     def weights(bank, out, inp, rows):
         return F.linear(alpha[:rows], bank).view(rows, out, inp)
@@ -167,15 +204,27 @@ def mlp_alternatives(args) -> dict:
         y = swiglu(y)
         return torch.cat([F.linear(y[:, j:j + 1], w2[j]) for j in range(b)], dim=1)
 
-    def regrouped():  # [b, s, d] once per MLP call: each expert's rows contiguous
-        w1, w2 = weights(fc1, 2 * ffn, d, b), weights(fc2, d, ffn, b)
-        rows = x.transpose(0, 1).contiguous()
-        y = swiglu(torch.cat([F.linear(rows[j:j + 1], w1[j]) for j in range(b)]))
-        y = torch.cat([F.linear(y[j:j + 1], w2[j]) for j in range(b)])
-        return y.transpose(0, 1).contiguous()
+    def regrouped(apply):  # [b, s, d] once per MLP call: each expert's rows contiguous
+        def mlp():
+            w1, w2 = weights(fc1, 2 * ffn, d, b), weights(fc2, d, ffn, b)
+            rows = x.transpose(0, 1).contiguous()
+            return apply(swiglu(apply(rows, w1)), w2).transpose(0, 1).contiguous()
+        return mlp
+
+    def loop(rows, w):  # one GEMM per expert (ProjectedLinear._per_expert's loop)
+        return torch.cat([F.linear(rows[j:j + 1], w[j]) for j in range(b)])
+
+    def grouped(rows, w):  # one torch._grouped_mm on the projection's [u, out, in]
+        return grouped_linear(rows, w, experts)
+
+    def grouped_stacked(rows, w):  # the step's per-expert W (projected once) stacked per call
+        return grouped_linear(rows, torch.stack(list(w.unbind(0))), experts)
 
     variants = {"dense MLP (baseline)": dense, "PN, strided expert slices": strided,
-                "PN, regrouped once per MLP": regrouped, "PN, one expert": one_expert}
+                "PN, regrouped once per MLP, loop": regrouped(loop),
+                "PN, regrouped, grouped GEMM": regrouped(grouped),
+                "PN, regrouped, grouped GEMM, W stacked per call": regrouped(grouped_stacked),
+                "PN, one expert": one_expert}
     best = {}
     for _ in range(args.rounds):
         for name, fn in variants.items():
@@ -201,11 +250,13 @@ def _best_time(call, device, repeats: int) -> float:
     return min(times)
 
 
-def ratio_table(title: str, rates: dict, unit: str = "tokens/s") -> list[str]:
-    """Rates against the first (the dense baseline); None: that run failed."""
-    base = next(iter(rates.values()))
+def ratio_table(title: str, rates: dict, unit: str = "tokens/s", baselines=None) -> list[str]:
+    """Rates against their baseline (`baselines`: name -> its baseline's name; the rest: the
+    first row, the dense model); None: that run failed."""
+    first = next(iter(rates))
     lines = [f"| {title} | {unit} | time vs dense |", "|---|---:|---:|"]
     for name, rate in rates.items():
+        base = rates.get((baselines or {}).get(name, first))
         ratio = f"{base / rate:.2f}x" if base and rate else "-"
         lines.append(f"| {name} | {f'{rate:,.0f}' if rate else 'failed'} | {ratio} |")
     return lines + [""]
@@ -225,6 +276,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--only", choices=("step", "validation", "mlp"), action="append",
                         help="run only these measurements (repeatable; default: all)")
+    parser.add_argument("--runs", choices=STEP_RUNS, nargs="+",
+                        help="the step measurement's rows (default: all; dense first)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        default="bfloat16" if on_gpu else "float32",
+                        help="the mlp measurement's dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
     only = set(args.only or ("step", "validation", "mlp"))
@@ -233,20 +289,22 @@ def main() -> int:
 
     lines = [f"Device: {device_description()}; date {datetime.date.today()}; "
              f"{'paper expert shape (d 1024, 7 layers)' if args.paper else ' '.join(shape)}; "
-             f"k=32 h=23 m=16; best of {args.rounds} interleaved rounds.", ""]
+             f"k=32 h=23 m=16; best of {args.rounds} interleaved rounds; "
+             f"{torch.get_num_threads()} torch threads per process.", ""]
     rates = {}
     if "step" in only:
         with tempfile.TemporaryDirectory() as tmp:
-            rates = step_times(shape, vocab, args, Path(tmp))
+            rates, baselines = step_times(shape, vocab, args, Path(tmp))
         lines += [f"Training step (median of steps {args.warmup + 1}-{args.steps}):", ""]
-        lines += ratio_table("pn-train", rates)
+        lines += ratio_table("pn-train", rates, baselines=baselines)
     if "validation" in only:
         lines += ["Validation / evaluation (forward only, no grad):", ""]
         lines += ratio_table("forward", validation_rates(shape, args))
     if "mlp" in only:
         rows = mlp_alternatives(args)
         base = next(iter(rows.values()))
-        lines += ["One MLP, 4 rows of 4 experts (ms per call):", "",
+        b = 8 if args.paper else 4
+        lines += [f"One MLP, {b} rows of {b} experts, {args.dtype} (ms per call):", "",
                   "| variant | fwd+bwd ms | vs dense | no-grad fwd ms | vs dense |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {name} | {t:.1f} | {t / base[0]:.2f}x | {i:.1f} | {i / base[1]:.2f}x |"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_pn.compat import transformer_engine_available
+from megatron_pn.compat import GROUPED_GEMM, transformer_engine_available
 from megatron_pn.config import Config, check_ranges
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
@@ -25,6 +25,7 @@ CHOICES = {
     "data.mixture": ("none", "step", "micro_batch"),
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.pn_grouped_gemm": GROUPED_GEMM,
     "checkpoint.optimizer_format": ("fully_reshardable", "dp_reshardable"),
     "checkpoint.on_damaged": ("fallback", "stop"),
     "logging.wandb_mode": ("offline", "online", "disabled"),

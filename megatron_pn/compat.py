@@ -17,12 +17,14 @@ With a GPU nothing here is active: `activate()` returns 'cuda' and changes nothi
 module of the project touches `torch.cuda` internals on megatron-core's behalf.
 
 `fusion_settings` is the one place that decides which of megatron-core's fused kernels a device
-runs (`transformer_engine_available` the one place that probes for Transformer Engine).
+runs (`transformer_engine_available` the one place that probes for Transformer Engine), and
+`grouped_gemm` whether a projected network's per-expert GEMMs run as one grouped call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -164,6 +166,37 @@ def fusion_settings(device_type: str, bf16: bool, activation_fusable: bool) -> d
         "persist_layer_norm": False,
         "gradient_accumulation_fusion": False,
     }
+
+
+GROUPED_GEMM = ("auto", "grouped", "loop")  # train.pn_grouped_gemm
+
+
+def grouped_gemm(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a PN linear applies its experts' matrices to their blocks of rows in one
+    `torch._grouped_mm` call (train.pn_grouped_gemm) instead of one GEMM per expert: `grouped`
+    and `loop` force a path (where torch has the call); `auto` groups on a GPU of compute
+    capability 9.0 or more (Hopper: CUTLASS grouped kernels) in bf16. On CPU torch's grouped
+    call is right in fp32 and bf16 and one MLP's forward+backward took 12-22% less than the
+    loop, but a training step was no faster (2-core CPU, benchmarks/RESULTS.md, PN overhead
+    2026-12-03): the loop stays, torch's private op is not worth it there. Its backward needs
+    row-major gradients (`pn.layers.grouped_linear` makes them so)."""
+    if mode == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if mode == "grouped":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and _capability(device) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def grouped_gemm_fits(in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm's layout rule (its CPU kernel checks the CUDA kernel's): the rows of
+    the input, the weights and the output start on 16-byte boundaries."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return in_features * size % 16 == 0 and out_features * size % 16 == 0
 
 
 def data_workers(configured: int | None, device_type: str) -> int:

@@ -227,8 +227,14 @@ class TrainConfig:
         valid=ABOVE_0)
     pn_project_once_per_step: bool = _help(
         "pn: project each expert's weights once per optimizer step, reused by every micro-batch "
-        "and backpropagated once (megatron engine; memory: W and dL/dW of each expert the step "
-        "uses). false, and always under DeepSpeed: once per micro-batch", True)
+        "and backpropagated once (memory: W and dL/dW of each expert the step uses). false, and "
+        "always under DeepSpeed ZeRO-3 or an offloaded optimizer (they add the previous step's "
+        "to a gradient that first comes in a later micro-batch, engines.py): once per "
+        "micro-batch", True)
+    pn_grouped_gemm: str = _help(
+        "pn: a micro-batch's per-expert GEMMs (rows sorted by expert): grouped (one "
+        "torch._grouped_mm call), loop (one GEMM per expert) or auto (grouped on a GPU of "
+        "compute capability >= 9.0 in bf16, else loop: compat.grouped_gemm)", "auto")
     eval_sets: list = _help(
         "more held-out sets evaluated at every eval_interval, as pn-eval does (every token "
         "predicted once): [[name, prefix], ...]; for pn, [[name, prefix, ROUTE], ...] where ROUTE "

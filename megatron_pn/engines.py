@@ -75,6 +75,9 @@ def lr_scheduler(optimizer, train) -> OptimizerParamScheduler:
 
 
 class MegatronEngine:
+    # a gradient may first arrive in any micro-batch of a step: DDP's buffers are zeroed per step
+    late_gradients = True
+
     def __init__(self, cfg: Config, tconfig, chunks: list):
         self.cfg, self.tconfig = cfg, tconfig
         family = family_of(cfg)
@@ -86,7 +89,8 @@ class MegatronEngine:
         self.model = [DDP(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
                       for i, chunk in enumerate(chunks)]
         tconfig.finalize_model_grads_func = family.finalize_grads
-        self.step_scope = family.step_scope(cfg, self.model)  # PN: projected once per step
+        # PN: projected once per step
+        self.step_scope = family.step_scope(cfg, self.model, self.late_gradients)
         if cfg.parallel.overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.model]
             tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -121,7 +125,7 @@ class MegatronEngine:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self.step_scope(experts=experts):
+        with self.step_scope(experts=experts, micro_batches=len(batches)):
             reports = self.run_microbatches(forward_step, batches, forward_only=False)
         scheduler.step(increment=1)  # the LR of step s is the schedule at s + 1
         _, grad_norm, _ = self.optimizer.step()
@@ -245,6 +249,16 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, mpu=_MegatronMPU(),
             config=deepspeed_config(cfg, num_microbatches, tconfig.bf16))
         self.model = [self.engine]
+        # ZeRO-3, and ZeRO-1/2 with the optimizer offloaded, overwrite a parameter's gradient
+        # partition in a step's first micro-batch and add to it in later ones, never clearing it
+        # (deepspeed 0.19.8: stage3.py partition_grads, stage_1_and_2.py
+        # async_accumulate_grad_in_cpu_via_gpu): a gradient that first arrives in a later
+        # micro-batch would get the previous step's added to it.
+        d = cfg.deepspeed
+        self.late_gradients = d.zero_stage < 3 and not d.offload_optimizer
+        # PN: projected once per step where late gradients are summed right (the step's dL/dW
+        # contracted in its last micro-batch's backward), else per micro-batch
+        self.step_scope = family_of(cfg).step_scope(cfg, self.model, self.late_gradients)
 
     def parameter_elements(self) -> tuple[int, int]:
         """(elements this rank holds, elements of the model): ZeRO-3 holds a 1/DP partition."""
@@ -268,7 +282,8 @@ class DeepSpeedEngine:
 
     def train_step(self, forward_step, batches, scheduler, experts=()):
         scheduler.step(increment=1)  # sets the LR that the boundary step below uses
-        reports = self.run_microbatches(forward_step, batches, forward_only=False)
+        with self.step_scope(experts=experts, micro_batches=len(batches)):
+            reports = self.run_microbatches(forward_step, batches, forward_only=False)
         return reports, float(self.engine.get_global_grad_norm() or 0.0)
 
     def set_training(self, training: bool) -> None:

@@ -110,6 +110,10 @@ class Trainer:
             held, total = self.engine.parameter_elements()
             self._print(f"deepspeed ZeRO-{cfg.deepspeed.zero_stage}: rank 0 holds {held:,} of "
                         f"{total:,} parameter elements")
+        note = self.family.compute_note(cfg, self.engine.late_gradients, self.device_type,
+                                        self.tconfig.params_dtype)
+        if note:
+            self._print(note)
         if self.start.resume:
             common = self.start.resume_into(self.engine, self.scheduler, cfg.model)
             self.step = common["iteration"]

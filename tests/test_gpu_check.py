@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh stays runnable: its --cpu-smoke mode runs every CPU-capable stage
-(tests, throughput sweep, PN overhead) at tiny sizes and reports them in OUT/RESULTS.md."""
+(tests, throughput sweep, PN MLP grouped vs loop, PN overhead) at tiny sizes and reports them
+in OUT/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     results = (tmp_path / "RESULTS.md").read_text()
     check = results[results.index("## GPU check: CPU only"):]
-    for stage in ("device", "tests", "throughput_slm", "pn_overhead"):
+    for stage in ("device", "tests", "throughput_slm", "pn_mlp", "pn_overhead"):
         assert f"| {stage} | ok |" in check
     assert "| configs/tiny/slm.yaml | train.micro_batch_size=4 |" in results
     assert "model.hidden_size=64 model.ffn_hidden_size=176" in results  # the tiny PN shape
+    assert "| PN, regrouped, grouped GEMM |" in results  # the grouped-vs-loop row
     # a copy, added to: every section of the repository's file is still there, whole
     for section in (REPO / "benchmarks" / "RESULTS.md").read_text().split("\n## "):
         assert section.rstrip() in results

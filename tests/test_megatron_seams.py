@@ -49,15 +49,14 @@ def record_mlp_routing(model) -> list[list]:
 
 def loss_and_grads(model):
     """One training micro-batch as the trainer runs it: each expert's weights projected once
-    for the step (projected_once), backpropagated into T, M and E at its end."""
+    for the step (projected_once), backpropagated into T, M and E in its (last) backward."""
     from megatron_pn.pn import projected_once
 
     tokens, positions = batch()
     model.zero_grad()
-    with projected_once([model]):
+    with projected_once([model], micro_batches=1):  # the backward contracts dL/dW into T, M, E
         loss = model(tokens, positions, None, labels=tokens, cluster_ids=IDS).sum()
         loss.backward()
-        model.projected_weights.backward()  # (finalize_pn_model_grads does this in training)
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

@@ -122,6 +122,88 @@ def test_gradients_match_autograd_of_the_unsharded_formula(world, batch_first):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-6), name
 
 
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("once_per_step", [False, True])
+def test_grouped_gemm_equals_the_loop(world, monkeypatch, device, dtype, once_per_step):
+    """train.pn_grouped_gemm=grouped (one torch._grouped_mm per linear over the rows sorted by
+    expert) computes what the loop of one GEMM per expert does: the output, and every gradient
+    - the input's, W's (the step's leaves, projected once per step) and through W the bank's,
+    the code projection's and the codes' - over two micro-batches of mixed clusters, per
+    micro-batch or projected once per step, under a broadcast upstream gradient too (`.sum()`:
+    torch's grouped backward rejects it as it comes, so grouped_linear makes it row-major).
+    Runs on CPU (torch 2.13: forward and backward in fp32 and bf16, CPU kernels; the outputs
+    and input gradients came out bitwise equal there) and, where there is one, on a GPU (the
+    CUDA kernels; bf16 tolerances)."""
+    from megatron_pn.pn.layers import ExpertRouting, ProjectedWeights
+
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm",
+                        lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2,
+                                                                            "atol": 1e-3}
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(4, 5, 64, generator=g) for _ in range(2)]  # [b, s, d], batch-first
+    upstream = torch.randn(4, 5, 352, generator=g)
+    results = {}
+    for mode in ("loop", "grouped"):
+        model = build(tiny_cfg(**{"train.pn_grouped_gemm": mode})).train().to(device, dtype)
+        fc1 = model.decoder.layers[0].mlp.linear_fc1
+        projected = ProjectedWeights(model.codes, micro_batches=2) if once_per_step else None
+        xs = [x.to(device, dtype).requires_grad_() for x in inputs]
+        outputs, w_grads = [], None
+        for step, (x, ids) in enumerate(zip(xs, ([0, 0, 2, 3], [1, 3, 3, 3]))):
+            routing = ExpertRouting.from_cluster_ids(torch.tensor(ids), model.codes, 4, x.device)
+            routing = projected.route(routing) if projected else routing
+            with fc1.routed(routing, batch_first=True):
+                y, _ = fc1(x)
+            # the first micro-batch's upstream gradient broadcast, the second's row-major
+            (y.sum() if step == 0 else (y * upstream.to(device, dtype)).sum()).backward()
+            outputs.append(y.detach())
+            if projected and step == 0:  # dL/dW of the first micro-batch, in the step's leaves
+                w_grads = [w.grad.clone() for w in projected._weights[fc1].values()]
+        params = [model.expert_codes, fc1.code_projection, fc1.bank]
+        results[mode] = (outputs, [x.grad for x in xs], w_grads, [p.grad for p in params])
+        assert calls if mode == "grouped" else not calls
+    (outputs, x_grads, w_grads, grads), expected = results["grouped"], results["loop"]
+    for got, want in zip(outputs + x_grads, expected[0] + expected[1]):
+        assert torch.allclose(got.float(), want.float(), **tolerance)
+    if once_per_step:
+        for got, want in zip(w_grads, expected[2]):
+            assert torch.allclose(got.float(), want.float(), **tolerance), "W"
+    for got, want, name in zip(grads, expected[3], ["E", "M", "T"]):
+        scale = want.abs().max()
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance["rtol"],
+                              atol=tolerance["atol"] * scale), name
+
+
+def test_grouped_gemm_runs_by_default_only_on_hopper_in_bf16():
+    """auto (the default) groups on a GPU of compute capability >= 9.0 in bf16, where the CUTLASS
+    grouped kernels are; elsewhere the loop (on CPU a training step was no faster grouped:
+    benchmarks/RESULTS.md); grouped and loop force a path; shapes off torch's 16-byte alignment
+    keep the loop."""
+    from megatron_pn.compat import grouped_gemm, grouped_gemm_fits
+
+    cpu = torch.device("cpu")
+    assert not grouped_gemm("auto", cpu, torch.bfloat16)
+    assert not grouped_gemm("auto", cpu, torch.float32)
+    assert grouped_gemm("grouped", cpu, torch.float32) and not grouped_gemm("loop", cpu,
+                                                                          torch.float32)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+        hopper = torch.cuda.get_device_capability(gpu) >= (9, 0)
+        assert grouped_gemm("auto", gpu, torch.bfloat16) == hopper
+        assert not grouped_gemm("auto", gpu, torch.float32)
+    assert grouped_gemm_fits(64, 352, torch.float32) and grouped_gemm_fits(64, 8, torch.bfloat16)
+    assert not grouped_gemm_fits(64, 6, torch.float32)
+    assert not grouped_gemm_fits(4, 8, torch.bfloat16)
+
+
 def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
     """The model groups rows itself: a shuffled micro-batch gives the same per-row losses (in
     the caller's order), logits and gradients as the same rows sorted by cluster."""
@@ -150,7 +232,8 @@ def test_rows_in_any_order_equal_rows_grouped_by_cluster(world):
 def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_per_step):
     """Under megatron-core's DDP the bank gradient is added into `main_grad` in place, over
     micro-batches, and equals autograd's gradient of the same micro-batches - also when each
-    expert is projected once for the whole step and backpropagated once at its end."""
+    expert is projected once for the whole step and backpropagated once, in the backward of
+    its last micro-batch."""
     import contextlib
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -169,14 +252,12 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
     project = ProjectedLinear.project
     monkeypatch.setattr(ProjectedLinear, "project",
                         lambda self, codes: projections.append(len(codes)) or project(self, codes))
-    scope = projected_once([ddp]) if once_per_step else contextlib.nullcontext()
+    scope = projected_once([ddp], micro_batches=2) if once_per_step else contextlib.nullcontext()
     with scope:
         for seed, ids in enumerate(([0, 2, 2, 3, 1, 0], [1, 1, 3, 0, 2, 2])):  # 2 micro-batches
             tokens, positions = inputs(seed=seed)
             for model in (plain, ddp):
                 model(tokens, positions, None, labels=tokens, cluster_ids=ids).sum().backward()
-        if once_per_step:  # (finalize_pn_model_grads does this in training)
-            wrapped.projected_weights.backward()
     linears = 2 * cfg.model.num_layers
     # plain: once per linear and micro-batch; DDP: the same, or once per linear and step
     assert len(projections) == 2 * linears + (1 if once_per_step else 2) * linears
@@ -190,7 +271,7 @@ def test_bank_gradient_accumulates_into_ddp_main_grad(world, monkeypatch, once_p
 
 
 def test_evaluation_projects_each_expert_once(world, monkeypatch):
-    """projected_once(backprop=False) (validation, pn-eval): the same outputs, each expert's
+    """projected_once without micro-batches (validation, pn-eval): the same outputs, each expert's
     weights projected once for all batches, and no graph kept."""
     from megatron_pn.pn import projected_once
     from megatron_pn.pn.layers import ProjectedLinear
@@ -204,7 +285,7 @@ def test_evaluation_projects_each_expert_once(world, monkeypatch):
         project = ProjectedLinear.project
         monkeypatch.setattr(ProjectedLinear, "project", lambda self, codes: projections.append(
             len(codes)) or project(self, codes))
-        with projected_once([model], backprop=False):
+        with projected_once([model]):
             got = [model(t, p, None, cluster_ids=ids) for (t, p), ids in batches]
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -107,9 +107,18 @@ class ModelFamily:
         """The experts an optimizer step uses (known before its first micro-batch)."""
         return ()
 
-    def step_scope(self, cfg: Config, model_chunks):
-        """A context around one optimizer step's micro-batches, given the step's experts."""
-        return lambda experts: contextlib.nullcontext()
+    def step_scope(self, cfg: Config, model_chunks, late_gradients: bool):
+        """A context around one optimizer step's micro-batches, given the step's experts and
+        its number of micro-batches (keywords `experts`, `micro_batches`). `late_gradients`:
+        the engine sums a parameter's gradient right when its first one of the step comes in a
+        later micro-batch than the first."""
+        return lambda **step: contextlib.nullcontext()
+
+    def compute_note(self, cfg: Config, late_gradients: bool, device_type: str,
+                     dtype) -> str | None:
+        """A start-up line on how this model computes where that depends on the engine or the
+        device (None: nothing to say)."""
+        return None
 
     def eval_scope(self, model_chunks):
         """A context around one evaluation's forward passes."""

@@ -2,7 +2,8 @@
 spec replaced by projected ones (megatron_pn/pn/: the equation, the spec, PNGPTModel). Every row
 is computed by its cluster's expert: batches carry cluster ids from the per-cluster blend, each
 expert is projected once per optimizer step (and evaluation), the step's projections are
-backpropagated before the gradient reduction."""
+backpropagated in its last micro-batch's backward, before the gradient reduction (megatron-core;
+DeepSpeed ZeRO-1/2: engines.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def pn_config(cfg: Config):
     return PNConfig(num_experts=m.num_experts, bank_size=m.bank_size, code_size=m.code_size,
                     seed=cfg.train.seed, code_init=m.code_init,
                     code_init_spread=m.code_init_spread, code_map=m.code_map,
-                    code_map_hidden=m.code_map_hidden)
+                    code_map_hidden=m.code_map_hidden, grouped_gemm=cfg.train.pn_grouped_gemm)
 
 
 class PNFamily(RoutedFamily):
@@ -94,23 +95,42 @@ class PNFamily(RoutedFamily):
             return {tuple(b["mixture"][0].tolist()) for b in batches}
         return set(torch.cat([cluster_ids_of(b, table) for b in batches]).tolist())
 
-    def step_scope(self, cfg: Config, model_chunks):
-        """Each expert projected once for all the step's micro-batches (train.
-        pn_project_once_per_step), else once per micro-batch and linear."""
+    def step_scope(self, cfg: Config, model_chunks, late_gradients: bool):
+        """Each expert projected once for all the step's micro-batches, else once per
+        micro-batch and linear (`projects_once_per_step`)."""
         from megatron_pn.pn import projected_once
 
-        if not cfg.train.pn_project_once_per_step:
-            return super().step_scope(cfg, model_chunks)
+        if not self.projects_once_per_step(cfg, late_gradients):
+            return super().step_scope(cfg, model_chunks, late_gradients)
         return functools.partial(projected_once, model_chunks)
+
+    @staticmethod
+    def projects_once_per_step(cfg: Config, late_gradients: bool) -> bool:
+        """train.pn_project_once_per_step, where the engine takes late gradients: the banks,
+        codes and projections get theirs in the step's last micro-batch only."""
+        return cfg.train.pn_project_once_per_step and late_gradients
+
+    def compute_note(self, cfg: Config, late_gradients: bool, device_type: str, dtype) -> str:
+        """How often the experts are projected, and how their GEMMs run (compat.grouped_gemm)."""
+        import torch
+
+        from megatron_pn import compat
+
+        once = self.projects_once_per_step(cfg, late_gradients)
+        mode = cfg.train.pn_grouped_gemm
+        grouped = compat.grouped_gemm(mode, torch.device(device_type), dtype)
+        return (f"pn: experts projected once per {'optimizer step' if once else 'micro-batch'}; "
+                f"per-expert GEMMs {'grouped (torch._grouped_mm)' if grouped else 'in a loop'} "
+                f"(train.pn_grouped_gemm={mode}, {device_type}, {str(dtype).split('.')[-1]})")
 
     def eval_scope(self, model_chunks):
         from megatron_pn.pn import projected_once
 
-        return projected_once(model_chunks, backprop=False)
+        return projected_once(model_chunks)
 
     def finalize_grads(self, model_chunks, num_tokens=None, **kwargs) -> None:
-        """The step's projections backpropagated, megatron-core's finalization, then the
-        expert codes' cross-stage reduction (pn/model.py)."""
+        """megatron-core's finalization, then the expert codes' cross-stage reduction
+        (pn/model.py)."""
         from megatron_pn.pn import finalize_pn_model_grads
 
         finalize_pn_model_grads(model_chunks, num_tokens, **kwargs)

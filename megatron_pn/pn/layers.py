@@ -12,12 +12,14 @@ this layer's `code_projection`, and T[l] (out x in x h) its `bank`. Equivalently
 
 The model groups a micro-batch's rows by expert (`ExpertRouting`, built from the caller's cluster
 ids in any order): we materialize one W per distinct expert in it - one bank contraction per
-expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows.
+expert, never per token - and apply it as one GEMM to that expert's contiguous block of rows
+(all the micro-batch's experts in one grouped GEMM where the device has one: compat.grouped_gemm).
 An "expert" is a cluster id, or, in mixture training, a mixture of clusters (k weights w): its
 code is then the model's map of w, w @ E or a learned f(w) (PNGPTModel.codes); a mixture
 micro-batch has one expert.
 In training (and evaluation) W is projected once per optimizer step, not per micro-batch, and
-its gradient backpropagated into T, M and E once (`ProjectedWeights`).
+its gradient backpropagated into T, M and E once, in the step's last backward pass
+(`ProjectedWeights`), under either engine.
 
 Tensor parallelism partitions T exactly like megatron-core partitions the dense weight: along
 `out` for the column-parallel layer (fc1), along `in` for the row-parallel one (fc2); every rank
@@ -35,6 +37,7 @@ the experts start as one network and branch out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -64,6 +67,7 @@ class PNConfig:
     code_init_spread: float = 0.1  # shared: each code's deviation from the shared one
     code_map: str = "linear"  # a mixture w's code: "linear" w @ E, or "learned" (LearnedCodeMap)
     code_map_hidden: int = 64  # learned: width of its hidden layer
+    grouped_gemm: str = "auto"  # per-expert GEMMs: auto, grouped or loop (compat.grouped_gemm)
 
 
 def seeded_generator(seed: int, *names) -> torch.Generator:
@@ -100,10 +104,10 @@ class ExpertRouting:
     order: torch.Tensor | None  # grouped row r is caller row order[r] (device); None: sorted
     restore: torch.Tensor | None  # the inverse permutation (device)
     projected: "ProjectedWeights | None" = None  # W of the step or evaluation, if it keeps them
+    contracts: bool = False  # the step's last micro-batch: its backward contracts dL/dW
 
     @classmethod
-    def from_cluster_ids(cls, cluster_ids, codes_of: CodesOf, k: int, device,
-                         projected: "ProjectedWeights | None" = None) -> "ExpertRouting":
+    def from_cluster_ids(cls, cluster_ids, codes_of: CodesOf, k: int, device) -> "ExpertRouting":
         ids = torch.as_tensor(cluster_ids)
         if ids.device.type != "cpu":
             raise ValueError("cluster_ids must be on the host (a list or a CPU tensor): reading "
@@ -122,16 +126,15 @@ class ExpertRouting:
         experts, counts = torch.unique_consecutive(ids, return_counts=True)
         experts = tuple(experts.tolist())
         return cls(codes=codes_of(experts), experts=experts, counts=tuple(counts.tolist()),
-                   order=order, restore=restore, projected=projected)
+                   order=order, restore=restore)
 
     @classmethod
-    def from_mixture(cls, weights, rows: int, codes_of: CodesOf,
-                     projected: "ProjectedWeights | None" = None) -> "ExpertRouting":
+    def from_mixture(cls, weights, rows: int, codes_of: CodesOf) -> "ExpertRouting":
         """Every row of the micro-batch computed with the code of one mixture `weights` (k
         floats on the host, summing to 1): mixture training's micro-batches."""
         expert = tuple(float(w) for w in torch.as_tensor(weights, dtype=torch.float64).view(-1))
         return cls(codes=codes_of((expert,)), experts=(expert,), counts=(rows,), order=None,
-                   restore=None, projected=projected)
+                   restore=None)
 
     def group(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A batch-first tensor [b, ...] in grouped row order (a leading 1 broadcasts: kept)."""
@@ -151,18 +154,35 @@ class ProjectedWeights:
     T, M and E do not change within a step, so W[l, i] is the same in every micro-batch. The
     first micro-batch that reaches a projected linear projects every expert the step uses (one
     GEMM: the bank read once), kept as leaf tensors; autograd sums dL/dW over the micro-batches
-    into them, and `backward()`, called once by finalize_pn_model_grads before the
-    data-parallel reduction, contracts the sum into T, M and E (one GEMM per linear for each).
-    Per step the bank is read about three times, whatever the number of micro-batches; the
-    price is memory for the W and dL/dW of every expert the step uses. Without `backprop` (an
-    evaluation) nothing is kept for a backward. It lives for one step or evaluation only (the
-    optimizer changes T, M and E): `pn.model.projected_once`.
+    into them. The step's last micro-batch (`route` counts them) reads them through
+    `_StepContraction`, whose backward adds its own dL/dW and contracts the sum into T, M and E
+    (one GEMM per linear for each). That happens inside the last backward pass the engine runs
+    anyway, before any gradient reduction, so the engine sees an ordinary gradient: megatron-
+    core's DDP in the bank's `main_grad`, DeepSpeed's ZeRO-1/2 in their gradient hooks (an
+    engine must take a parameter's first gradient of a step in a later micro-batch than the
+    first: ZeRO-3 does not, engines.py). Per step the bank is read about three times, whatever
+    the number of micro-batches; the price is memory for the W and dL/dW of every expert the
+    step uses. An evaluation (`micro_batches` None) keeps nothing for a backward. It lives for
+    one step or evaluation only (the optimizer changes T, M and E): `pn.model.projected_once`.
     """
 
-    def __init__(self, codes_of: CodesOf, backprop: bool = True, experts=()):
-        self.codes_of, self.backprop = codes_of, backprop
+    def __init__(self, codes_of: CodesOf, micro_batches: int | None = None, experts=()):
+        self.codes_of = codes_of
+        self.backprop = micro_batches is not None
+        self.remaining = micro_batches  # forward passes still to come in the step
         self.experts = tuple(sorted(set(experts)))  # the step's, when known: projected at once
         self._weights: dict = {}  # linear -> {expert: W, a leaf}
+
+    def route(self, routing: ExpertRouting) -> ExpertRouting:
+        """A micro-batch's routing, its weights read from here; called once per micro-batch (a
+        recomputation reuses its routing), so the step's last one is known in its forward."""
+        last = False
+        if self.backprop:
+            if not self.remaining:
+                raise RuntimeError("more micro-batches than the step was given")
+            self.remaining -= 1
+            last = self.remaining == 0
+        return dataclasses.replace(routing, projected=self, contracts=last)
 
     def weights(self, linear: "ProjectedLinear", routing: ExpertRouting) -> list[torch.Tensor]:
         known = self._weights.setdefault(linear, {})
@@ -172,24 +192,13 @@ class ProjectedWeights:
                 projected = linear.project(self.codes_of(tuple(new)))
             for expert, w in zip(new, projected.unbind(0)):
                 known[expert] = w.detach().requires_grad_(self.backprop)
-        return [known[e] for e in routing.experts]
-
-    def backward(self) -> None:
-        """dL/dW summed over the step's micro-batches -> T (DDP main_grad), M and E: one
-        autograd pass for every linear (a pass per linear costs more than its GEMMs at small
-        shapes, and E's gradient hook then fires once)."""
-        weights, self._weights = self._weights, {}
-        codes: dict = {}  # the codes of one set of experts, selected once
-        outputs = []
-        for linear, known in weights.items():  # the same order on every TP rank
-            used = tuple(e for e, w in known.items() if w.grad is not None)
-            if used:
-                if used not in codes:
-                    codes[used] = self.codes_of(used)
-                grads = torch.stack([known[e].grad for e in used])
-                outputs.append(linear.projection_backward(codes[used], grads))
-        if outputs:
-            torch.autograd.backward(outputs)
+        if not routing.contracts:
+            return [known[e] for e in routing.experts]
+        # codes selected here, in the linear's call: a recomputed MLP gets a graph of its own
+        experts = tuple(sorted(known))
+        step = dict(zip(experts, linear.contract_step(self.codes_of(experts),
+                                                      [known[e] for e in experts])))
+        return [step[e] for e in routing.experts]
 
 
 def _projection_grads(bank: torch.Tensor, grad_weights: torch.Tensor, alpha: torch.Tensor):
@@ -226,20 +235,32 @@ class _BankProjection(torch.autograd.Function):
         return _projection_grads(ctx.bank, grad_weights, alpha)
 
 
-class _ProjectionBackward(torch.autograd.Function):
-    """The backward of W = alpha x T^T for a dL/dW already summed (ProjectedWeights), without
-    the forward GEMM: a scalar whose backward is _BankProjection's."""
+class _StepContraction(torch.autograd.Function):
+    """The step's weights W (leaves, projected in its first micro-batch) in its last: forward
+    passes them through; backward adds this micro-batch's dL/dW to the earlier ones' (the
+    leaves' .grad) and takes the sum through W = alpha x T^T into alpha and T, once per step
+    (`_projection_grads`). The leaves ride along as a list, not as inputs: autograd gives
+    them nothing more."""
 
     @staticmethod
-    def forward(ctx, alpha: torch.Tensor, bank: torch.Tensor, grad_weights: torch.Tensor):
-        ctx.save_for_backward(alpha, grad_weights)
-        ctx.bank = bank
-        return alpha.new_zeros(())
+    def forward(ctx, alpha: torch.Tensor, bank: torch.Tensor, weights: list):
+        ctx.save_for_backward(alpha)
+        ctx.bank, ctx.weights = bank, weights
+        ctx.set_materialize_grads(False)  # None for an expert this micro-batch does not use
+        return tuple(w.detach() for w in weights)
 
     @staticmethod
-    def backward(ctx, _):
-        alpha, grad_weights = ctx.saved_tensors
-        return *_projection_grads(ctx.bank, grad_weights, alpha), None
+    def backward(ctx, *grads):
+        (alpha,) = ctx.saved_tensors
+        summed = torch.stack([_step_sum(g, w) for g, w in zip(grads, ctx.weights)])
+        return *_projection_grads(ctx.bank, summed.view(len(grads), -1), alpha), None
+
+
+def _step_sum(grad: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """dL/dW of the step: the last micro-batch's plus the earlier ones' (None: none used it)."""
+    if weight.grad is None:
+        return torch.zeros_like(weight) if grad is None else grad
+    return weight.grad if grad is None else weight.grad + grad
 
 
 class ProjectedLinear(MegatronModule):
@@ -336,25 +357,28 @@ class ProjectedLinear(MegatronModule):
 
     # -- the projection -------------------------------------------------------------------------
 
+    def mixing_weights(self, codes: torch.Tensor) -> torch.Tensor:
+        """alpha[l, i] = E[i] @ M[l] for each code given: [u, h]."""
+        # sum dL/dalpha over the TP slices of the bank
+        return copy_to_tensor_model_parallel_region(codes @ self.code_projection, self.tp_group)
+
     def project(self, codes: torch.Tensor) -> torch.Tensor:
         """W[l, i] for each code E[i] given: [u, out_local, in_local], each expert contiguous."""
-        alpha = codes @ self.code_projection  # [u, h]      alpha = E[i] @ M[l]
-        # sum dL/dalpha over the TP slices of the bank
-        alpha = copy_to_tensor_model_parallel_region(alpha, self.tp_group)
+        alpha = self.mixing_weights(codes)
         weights = _BankProjection.apply(alpha, self.bank)  # sum_r alpha[r] T[:,:,r]
         return weights.view(len(codes), *self.local_shape)
 
-    def projection_backward(self, codes: torch.Tensor, grad_weights: torch.Tensor):
-        """A scalar whose backward takes a summed dL/dW [u, out_local, in_local] of the experts
-        with `codes` through W = (codes M) T into T, M and E (ProjectedWeights.backward)."""
-        alpha = copy_to_tensor_model_parallel_region(codes @ self.code_projection, self.tp_group)
-        return _ProjectionBackward.apply(alpha, self.bank, grad_weights.view(len(codes), -1))
+    def contract_step(self, codes: torch.Tensor, weights: list) -> tuple:
+        """The step's W of the experts with `codes`, passed through; backward contracts the
+        step's summed dL/dW into T, M and E (ProjectedWeights, the step's last micro-batch)."""
+        return _StepContraction.apply(self.mixing_weights(codes), self.bank, weights)
 
-    def expert_weights(self, routing: ExpertRouting) -> list[torch.Tensor]:
-        """W[l, i] of the routing's experts: this step's, if it keeps them, else projected now."""
+    def expert_weights(self, routing: ExpertRouting):
+        """W[l, i] of the routing's experts: this step's, if it keeps them (a list), else
+        projected now (one [u, out, in] tensor)."""
         if routing.projected is not None:
             return routing.projected.weights(self, routing)
-        return list(self.project(routing.codes).unbind(0))
+        return self.project(routing.codes)
 
     def _apply_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Each expert's matrix applied to its block of rows (see `routed` for the layouts)."""
@@ -369,9 +393,15 @@ class ProjectedLinear(MegatronModule):
         rows = x.transpose(0, 1).contiguous()
         return self._per_expert(rows, weights, routing).transpose(0, 1).contiguous()
 
-    @staticmethod
-    def _per_expert(rows: torch.Tensor, weights: list, routing: ExpertRouting):
-        """rows [b, ..., in] in grouped order: one GEMM per expert over its contiguous block."""
+    def _per_expert(self, rows: torch.Tensor, weights, routing: ExpertRouting) -> torch.Tensor:
+        """rows [b, ..., in] in grouped order, weights the u experts' [out, in] (a list, or
+        one [u, out, in] tensor): each expert's matrix on its contiguous block of rows, in one
+        grouped GEMM where compat.grouped_gemm says so, else one GEMM per expert."""
+        out, inp = weights[0].shape
+        if (compat.grouped_gemm(self.pn.grouped_gemm, rows.device, rows.dtype)
+                and compat.grouped_gemm_fits(inp, out, rows.dtype)):
+            stacked = weights if torch.is_tensor(weights) else torch.stack(weights)
+            return grouped_linear(rows, stacked, routing.counts)
         blocks = rows.split(routing.counts, dim=0)
         return torch.cat([F.linear(block, w) for block, w in zip(blocks, weights)])
 
@@ -381,6 +411,20 @@ class ProjectedLinear(MegatronModule):
             state, prefix, {"bank": self.partition_dim}, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
+
+
+def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, counts) -> torch.Tensor:
+    """rows [b, ..., in], expert j's the j-th contiguous block of counts[j] rows, times its
+    weights[j]^T ([u, out, in]): one torch._grouped_mm over the flattened rows, each group ending
+    at a host-computed offset."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    per_row = flat.shape[0] // rows.shape[0]  # the tokens of one row
+    ends = torch.tensor(counts).cumsum(0).mul_(per_row).to(torch.int32)
+    out = torch._grouped_mm(flat, weights.transpose(1, 2),
+                            offs=compat.host_to_device(ends, rows.device))
+    if out.requires_grad:  # its backward rejects a broadcast or column-major gradient
+        out.register_hook(torch.Tensor.contiguous)
+    return out.view(*rows.shape[:-1], out.shape[-1])
 
 
 class PNColumnParallelLinear(ProjectedLinear):

@@ -136,12 +136,12 @@ class PNGPTModel(GPTModel):
                              "expert: pass cluster_ids (or, mixture training, mixture)")
         if mixture is not None:
             rows = len(input_ids) if input_ids is not None else decoder_input.shape[1]
-            routing = ExpertRouting.from_mixture(mixture, rows, self.codes,
-                                                 self.projected_weights)
+            routing = ExpertRouting.from_mixture(mixture, rows, self.codes)
         else:
             routing = ExpertRouting.from_cluster_ids(
-                cluster_ids, self.codes, self.pn.num_experts, self.expert_codes.device,
-                self.projected_weights)
+                cluster_ids, self.codes, self.pn.num_experts, self.expert_codes.device)
+        if self.projected_weights is not None:  # the step's (or evaluation's) weights
+            routing = self.projected_weights.route(routing)
         if decoder_input is not None:  # [s, b, d]
             decoder_input = routing.group(decoder_input.transpose(0, 1)).transpose(0, 1)
         group = routing.group
@@ -161,18 +161,18 @@ class PNGPTModel(GPTModel):
 
 
 def _unwrap(chunk) -> PNGPTModel:
-    return getattr(chunk, "module", chunk)  # under megatron-core's DDP
+    return getattr(chunk, "module", chunk)  # under megatron-core's DDP or DeepSpeed's engine
 
 
 @contextlib.contextmanager
-def projected_once(model_chunks, backprop: bool = True, experts=()):
-    """Around one optimizer step's micro-batches (finalize_pn_model_grads then backpropagates
-    the projections) or one evaluation (backprop False): every expert's weights projected once
-    for all of them (ProjectedWeights); `experts`, the step's when known, all at once. Models
-    other than PNs are left as they are."""
+def projected_once(model_chunks, micro_batches: int | None = None, experts=()):
+    """Around one optimizer step's `micro_batches` (the last one's backward contracts the
+    step's dL/dW into T, M and E) or one evaluation (None: no backward): every expert's weights
+    projected once for all of them (ProjectedWeights); `experts`, the step's when known, all at
+    once. Models other than PNs are left as they are."""
     models = [m for m in map(_unwrap, model_chunks) if isinstance(m, PNGPTModel)]
     for model in models:
-        model.projected_weights = ProjectedWeights(model.codes, backprop, experts)
+        model.projected_weights = ProjectedWeights(model.codes, micro_batches, experts)
     try:
         yield
     finally:
@@ -195,11 +195,7 @@ def allreduce_code_grads(model_chunks) -> None:
 
 
 def finalize_pn_model_grads(model_chunks, num_tokens=None, **kwargs) -> None:
-    """The step's projections backpropagated (when it kept them), megatron-core's gradient
-    finalization (DP reduction, tied embeddings, token scaling), then the expert codes'
-    cross-stage reduction."""
-    for chunk in model_chunks:
-        if _unwrap(chunk).projected_weights is not None:
-            _unwrap(chunk).projected_weights.backward()
+    """megatron-core's gradient finalization (DP reduction, tied embeddings, token scaling),
+    then the expert codes' cross-stage reduction."""
     finalize_model_grads(model_chunks, num_tokens, **kwargs)
     allreduce_code_grads(model_chunks)
