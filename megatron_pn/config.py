@@ -254,6 +254,10 @@ class TrainConfig:
         "(the paper: 1/3)", None, valid=ABOVE_0)
     exit_after_steps: int | None = _help("stop (with a checkpoint) after this many steps", None,
                                          valid=AT_LEAST_0)
+    heartbeat_timeout: float = _help(
+        "seconds a rank may go silent (killed, frozen, cut off) before the job stops, naming "
+        "its node, instead of waiting in a collective (gloo: 30 minutes; a frozen peer: "
+        "forever); 0: off (training/heartbeat.py)", 120.0, valid=AT_LEAST_0)
     exit_duration_minutes: float | None = _help(
         "stop (with a checkpoint) once this much wall time has passed, e.g. before a job's "
         "time limit", None, valid=AT_LEAST_0)

@@ -31,6 +31,7 @@ from megatron_pn.clustering import run_clustering
 from megatron_pn.config import Config
 from megatron_pn.data import StepSampler, build_datasets, micro_batch_loader
 from megatron_pn.distributed import agreed, init_distributed
+from megatron_pn.training.heartbeat import Heartbeat
 from megatron_pn.distill import build_teacher, distillation_loss
 from megatron_pn.engines import ENGINES, lr_scheduler
 from megatron_pn.evaluate import perplexity
@@ -53,6 +54,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     def __init__(self, cfg: Config):
         self.lock = None  # rank 0's lock on checkpoint.dir, held until train() ends
+        self.heartbeat = None  # ends the process when a peer goes silent (multi-process runs)
         # the stop handlers are ours until train() ends (in-process callers get theirs back)
         self.previous_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         try:
@@ -69,6 +71,7 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         self.device_type = compat.activate()
         self.env = init_distributed(self.device_type)
+        self.heartbeat = Heartbeat.start_if_distributed(cfg.train.heartbeat_timeout)
         warnings = check_config(cfg, self.env.world_size, self.device_type)
         self.family = family_of(cfg)
         cfg = self.family.job_config(cfg)  # SLM-mix: this job's cluster and directories
@@ -156,6 +159,8 @@ class Trainer:
     def close(self) -> None:
         """Release checkpoint.dir (the process ending releases it too, however it ends) and
         give the stop signals their previous handlers back."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.lock is not None:
             self.lock.release()
         for sig, handler in self.previous_handlers.items():

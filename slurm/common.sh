@@ -8,7 +8,11 @@
 #   4. the first SIGUSR1/SIGTERM the batch shell gets (--signal=B:USR1@..., scancel --batch,
 #      scancel, preemption) is forwarded to the step as SIGUSR1: the trainer saves and stops;
 #   5. stopped by SIGUSR1 or by the time limit, and not finished: scontrol requeue; the
-#      requeued job resumes from checkpoint.dir.
+#      requeued job resumes from checkpoint.dir;
+#   6. failed (a node killed, frozen or cut off: torchrun, srun --kill-on-bad-exit and the
+#      workers' heartbeats end every rank in bounded time) after saving a newer checkpoint than
+#      the one it started from: requeued too. A failure with no progress is not: a crash that
+#      repeats would loop.
 
 # -- settings (environment variables; every one has a default) --------------------------------
 : "${PN_EXIT_MARGIN:=600}"      # s before the time limit at which training saves and exits
@@ -23,6 +27,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTHONUNBUFFERED=1
 
 PN_STOPPED_BY=""  # the first stop signal the batch shell received
+PN_START_STEP=0   # the newest complete checkpoint when this job (re)started
 PN_STEP_PID=""    # the running srun, while there is one
 
 pn_die() { echo "pn: error: $*" >&2; exit 1; }
@@ -165,6 +170,7 @@ pn_train_job() {
     pn_log "pre-flight: $*"
     pn_run_once "$PN_PYTHON" -m megatron_pn.cli.preflight --nodes "$nodes" --cpu-procs "$cpu_procs" \
         --require-checkpoint-dir "$@" || pn_die "pre-flight check failed: nothing was started"
+    read -r PN_START_STEP _ < <(pn_checkpoint_step "$@") || pn_die "cannot read checkpoint.dir"
     local limit=() minutes rc=0
     minutes=$(pn_exit_minutes)
     if [[ -n $minutes ]]; then
@@ -184,53 +190,69 @@ pn_train_job() {
     pn_requeue_if_stopped "$rc" "$@"
 }
 
-# Why training stopped early, when it should be requeued: SIGUSR1 (to this shell, or to the
-# step only: the launcher then exits 128 + 10) or the time limit (train.exit_duration_minutes).
-pn_requeue_reason() {
+# "STEP STEPS": the run's newest complete checkpoint (0: none) and its train.steps.
+pn_checkpoint_step() { pn_run_once "$PN_PYTHON" -m megatron_pn.cli.launch checkpoint-step "$@"; }
+
+# Why training stopped before its end, when that may call for a requeue: SIGUSR1 (to this
+# shell, or to the step only: the launcher then exits 128 + 10), the time limit
+# (train.exit_duration_minutes), or a failure (requeued only after progress).
+pn_stop_reason() {
     local rc=$1
     if [[ $PN_STOPPED_BY == USR1 ]]; then
         echo "SIGUSR1"
     elif [[ -n $PN_STOPPED_BY ]]; then
-        return 0  # SIGTERM, forwarded to the step as SIGUSR1
+        return 0  # SIGTERM (forwarded to the step as SIGUSR1): see pn_requeue_if_stopped
     elif (( rc == 128 + 10 )); then
         echo "SIGUSR1 to the training step"
-    elif (( rc == 0 )) && pn_near_time_limit; then
-        echo "the time limit"
+    elif (( rc == 0 )); then
+        pn_near_time_limit && echo "the time limit"
+    else
+        echo "failure"  # 143 too: srun --kill-on-bad-exit's SIGTERM after another node failed
     fi
+    return 0
 }
 
-# Requeue a run that a SIGUSR1 or the time limit stopped before its end, and end the job
-# there; else return the training's exit status. SIGTERM saves a checkpoint but requeues
-# nothing: it comes from scancel (SLURM then refuses to start the job again), the hard time
-# limit, or a preemption, after which SLURM requeues the job itself.
+# Requeue a run that a SIGUSR1, the time limit, or a failure after progress stopped before
+# its end, and end the job there; else return the training's exit status. SIGTERM saves a
+# checkpoint but requeues nothing: it comes from scancel (SLURM then refuses to start the job
+# again), the hard time limit, or a preemption or `scontrol requeue`, after which SLURM
+# requeues the job itself.
 pn_requeue_if_stopped() {
-    local rc=$1 reason
+    local rc=$1 reason step steps
     shift
-    reason=$(pn_requeue_reason "$rc")
+    reason=$(pn_stop_reason "$rc")
     if [[ -z $reason ]]; then
-        if [[ -n $PN_STOPPED_BY ]] || (( rc == 128 + 15 )); then
+        if [[ -n $PN_STOPPED_BY ]]; then
             pn_log "stopped by SIGTERM with a checkpoint: not requeued here (resubmit to resume)"
         elif (( rc == 0 )); then
             pn_log "done"
-        else
-            pn_log "training failed (exit code $rc): not requeued"
         fi
         return "$rc"
     fi
-    pn_run_once "$PN_PYTHON" -m megatron_pn.cli.launch finished "$@"
-    case $? in
-        0) pn_log "stopped by $reason after training finished: done"; return 0 ;;
-        1) ;;
-        *) pn_log "cannot tell whether training finished: not requeued"; return 1 ;;
-    esac
+    if ! read -r step steps < <(pn_checkpoint_step "$@") || [[ -z $steps ]]; then
+        pn_log "cannot read the checkpoint of the run: not requeued"
+        return 1
+    fi
+    if (( step >= steps )); then
+        pn_log "stopped by $reason after training finished (step $step): done"
+        return 0
+    fi
+    if [[ $reason == failure ]]; then
+        if (( step <= PN_START_STEP )); then
+            pn_log "training failed (exit code $rc) with no checkpoint newer than step" \
+                "$PN_START_STEP, where this job started: not requeued (resubmit to resume)"
+            return "$rc"
+        fi
+        reason="a failure (exit code $rc) after progress (checkpoint step $PN_START_STEP -> $step)"
+    fi
     local restarts=${SLURM_RESTART_COUNT:-0}
     if (( restarts >= PN_MAX_REQUEUES )); then
         pn_log "stopped by $reason, but already restarted $restarts times (PN_MAX_REQUEUES):" \
             "not requeued; resubmit to resume from the checkpoint"
         return 1
     fi
-    pn_log "stopped by $reason with a checkpoint: requeueing job $SLURM_JOB_ID" \
-        "(restart $(( restarts + 1 ))); it resumes from the checkpoint"
+    pn_log "stopped by $reason with a checkpoint at step $step: requeueing job" \
+        "$SLURM_JOB_ID (restart $(( restarts + 1 ))); it resumes from there"
     scontrol requeue "$SLURM_JOB_ID" || pn_die "scontrol requeue failed: resubmit to resume"
     exit 0
 }

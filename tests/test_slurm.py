@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO, losses, read_metrics, tiny_pn_overrides, train_env,
-                     write_cluster_datasets)
+from helpers import REPO, losses, read_metrics, tiny_pn_overrides, write_cluster_datasets
+from slurm_cluster import LocalSlurm, ended, ensure_slurm
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 COMMON = REPO / "slurm" / "common.sh"
@@ -88,24 +86,27 @@ def test_first_stop_signal_is_forwarded_once():
 
 @pytest.fixture
 def stand_ins(tmp_path):
-    """scontrol and a Python whose `launch finished` answers $FINISHED, both logging calls."""
+    """scontrol and a Python whose `launch checkpoint-step` prints "$STEP $STEPS", both
+    logging calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {tmp_path}/calls\n')
     (bin_dir / "python").write_text(f'#!/bin/sh\necho "python $*" >> {tmp_path}/calls\n'
-                                    'exit "${FINISHED:-1}"\n')
+                                    '[ "$3" = checkpoint-step ] && echo "$STEP $STEPS"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     return tmp_path
 
 
-def requeue_decision(stand_ins, rc: int, stopped_by="", finished=1, restarts=0, env=None):
+def requeue_decision(stand_ins, rc: int, stopped_by="", steps=(0, 5), restarts=0, env=None):
+    """The batch shell's decision after a training step ended with `rc`; `steps`: the newest
+    checkpoint when the job started and now (of 20)."""
     env = {"PATH": f"{stand_ins}/bin:{os.environ['PATH']}", "PN_PYTHON": "python",
-           "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts), "FINISHED": str(finished),
-           "PN_MAX_REQUEUES": "3", **(env or {})}
+           "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts), "STEP": str(steps[1]),
+           "STEPS": "20", "PN_MAX_REQUEUES": "3", **(env or {})}
     (stand_ins / "calls").unlink(missing_ok=True)
-    out = bash(f"PN_STOPPED_BY={stopped_by}; pn_requeue_if_stopped {rc} cfg.yaml a=1; "
-               "echo returned=$?", env)
+    out = bash(f"PN_STOPPED_BY={stopped_by}; PN_START_STEP={steps[0]}; "
+               f"pn_requeue_if_stopped {rc} cfg.yaml a=1; echo returned=$?", env)
     calls = (stand_ins / "calls").read_text() if (stand_ins / "calls").exists() else ""
     return out.stdout, "scontrol requeue 77" in calls
 
@@ -115,21 +116,29 @@ def test_requeue_decision(stand_ins):
     near = {"SLURM_JOB_END_TIME": str(int(time.time()) + 60)}
     out, requeued = requeue_decision(stand_ins, 0, env=far)
     assert "returned=0" in out and not requeued  # finished normally
-    out, requeued = requeue_decision(stand_ins, 1, env=far)
-    assert "returned=1" in out and not requeued  # a crash is not retried
+    out, requeued = requeue_decision(stand_ins, 1, env=far, steps=(10, 10))
+    assert "returned=1" in out and not requeued  # a crash without progress is not retried
+    assert "no checkpoint newer than step 10" in out
+    out, requeued = requeue_decision(stand_ins, 1, env=far, steps=(10, 15))  # a lost node
+    assert requeued and "after progress (checkpoint step 10 -> 15)" in out
+    out, requeued = requeue_decision(stand_ins, 1, env=far, steps=(15, 20))
+    assert "returned=0" in out and not requeued  # failed after its last save: done
     out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", env=far)
     assert requeued and "returned" not in out  # the job ends right after the requeue
     out, requeued = requeue_decision(stand_ins, 138, env=far)  # USR1 reached the step only
     assert requeued
     out, requeued = requeue_decision(stand_ins, 0, env=near)  # train.exit_duration_minutes
     assert requeued and "the time limit" in out
-    out, requeued = requeue_decision(stand_ins, 1, stopped_by="USR1", finished=0, env=far)
+    out, requeued = requeue_decision(stand_ins, 1, stopped_by="USR1", steps=(0, 20), env=far)
     assert "returned=0" in out and not requeued  # stopped after the last step: done
     out, requeued = requeue_decision(stand_ins, 138, stopped_by="USR1", restarts=3, env=far)
     assert "returned=1" in out and not requeued and "PN_MAX_REQUEUES" in out
-    for stopped_by, rc in (("TERM", 138), ("", 143)):  # scancel, hard limit, preemption
-        out, requeued = requeue_decision(stand_ins, rc, stopped_by=stopped_by, env=far)
+    for rc in (138, 143):  # scancel, hard limit, preemption: SIGTERM to the batch shell too
+        out, requeued = requeue_decision(stand_ins, rc, stopped_by="TERM", env=far)
         assert f"returned={rc}" in out and not requeued and "SIGTERM" in out
+    # SIGTERM to the step alone: srun ending a node's task after another node failed
+    out, requeued = requeue_decision(stand_ins, 143, env=far, steps=(10, 15))
+    assert requeued and "a failure (exit code 143) after progress" in out
 
 
 def test_embed_cluster_submits_a_gpu_array_then_a_dependent_merge_and_cluster(tmp_path):
@@ -170,163 +179,6 @@ def test_embed_cluster_submits_a_gpu_array_then_a_dependent_merge_and_cluster(tm
 
 # -- a real SLURM on localhost -----------------------------------------------------------------
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
-
-
-def ensure_slurm() -> None:
-    """Install Debian's SLURM when missing; skip only where that is impossible."""
-    if os.geteuid() != 0:
-        pytest.skip("a local SLURM needs root (to install it and to run slurmd)")
-    if all(shutil.which(c) for c in COMMANDS):
-        return
-    if not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and cannot be here (no apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr}"
-    missing = [c for c in COMMANDS if not shutil.which(c)]
-    assert not missing, f"installed {PACKAGES} but {missing} are missing"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-class LocalSlurm:
-    """munged + slurmctld + slurmd for one node (this machine), everything under `root`, run
-    as root. The settings need neither systemd nor cgroups (a container has neither): process
-    tracking by /proc (proctrack/linuxproc), no task plugin or accounting, CPUs as the only
-    resource (select/cons_tres, CR_CPU), slurmd told to ignore systemd; ports picked free."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.conf = root / "slurm.conf"
-        self.socket = root / "munge" / "munge.socket"
-        self.jobs: list[str] = []
-        self.started: list[Path] = []  # pid files of the daemons this object started
-
-    @property
-    def env(self) -> dict:
-        env = {k: v for k, v in train_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
-        return {**env, "SLURM_CONF": str(self.conf), "PN_REPO": str(REPO)}
-
-    def run(self, *cmd: str, check=True) -> str:
-        done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=60)
-        if check and done.returncode:
-            raise AssertionError(f"{' '.join(cmd)}: {done.stderr}\n{self.logs()}")
-        return done.stdout
-
-    def start(self) -> None:
-        self._start_munge()
-        self._write_config()
-        for daemon in ("slurmctld", "slurmd"):
-            self.started.append(self.root / f"{daemon}.pid")
-            self.run(daemon)
-        deadline = time.time() + 60
-        while "idle" not in self.run("sinfo", "-h", "-o", "%T", check=False):
-            assert time.time() < deadline, f"the node never became idle\n{self.logs()}"
-            time.sleep(0.5)
-
-    def _start_munge(self) -> None:
-        munge = self.root / "munge"
-        munge.mkdir(mode=0o700)
-        key = munge / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        self.started.append(munge / "munged.pid")
-        self.run("munged", "--force", f"--socket={self.socket}", f"--key-file={key}",
-                 f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
-                 f"--seed-file={munge}/munged.seed")
-
-    def _write_config(self) -> None:
-        host, r = socket.gethostname().split(".")[0], self.root
-        for sub in ("state", "spool"):
-            (r / sub).mkdir()
-        self.conf.write_text(f"""\
-ClusterName=pntest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-SlurmUser=root
-AuthType=auth/munge
-AuthInfo=socket={self.socket}
-CredType=cred/munge
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
-SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerParameters=sched_interval=1
-JobRequeue=1
-ReturnToService=2
-KillWait=10
-MinJobAge=600
-MpiDefault=none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={len(os.sched_getaffinity(0))} RealMemory=1000 State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
-        (r / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
-
-    def sbatch(self, *args: str) -> str:
-        job = self.run("sbatch", "--parsable", *args).strip().split(";")[0]
-        self.jobs.append(job)
-        return job
-
-    def job(self, job: str) -> dict:
-        line = self.run("scontrol", "-o", "show", "job", job).splitlines()[0]
-        return dict(re.findall(r"(\w+)=(\S*)", line))
-
-    def wait_for(self, job: str, condition, what: str, timeout=300) -> dict:
-        deadline = time.time() + timeout
-        while not condition(info := self.job(job)):
-            assert time.time() < deadline, f"job {job}: no {what} after {timeout} s: {info}"
-            time.sleep(0.5)
-        return info
-
-    def logs(self) -> str:
-        return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
-                       for p in self.root.glob("*.log"))
-
-    def stop(self) -> None:
-        if self.jobs and self.conf.exists():
-            self.run("scancel", *self.jobs, check=False)
-            deadline = time.time() + 60
-            while self.run("squeue", "-h", check=False).strip() and time.time() < deadline:
-                time.sleep(0.5)
-        for pid_file in reversed(self.started):  # slurmd, slurmctld, then munged
-            if pid_file.exists():
-                self._terminate(int(pid_file.read_text()))
-
-    @staticmethod
-    def _terminate(pid: int) -> None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 15
-        while pid_alive(pid) and time.time() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory, request):
     ensure_slurm()
@@ -351,10 +203,6 @@ def submit_pretrain_pn(slurm: LocalSlurm, blend: Path, run_dir: Path) -> str:
     return slurm.sbatch(
         "--gpus-per-node=0", "--ntasks-per-node=2", "--time=20", f"--output={run_dir}.out",
         "--chdir", str(REPO), "slurm/pretrain_pn.sh", "configs/tiny/pn.yaml", *map(str, overrides))
-
-
-def ended(info: dict) -> bool:
-    return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +239,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_losses(slurm, blend, uni
                    "training step 3")
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # as --signal=B:USR1@300 would
     slurm.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "requeue")
-    # SLURM holds a requeued job for 120 s (BeginTime); start it sooner, but not within the
-    # second of the requeue: slurmd takes a credential issued in that second as revoked
-    # ("Killing non-startable batch job: Job credential revoked").
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
+    slurm.release_requeued(job)
     info = slurm.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
 
     log = job_log(run_dir)

@@ -1,7 +1,7 @@
 """Start pn-train on one node: torchrun with a c10d rendezvous, under SLURM or by hand.
 
     python -m megatron_pn.cli.launch train [options] CONFIG.yaml [key=value ...]
-    python -m megatron_pn.cli.launch finished CONFIG.yaml [key=value ...]
+    python -m megatron_pn.cli.launch checkpoint-step CONFIG.yaml [key=value ...]
 
 `train` runs one torchrun agent for this node. Under SLURM (one task per node, started by
 slurm/common.sh) every option has a default from the job: the node count, this node's index,
@@ -15,8 +15,10 @@ handles: on SIGUSR1 or SIGTERM it forwards that signal to every worker, waits up
 128 + the signal number: the batch script tells such a stop from a crash even when the signal
 reached only the job step.
 
-`finished` exits 0 when the run's checkpoint directory holds a checkpoint at `train.steps`,
-1 when it does not (yet), 2 on a bad config.
+`checkpoint-step` prints "STEP STEPS": the step of the run's newest complete checkpoint (0 when
+there is none) and train.steps (exit code 2 on a bad config). The batch script requeues a
+stopped job only when it has not finished, and a failed one only when it made progress
+(slurm/common.sh).
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def train(args) -> int:
     return 0
 
 
-def finished(train_args: list[str]) -> int:
+def checkpoint_step(train_args: list[str]) -> int:
     from megatron_pn import checkpoint
     from megatron_pn.config import load_config, split_args
     from megatron_pn.families import family_of
@@ -164,8 +166,8 @@ def finished(train_args: list[str]) -> int:
     cfg = load_config(*split_args(train_args))
     cfg = family_of(cfg).job_config(cfg)  # SLM-mix: this expert's directories
     step = checkpoint.latest_step(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    print(f"launch: checkpoint at step {step} of {cfg.train.steps}")
-    return 0 if step is not None and step >= cfg.train.steps else 1
+    print(step or 0, cfg.train.steps)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds workers get to save and exit after a stop signal before they "
                      "are killed (default 270: inside the scripts' --signal=B:USR1@300)")
     run.add_argument("train_args", nargs=argparse.REMAINDER, metavar="CONFIG.yaml | key=value")
-    done = commands.add_parser("finished", help="exit 0 when the run reached train.steps")
-    done.add_argument("train_args", nargs=argparse.REMAINDER, metavar="CONFIG.yaml | key=value")
+    step = commands.add_parser("checkpoint-step", help="print the newest complete checkpoint's "
+                               "step (0: none) and train.steps")
+    step.add_argument("train_args", nargs=argparse.REMAINDER, metavar="CONFIG.yaml | key=value")
     return parser
 
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.train_args:
         build_parser().error("give CONFIG.yaml [key=value ...]")
     return run_command(f"launch {args.command}", lambda: train(args) if args.command == "train"
-                       else finished(args.train_args))
+                       else checkpoint_step(args.train_args))
 
 
 if __name__ == "__main__":

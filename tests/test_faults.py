@@ -1,0 +1,153 @@
+"""Faults across hosts: a real two-node SLURM cluster on this machine (two network namespaces,
+tests/slurm_cluster.py) trains the tiny projected network with slurm/pretrain_pn.sh, and one
+node is killed, frozen or cut off mid-training. Each time the job ends in bounded time with one
+line naming the node, requeues itself from its newest complete checkpoint, loses at most one
+save interval, leaves no process behind, and ends with the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, losses, read_metrics, run_train, tiny_pn_overrides, write_cluster_datasets
+from slurm_cluster import TwoHostSlurm, ended, ensure_slurm
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_INTERVAL = 20, 5
+HEARTBEAT = 10  # s: train.heartbeat_timeout for these runs (default 120)
+NODE1, NODE2 = TwoHostSlurm.HOSTS
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request):
+    ensure_slurm()
+    slurm = TwoHostSlurm(tmp_path_factory.mktemp("two_hosts"))
+    request.addfinalizer(slurm.stop)  # also when start() fails half-way
+    slurm.start()
+    return slurm
+
+
+@pytest.fixture(scope="module")
+def blend(tmp_path_factory):
+    return write_cluster_datasets(tmp_path_factory.mktemp("fault_data"))
+
+
+def overrides(blend: Path, run_dir: Path) -> list[str]:
+    return tiny_pn_overrides(blend, run_dir, **{
+        "data.split": "80,20,0", "train.steps": STEPS, "checkpoint.dir": run_dir / "ckpt",
+        "checkpoint.save_interval": SAVE_INTERVAL, "train.heartbeat_timeout": HEARTBEAT})
+
+
+def submit(cluster: TwoHostSlurm, blend: Path, run_dir: Path) -> str:
+    """slurm/pretrain_pn.sh on both nodes, one gloo process each."""
+    return cluster.sbatch(
+        "--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--time=20",
+        f"--output={run_dir}.out", "--chdir", str(REPO), "slurm/pretrain_pn.sh",
+        "configs/tiny/pn.yaml", *map(str, overrides(blend, run_dir)))
+
+
+def log_of(run_dir: Path) -> str:
+    return Path(f"{run_dir}.out").read_text()
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    tracker = run_dir / "ckpt" / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text()) if tracker.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, blend, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fault_runs") / "uninterrupted"
+    job = submit(cluster, blend, run_dir)
+    return run_dir, cluster.wait_for(job, ended, "end")
+
+
+def test_two_hosts_train_to_the_end_like_one_node(cluster, blend, uninterrupted, tmp_path):
+    run_dir, info = uninterrupted
+    log = log_of(run_dir)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert f"on 2 node(s) {NODE1.rstrip('1')}[1-2]" in log
+    assert f"rendezvous {NODE1}:" in log  # the first node's own name and address
+    # the gradients crossed the veth link between the namespaces
+    sent = int(cluster.in_host(NODE2, "cat", f"/sys/class/net/{NODE2}i/statistics/tx_bytes"))
+    assert sent > 1_000_000
+    one_node = tmp_path / "one_node"  # the same global batch, 2 processes on one host
+    run_train(["configs/tiny/pn.yaml", *overrides(blend, one_node)], nproc=2)
+    assert losses(run_dir) == pytest.approx(losses(one_node), abs=1e-6)
+    assert len(losses(run_dir)) == STEPS
+
+
+def run_with_fault(cluster: TwoHostSlurm, blend: Path, run_dir: Path, inject) -> dict:
+    """Submit, wait for the first checkpoint and two more steps, call `inject()`, wait until
+    the job requeued itself, start it, wait for its end. Returns timings and the log."""
+    job = submit(cluster, blend, run_dir)
+    cluster.wait_for(job, lambda i: ended(i) or (checkpoint_step(run_dir) >= SAVE_INTERVAL and
+                                                  max(read_metrics(run_dir)) >= SAVE_INTERVAL + 2),
+                     "first checkpoint")
+    fault_step, fault_time = max(read_metrics(run_dir)), time.time()
+    inject()
+    info = cluster.wait_for(job, lambda i: i["Restarts"] == "1" or ended(i), "requeue",
+                            timeout=180)
+    detected = time.time() - fault_time
+    assert info["Restarts"] == "1", log_of(run_dir) + cluster.logs()
+    if info["JobState"] == "PENDING":  # requeued by the batch script: SLURM holds it 120 s
+        cluster.release_requeued(job)
+    info = cluster.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
+    log = log_of(run_dir)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log + cluster.logs()
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    return dict(log=log, fault_step=fault_step, resumed=resumed, detected=detected)
+
+
+def check_recovery(cluster: TwoHostSlurm, run_dir: Path, reference: Path, result: dict,
+                   requeued_by_slurm=False) -> None:
+    assert result["detected"] < HEARTBEAT + 60  # ended and requeued in bounded time
+    if requeued_by_slurm:
+        assert "CANCELLED AT" in result["log"] and "DUE TO NODE FAILURE" in result["log"]
+    else:
+        assert "requeueing job" in result["log"] and "after progress" in result["log"]
+    assert result["fault_step"] - result["resumed"] <= SAVE_INTERVAL  # lost <= one interval
+    assert losses(run_dir) == losses(reference)  # bit-exact, the resumed steps included
+    deadline = time.time() + 15  # slurmstepd may take a moment to exit after the job
+    while any(cluster.job_pids(h) for h in (NODE1, NODE2)) and time.time() < deadline:
+        time.sleep(0.5)
+    for host in (NODE1, NODE2):
+        assert cluster.job_pids(host) == [], f"{host}: processes left after the job"
+
+
+def training_pids(cluster: TwoHostSlurm, host: str) -> list[int]:
+    """Every process the job runs on `host` (the launcher, torchrun, the workers and their
+    children), not SLURM's own (slurmd, slurmstepd)."""
+    return [p for p in cluster.job_pids(host)
+            if not Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"slurmstepd")]
+
+
+def test_node_killed_without_a_signal(cluster, blend, uninterrupted, tmp_path):
+    run_dir = tmp_path / "killed"
+
+    def kill_node2():
+        for pid in training_pids(cluster, NODE2):
+            os.kill(pid, signal.SIGKILL)
+
+    result = run_with_fault(cluster, blend, run_dir, kill_node2)
+    assert re.search(rf"srun: error: {NODE2}: task 1: Killed", result["log"]), result["log"]
+    check_recovery(cluster, run_dir, uninterrupted[0], result)
+
+
+def test_node_frozen(cluster, blend, uninterrupted, tmp_path):
+    run_dir = tmp_path / "frozen"
+
+    def freeze_node2():
+        for pid in training_pids(cluster, NODE2):
+            os.kill(pid, signal.SIGSTOP)
+
+    result = run_with_fault(cluster, blend, run_dir, freeze_node2)
+    assert f"pn: error: rank 0 on {NODE1}: node {NODE2} (rank 1) sent no heartbeat" in result["log"]
+    check_recovery(cluster, run_dir, uninterrupted[0], result)
+
