@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import socket
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -290,6 +291,16 @@ def why_failed(err: BaseException) -> str:
     return f"{type(inner).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _out_of_space(root: Path, previous: str | None) -> bool:
+    """Whether checkpoint.dir's disk has no room left for another checkpoint (the previous
+    one's size; 1 MiB without one): a failed writer does not always say ENOSPC."""
+    if "No space left on device" in traceback.format_exc():
+        return True
+    done = iteration_dir(root, int(previous)) if previous else None
+    needed = sum(f.stat().st_size for f in done.rglob("*") if f.is_file()) if done else 2**20
+    return shutil.disk_usage(root).free < needed
+
+
 def save_phase(root: Path, step: int, phase, partial: Path) -> None:
     """Run one phase of a save on every rank. When it failed on any rank, the partial
     iteration directory is removed and every rank raises SaveFailed saying why; `latest` still
@@ -300,11 +311,14 @@ def save_phase(root: Path, step: int, phase, partial: Path) -> None:
         except (Exception, CheckpointException) as err:
             previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
             reason = why_failed(err)
+            if "ENOSPC" not in reason and _out_of_space(root, previous):
+                reason = f"disk full (ENOSPC): {reason}"  # the writer's own words vary
             todo = ("free space on that disk or set checkpoint.dir elsewhere"
                     if "ENOSPC" in reason or "EDQUOT" in reason else "fix the cause")
             resume = f"resumes from step {previous}" if previous else "starts again"
             raise SaveFailed(
-                f"saving checkpoint step {step} failed: {reason} ({root}) — its partial "
+                f"saving checkpoint step {step} failed on {socket.gethostname()} (rank "
+                f"{dist.get_rank()}): {reason} ({root}) — its partial "
                 f"directory was removed and {LATEST} is unchanged; {todo}, then rerun "
                 f"(it {resume})") from None
 

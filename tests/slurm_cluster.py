@@ -1,17 +1,26 @@
-"""Real SLURM clusters for the tests: one node on localhost, or two hosts on this machine.
+"""A real two-node SLURM cluster on this machine, for the tests.
 
-`LocalSlurm` runs munged, slurmctld and slurmd for one node (this machine). `TwoHostSlurm` puts
-each of two slurmd in its own network namespace (and UTS namespace: its own hostname), with
-its own address on a veth pair plugged into a bridge; slurmctld and munged stay in the root
-namespace on the bridge's address. A job's processes are children of their node's slurmd, so
-they inherit its namespaces: traffic between the nodes crosses the veth link, and a fault can
-hit one node alone (kill or freeze its processes, take its link down).
+Each node's slurmd runs in its own network namespace (and UTS namespace: its own hostname),
+with its own address on a veth pair plugged into a bridge; slurmctld and munged stay in the
+root namespace on the bridge's address:
 
-Both run as root and need neither systemd nor cgroups (a container has neither): process
+    root namespace: bridge pnbr0 10.231.7.1 (slurmctld, munged, the test)
+    namespace pnhost1: veth pnhost1i 10.231.7.11, hostname pnhost1, its slurmd
+    namespace pnhost2: veth pnhost2i 10.231.7.12, hostname pnhost2, its slurmd
+
+A job's processes are children of their node's slurmd, so they inherit its namespaces: traffic
+between the nodes crosses the veth link, and a fault can hit one node alone (kill or freeze its
+processes, take its link down). Names resolve through /etc/netns/<namespace>/hosts, which
+`ip netns exec` mounts over /etc/hosts for the processes of that namespace.
+
+It runs as root and needs neither systemd nor cgroups (a container has neither): process
 tracking by /proc (proctrack/linuxproc), no task plugin or accounting, CPUs as the only
-resource (select/cons_tres, CR_CPU); ports picked free. Debian's SLURM is installed with
-apt-get when missing. Everything is started under one directory and torn down by `stop()`,
-which the fixtures call however the test ends.
+resource (select/cons_tres, CR_CPU); ports picked free. Debian's SLURM is installed with apt-get
+when missing; where namespaces or SLURM cannot be brought up, start() fails saying why.
+Everything lives under one directory and `stop()` tears it all down, however the test ended
+(and start() first removes what a killed earlier run left behind). `disk` is a tmpfs both nodes
+see (mounted before the slurmd start: a namespace copies the mounts there are when it is made),
+whose size a test can change with `resize_disk` to fill it.
 """
 
 from __future__ import annotations
@@ -63,16 +72,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def terminate(pid: int) -> None:
-    """SIGTERM, then SIGKILL after 15 s."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def terminate(pids: list[int]) -> None:
+    """SIGTERM to all, then SIGKILL to those alive after 15 s."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     deadline = time.time() + 15
-    while pid_alive(pid) and time.time() < deadline:
+    while any(map(pid_alive, pids)) and time.time() < deadline:
         time.sleep(0.2)
-    if pid_alive(pid):
+    for pid in filter(pid_alive, pids):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -81,30 +91,25 @@ def ended(info: dict) -> bool:
                                 "OUT_OF_MEMORY")
 
 
-class LocalSlurm:
-    """munged + slurmctld + slurmd for one node: this machine, on 127.0.0.1."""
+class TwoHostSlurm:
+    BRIDGE, NET = "pnbr0", "10.231.7"
+    HOSTS = ("pnhost1", "pnhost2")
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cpus_per_node: int = 1):
         self.root = root
+        self.cpus = cpus_per_node
         self.conf = root / "slurm.conf"
         self.socket = root / "munge" / "munge.socket"
         self.jobs: list[str] = []
-        self.started: list[Path] = []  # pid files of the daemons this object started
+        self.daemons: list[Path] = []  # pid files of munged and slurmctld
+        self.slurmd: dict[str, subprocess.Popen] = {}
+        # slurmctld runs in the root namespace, on this machine: it keeps this machine's name
+        # (it checks), with the bridge's address
+        self.controller = socket.gethostname().split(".")[0]
+        self.disk = root / "disk"
 
-    # what differs between the clusters
-    controller = property(lambda self: (socket.gethostname().split(".")[0], "127.0.0.1"))
-
-    def nodes_config(self) -> str:
-        host = self.controller[0]
-        return (f"NodeName={host} NodeAddr=127.0.0.1 CPUs={len(os.sched_getaffinity(0))} "
-                f"RealMemory=1000 State=UNKNOWN\n"
-                f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP\n")
-
-    node_names = property(lambda self: [self.controller[0]])
-
-    def start_nodes(self) -> None:
-        self.started.append(self.root / f"slurmd-{self.controller[0]}.pid")
-        self.run("slurmd")
+    def address(self, host: str) -> str:
+        return f"{self.NET}.{11 + self.HOSTS.index(host)}"
 
     @property
     def env(self) -> dict:
@@ -118,16 +123,43 @@ class LocalSlurm:
             raise AssertionError(f"{' '.join(cmd)}: {done.stderr}\n{self.logs()}")
         return done.stdout
 
+    # -- start -----------------------------------------------------------------------------------
+
     def start(self) -> None:
+        self.remove_network()  # what a killed earlier run left behind
+        self._make_network()
+        self.disk.mkdir()
+        self._mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(self.disk))
         self._start_munge()
         self._write_config()
-        self.started.append(self.root / "slurmctld.pid")
+        self.daemons.append(self.root / "slurmctld.pid")
         self.run("slurmctld")
-        self.start_nodes()
+        self._start_nodes()
         deadline = time.time() + 60
         while set(self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()) != {"idle"}:
             assert time.time() < deadline, f"the nodes never became idle\n{self.logs()}"
             time.sleep(0.5)
+
+    def _make_network(self) -> None:
+        ip = self._ip
+        ip("link", "add", self.BRIDGE, "type", "bridge")
+        ip("addr", "add", f"{self.NET}.1/24", "dev", self.BRIDGE)
+        ip("link", "set", self.BRIDGE, "up")
+        names = [(self.controller, f"{self.NET}.1")] + [(h, self.address(h)) for h in self.HOSTS]
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in names)
+        for host in self.HOSTS:
+            ip("netns", "add", host)
+            inside, outside = f"{host}i", f"{host}o"
+            ip("link", "add", inside, "type", "veth", "peer", "name", outside)
+            ip("link", "set", inside, "netns", host)
+            ip("link", "set", outside, "master", self.BRIDGE)
+            ip("link", "set", outside, "up")
+            self.in_host(host, "ip", "addr", "add", f"{self.address(host)}/24", "dev", inside)
+            self.in_host(host, "ip", "link", "set", inside, "up")
+            self.in_host(host, "ip", "link", "set", "lo", "up")
+            etc = Path("/etc/netns") / host
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(hosts)
 
     def _start_munge(self) -> None:
         munge = self.root / "munge"
@@ -135,19 +167,20 @@ class LocalSlurm:
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self.started.append(munge / "munged.pid")
+        self.daemons.append(munge / "munged.pid")
         self.run("munged", "--force", f"--socket={self.socket}", f"--key-file={key}",
                  f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
                  f"--seed-file={munge}/munged.seed")
 
     def _write_config(self) -> None:
         r = self.root
-        for sub in ("state", "spool", *(f"spool/{n}" for n in self.node_names)):
+        for sub in ("state", "spool", *(f"spool/{h}" for h in self.HOSTS)):
             (r / sub).mkdir()
-        name, address = self.controller
+        nodes = "".join(f"NodeName={h} NodeAddr={self.address(h)} CPUs={self.cpus} "
+                        "RealMemory=1000 State=UNKNOWN\n" for h in self.HOSTS)
         self.conf.write_text(f"""\
 ClusterName=pntest
-SlurmctldHost={name}({address})
+SlurmctldHost={self.controller}({self.NET}.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -173,8 +206,28 @@ SlurmdTimeout=30
 KillWait=10
 MinJobAge=600
 MpiDefault=none
-""" + self.nodes_config())
+{nodes}PartitionName=test Nodes={",".join(self.HOSTS)} Default=YES MaxTime=INFINITE State=UP
+""")
         (r / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nIgnoreSystemd=yes\n")
+
+    def _start_nodes(self) -> None:
+        for host in self.HOSTS:
+            log = open(self.root / f"slurmd-{host}.out", "w")
+            # slurmd in the foreground (-D) as our child (ip, unshare and sh exec into it: the
+            # Popen's pid is slurmd's), named by its namespace's hostname.
+            self.slurmd[host] = subprocess.Popen(
+                ["ip", "netns", "exec", host, "unshare", "--uts", "sh", "-c",
+                 f"hostname {host} && exec slurmd -D -N {host}"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    @staticmethod
+    def _ip(*args: str, check=True) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if check and done.returncode:
+            raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()} (network "
+                                 "namespaces need root and a kernel that allows them)")
+
+    # -- jobs and nodes --------------------------------------------------------------------------
 
     def sbatch(self, *args: str) -> str:
         job = self.run("sbatch", "--parsable", *args).strip().split(";")[0]
@@ -193,89 +246,10 @@ MpiDefault=none
         return info
 
     def release_requeued(self, job: str) -> None:
-        """SLURM holds a requeued job for 120 s (BeginTime); start it sooner, but not within the
-        second of the requeue: slurmd takes a credential issued in that second as revoked
-        ("Killing non-startable batch job: Job credential revoked")."""
+        """SLURM holds a job the batch script requeued for 120 s (BeginTime); start it sooner,
+        but not within the second of the requeue: slurmd takes a credential issued in that
+        second as revoked ("Killing non-startable batch job: Job credential revoked")."""
         self.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
-
-    def logs(self) -> str:
-        return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
-                       for p in sorted(self.root.glob("*.log")))
-
-    def stop(self) -> None:
-        if self.jobs and self.conf.exists():
-            self.run("scancel", *self.jobs, check=False)
-            deadline = time.time() + 60
-            while self.run("squeue", "-h", check=False).strip() and time.time() < deadline:
-                time.sleep(0.5)
-        for pid_file in reversed(self.started):  # nodes, slurmctld, then munged
-            if pid_file.exists():
-                terminate(int(pid_file.read_text()))
-
-
-class TwoHostSlurm(LocalSlurm):
-    """Two SLURM nodes on this machine, each in its own network and UTS namespace.
-
-    root namespace: bridge pnbr0 10.231.7.1 (slurmctld, munged, the test)
-    namespace pnhost1: veth 10.231.7.11, hostname pnhost1, its slurmd
-    namespace pnhost2: veth 10.231.7.12, hostname pnhost2, its slurmd
-    Names resolve through /etc/netns/<namespace>/hosts, which `ip netns exec` mounts over
-    /etc/hosts for the processes of that namespace (and their children: the jobs).
-    """
-
-    BRIDGE, NET = "pnbr0", "10.231.7"
-    HOSTS = ("pnhost1", "pnhost2")
-    # slurmctld runs on this machine, so it keeps this machine's name (it checks)
-    controller = property(lambda self: (socket.gethostname().split(".")[0], f"{self.NET}.1"))
-
-    def __init__(self, root: Path, cpus_per_node: int = 1):
-        super().__init__(root)
-        self.cpus = cpus_per_node
-        self.slurmd: dict[str, subprocess.Popen] = {}
-
-    node_names = HOSTS
-
-    def address(self, host: str) -> str:
-        return f"{self.NET}.{11 + self.HOSTS.index(host)}"
-
-    def nodes_config(self) -> str:
-        nodes = "".join(f"NodeName={h} NodeAddr={self.address(h)} CPUs={self.cpus} "
-                        f"RealMemory=1000 State=UNKNOWN\n" for h in self.HOSTS)
-        return nodes + (f"PartitionName=test Nodes={','.join(self.HOSTS)} Default=YES "
-                        "MaxTime=INFINITE State=UP\n")
-
-    def start(self) -> None:
-        self.remove_network()  # what a killed earlier run left behind
-        self._make_network()
-        super().start()
-
-    def _make_network(self) -> None:
-        ip = lambda *args: self._ip(*args)  # noqa: E731
-        ip("link", "add", self.BRIDGE, "type", "bridge")
-        ip("addr", "add", f"{self.NET}.1/24", "dev", self.BRIDGE)
-        ip("link", "set", self.BRIDGE, "up")
-        hosts = "127.0.0.1 localhost\n" + "".join(
-            f"{a} {n}\n" for n, a in [self.controller] + [(h, self.address(h)) for h in self.HOSTS])
-        for host in self.HOSTS:
-            ip("netns", "add", host)
-            inside, outside = f"{host}i", f"{host}o"
-            ip("link", "add", inside, "type", "veth", "peer", "name", outside)
-            ip("link", "set", inside, "netns", host)
-            ip("link", "set", outside, "master", self.BRIDGE)
-            ip("link", "set", outside, "up")
-            self.in_host(host, "ip", "addr", "add", f"{self.address(host)}/24", "dev", inside)
-            self.in_host(host, "ip", "link", "set", inside, "up")
-            self.in_host(host, "ip", "link", "set", "lo", "up")
-            etc = Path("/etc/netns") / host
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts)
-
-    @staticmethod
-    def _ip(*args: str, check=True) -> None:
-        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-        if check and done.returncode:
-            raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()} (network "
-                                 "namespaces need root and a kernel that allows them)")
 
     def in_host(self, host: str, *cmd: str, check=True) -> str:
         """Run `cmd` inside `host`'s network namespace (with its /etc/hosts)."""
@@ -285,42 +259,48 @@ class TwoHostSlurm(LocalSlurm):
             raise AssertionError(f"{host}: {' '.join(cmd)}: {done.stderr.strip()}")
         return done.stdout
 
-    def start_nodes(self) -> None:
-        for host in self.HOSTS:
-            log = open(self.root / f"slurmd-{host}.out", "w")
-            # slurmd in the foreground (-D) as our child; its hostname names its node.
-            self.slurmd[host] = subprocess.Popen(
-                ["ip", "netns", "exec", host, "unshare", "--uts", "sh", "-c",
-                 f'hostname {host} && exec slurmd -D -N {host}'],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
     def pids(self, host: str) -> list[int]:
         """Every process in `host`'s network namespace."""
         out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
     def job_pids(self, host: str) -> list[int]:
-        """The processes of `host` other than its slurmd (`ip netns exec`, `unshare` and `sh`
-        exec'd into it: the Popen's pid is slurmd's)."""
+        """The processes of `host` other than its slurmd."""
         return [p for p in self.pids(host) if p != self.slurmd[host].pid]
 
     def link(self, host: str, up: bool) -> None:
         """Take `host`'s only link (its veth) down or up."""
         self.in_host(host, "ip", "link", "set", f"{host}i", "up" if up else "down")
 
+    def resize_disk(self, megabytes: int) -> None:
+        self._mount("-o", f"remount,size={megabytes}m", str(self.disk))
+
+    @staticmethod
+    def _mount(*args: str) -> None:
+        done = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"mount {' '.join(args)}: {done.stderr.strip()}"
+
+    def logs(self) -> str:
+        return "".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
+                       for p in sorted(self.root.glob("*.log")))
+
+    # -- stop ------------------------------------------------------------------------------------
+
     def stop(self) -> None:
         try:
-            for host in self.HOSTS:
-                if host in self.slurmd:
-                    self.link(host, True)
-            super().stop()
+            if self.jobs and self.conf.exists():
+                self.run("scancel", *self.jobs, check=False)
+                deadline = time.time() + 60
+                while self.run("squeue", "-h", check=False).strip() and time.time() < deadline:
+                    time.sleep(0.5)
+            terminate([proc.pid for proc in self.slurmd.values()])
+            terminate([int(p.read_text()) for p in self.daemons if p.exists()])
         finally:
-            for proc in self.slurmd.values():
-                terminate(proc.pid)
             for host in self.HOSTS:  # anything still in a namespace
                 for pid in self.pids(host):
                     os.kill(pid, signal.SIGKILL)
             self.remove_network()
+            subprocess.run(["umount", "-l", str(self.disk)], capture_output=True)
 
     def remove_network(self) -> None:
         for host in self.HOSTS:
@@ -328,4 +308,3 @@ class TwoHostSlurm(LocalSlurm):
             self._ip("link", "del", f"{host}o", check=False)
             shutil.rmtree(Path("/etc/netns") / host, ignore_errors=True)
         self._ip("link", "del", self.BRIDGE, check=False)
-

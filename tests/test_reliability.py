@@ -5,6 +5,7 @@ before any step is trained; a locked checkpoint.dir; a failed save that cleans u
 from __future__ import annotations
 
 import errno
+import re
 import os
 import shutil
 import signal
@@ -194,7 +195,7 @@ def test_disk_full_during_save(dataset, tmp_path, capsys, monkeypatch):
     err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
         "train.steps": 4, "checkpoint.save_interval": 1, "checkpoint.dir": ckpt})], capsys,
         code=1)
-    assert "saving checkpoint step 2 failed: disk full (ENOSPC)" in err
+    assert re.search(r"saving checkpoint step 2 failed on \S+ \(rank 0\): disk full \(ENOSPC\)", err)
     assert "free space on that disk" in err and "resumes from step 1" in err
     assert checkpoint.latest_step(ckpt) == 1  # untouched
     assert {p.name for p in ckpt.iterdir()} == {checkpoint.LOCK, checkpoint.LATEST,
@@ -366,7 +367,7 @@ def test_disk_full_during_a_deepspeed_save(dataset, tmp_path, capsys, monkeypatc
     err = error_of([CONFIG, *tiny_overrides(dataset, tmp_path / "run", **{
         "engine": "deepspeed", "train.steps": 4, "checkpoint.save_interval": 1,
         "checkpoint.dir": ckpt})], capsys, code=1)
-    assert "saving checkpoint step 2 failed: disk full (ENOSPC)" in err
+    assert re.search(r"saving checkpoint step 2 failed on \S+ \(rank 0\): disk full \(ENOSPC\)", err)
     assert checkpoint.latest_step(ckpt) == 1 and not (ckpt / "iter_0000002").exists()
 
 

@@ -1,23 +1,18 @@
-"""SLURM scripts. Fast: the batch-shell logic of slurm/common.sh (time left, signal forwarding,
-the requeue decision) with stand-in commands. Slow: a real SLURM (munged, slurmctld, slurmd on
-localhost, installed with apt-get when missing) runs slurm/pretrain_pn.sh on the tiny projected
-network with 2 CPU processes, to the end, and then preempted mid-way: the job saves, requeues
-itself, resumes from its checkpoint and ends with the uninterrupted run's losses."""
+"""SLURM scripts: the batch-shell logic of slurm/common.sh (time left, signal forwarding, the
+requeue decision) with stand-in commands. A real SLURM cluster runs the scripts in
+tests/test_slurm_cluster.py."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, losses, read_metrics, tiny_pn_overrides, write_cluster_datasets
-from slurm_cluster import LocalSlurm, ended, ensure_slurm
+from helpers import REPO
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 COMMON = REPO / "slurm" / "common.sh"
@@ -175,79 +170,3 @@ def test_embed_cluster_submits_a_gpu_array_then_a_dependent_merge_and_cluster(tm
     shard_dirs = " ".join(f"out/embeddings.shards/{i:04d}" for i in range(8))
     assert merge == f"pn-data merge-embeddings --inputs {shard_dirs} --output out/embeddings"
     assert [c.split("--k ")[1].split()[0] for c in clusters] == ["32", "1024"]
-
-
-# -- a real SLURM on localhost -----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory, request):
-    ensure_slurm()
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    request.addfinalizer(cluster.stop)  # also when start() fails half-way
-    cluster.start()
-    return cluster
-
-
-@pytest.fixture(scope="module")
-def blend(tmp_path_factory):
-    return write_cluster_datasets(tmp_path_factory.mktemp("slurm_data"))
-
-
-STEPS = 40
-
-
-def submit_pretrain_pn(slurm: LocalSlurm, blend: Path, run_dir: Path) -> str:
-    """slurm/pretrain_pn.sh on the tiny PN with two CPU processes (2 tasks, no GPUs)."""
-    overrides = tiny_pn_overrides(blend, run_dir, **{
-        "data.split": "80,20,0", "train.steps": STEPS, "checkpoint.dir": run_dir / "ckpt"})
-    return slurm.sbatch(
-        "--gpus-per-node=0", "--ntasks-per-node=2", "--time=20", f"--output={run_dir}.out",
-        "--chdir", str(REPO), "slurm/pretrain_pn.sh", "configs/tiny/pn.yaml", *map(str, overrides))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(slurm, blend, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("slurm_runs") / "uninterrupted"
-    job = submit_pretrain_pn(slurm, blend, run_dir)
-    info = slurm.wait_for(job, ended, "end")
-    return run_dir, info
-
-
-def job_log(run_dir: Path) -> str:
-    return Path(f"{run_dir}.out").read_text()
-
-
-@pytest.mark.slow
-def test_pretrain_pn_job_runs_to_the_end(uninterrupted):
-    run_dir, info = uninterrupted
-    log = job_log(run_dir)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
-    assert "world 2 = 1 node(s) x 2 cpu process(es)" in log  # the pre-flight check ran first
-    assert "2 cpu processes" in log and "saves and stops by itself after" in log
-    assert (run_dir / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
-    curve = losses(run_dir)
-    assert len(curve) == STEPS
-    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # it learned
-
-
-@pytest.mark.slow
-def test_preempted_job_requeues_and_resumes_to_the_same_losses(slurm, blend, uninterrupted,
-                                                               tmp_path):
-    run_dir = tmp_path / "preempted"
-    job = submit_pretrain_pn(slurm, blend, run_dir)
-    slurm.wait_for(job, lambda info: max(read_metrics(run_dir), default=0) >= 3 or ended(info),
-                   "training step 3")
-    slurm.run("scancel", "--signal=USR1", "--batch", job)  # as --signal=B:USR1@300 would
-    slurm.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING", "requeue")
-    slurm.release_requeued(job)
-    info = slurm.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
-
-    log = job_log(run_dir)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log + slurm.logs()
-    assert "SIGUSR1 received" in log and "requeueing job" in log
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
-    assert 3 <= resumed < STEPS
-    assert log.count("saved checkpoint") == 2  # at the stop, at the end
-    reference = losses(uninterrupted[0])
-    assert losses(run_dir) == pytest.approx(reference, abs=1e-6)
-    assert losses(run_dir)[-1] == pytest.approx(reference[-1], abs=1e-6)

@@ -1,8 +1,9 @@
-"""Faults across hosts: a real two-node SLURM cluster on this machine (two network namespaces,
-tests/slurm_cluster.py) trains the tiny projected network with slurm/pretrain_pn.sh, and one
-node is killed, frozen or cut off mid-training. Each time the job ends in bounded time with one
-line naming the node, requeues itself from its newest complete checkpoint, loses at most one
-save interval, leaves no process behind, and ends with the uninterrupted run's losses."""
+"""A real two-node SLURM cluster on this machine (two network namespaces, tests/slurm_cluster.py)
+runs slurm/pretrain_pn.sh on the tiny projected network: to the end, as one node would; stopped
+by SIGUSR1 (the time limit's signal); and with a node killed or frozen mid-training. After a
+stop or a fault the job requeues itself from its newest complete checkpoint, in bounded time,
+with one line naming the node at fault, losing at most one save interval, leaving no process
+behind, and ends with the uninterrupted run's losses, bit for bit."""
 
 from __future__ import annotations
 
@@ -38,26 +39,27 @@ def blend(tmp_path_factory):
     return write_cluster_datasets(tmp_path_factory.mktemp("fault_data"))
 
 
-def overrides(blend: Path, run_dir: Path) -> list[str]:
+def overrides(blend: Path, run_dir: Path, checkpoints: Path | None = None) -> list[str]:
     return tiny_pn_overrides(blend, run_dir, **{
-        "data.split": "80,20,0", "train.steps": STEPS, "checkpoint.dir": run_dir / "ckpt",
+        "data.split": "80,20,0", "train.steps": STEPS,
+        "checkpoint.dir": checkpoints or run_dir / "ckpt",
         "checkpoint.save_interval": SAVE_INTERVAL, "train.heartbeat_timeout": HEARTBEAT})
 
 
-def submit(cluster: TwoHostSlurm, blend: Path, run_dir: Path) -> str:
+def submit(cluster: TwoHostSlurm, blend: Path, run_dir: Path, checkpoints=None) -> str:
     """slurm/pretrain_pn.sh on both nodes, one gloo process each."""
     return cluster.sbatch(
         "--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--time=20",
         f"--output={run_dir}.out", "--chdir", str(REPO), "slurm/pretrain_pn.sh",
-        "configs/tiny/pn.yaml", *map(str, overrides(blend, run_dir)))
+        "configs/tiny/pn.yaml", *map(str, overrides(blend, run_dir, checkpoints)))
 
 
 def log_of(run_dir: Path) -> str:
     return Path(f"{run_dir}.out").read_text()
 
 
-def checkpoint_step(run_dir: Path) -> int:
-    tracker = run_dir / "ckpt" / "latest_checkpointed_iteration.txt"
+def checkpoint_step(run_dir: Path, checkpoints: Path | None = None) -> int:
+    tracker = (checkpoints or run_dir / "ckpt") / "latest_checkpointed_iteration.txt"
     return int(tracker.read_text()) if tracker.exists() else 0
 
 
@@ -73,6 +75,8 @@ def test_two_hosts_train_to_the_end_like_one_node(cluster, blend, uninterrupted,
     log = log_of(run_dir)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     assert f"on 2 node(s) {NODE1.rstrip('1')}[1-2]" in log
+    assert "world 2 = 2 node(s) x 1 cpu process(es)" in log  # the pre-flight check ran first
+    assert "saves and stops by itself after" in log  # before the time limit
     assert f"rendezvous {NODE1}:" in log  # the first node's own name and address
     # the gradients crossed the veth link between the namespaces
     sent = int(cluster.in_host(NODE2, "cat", f"/sys/class/net/{NODE2}i/statistics/tx_bytes"))
@@ -81,6 +85,27 @@ def test_two_hosts_train_to_the_end_like_one_node(cluster, blend, uninterrupted,
     run_train(["configs/tiny/pn.yaml", *overrides(blend, one_node)], nproc=2)
     assert losses(run_dir) == pytest.approx(losses(one_node), abs=1e-6)
     assert len(losses(run_dir)) == STEPS
+
+
+def test_sigusr1_saves_requeues_and_resumes_to_the_same_losses(cluster, blend, uninterrupted,
+                                                               tmp_path):
+    """`scancel --signal=USR1 --batch`, as --signal=B:USR1@300 before the time limit: every
+    rank saves, the job requeues itself and resumes."""
+    run_dir = tmp_path / "stopped"
+    job = submit(cluster, blend, run_dir)
+    cluster.wait_for(job, lambda i: ended(i) or max(read_metrics(run_dir), default=0) >= 3,
+                     "training step 3")
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
+                     "requeue")
+    cluster.release_requeued(job)
+    info = cluster.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
+    log = log_of(run_dir)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log + cluster.logs()
+    assert "SIGUSR1 received" in log and "requeueing job" in log
+    stopped_at = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert f"saved checkpoint {run_dir / 'ckpt' / f'iter_{stopped_at:07d}'}" in log
+    assert losses(run_dir) == losses(uninterrupted[0])
 
 
 def run_with_fault(cluster: TwoHostSlurm, blend: Path, run_dir: Path, inject) -> dict:
@@ -151,3 +176,33 @@ def test_node_frozen(cluster, blend, uninterrupted, tmp_path):
     assert f"pn: error: rank 0 on {NODE1}: node {NODE2} (rank 1) sent no heartbeat" in result["log"]
     check_recovery(cluster, run_dir, uninterrupted[0], result)
 
+
+
+def test_disk_full_during_a_save(cluster, blend, uninterrupted, tmp_path):
+    """Checkpoints on a 9 MiB disk both nodes share (a tiny PN checkpoint takes 6 MiB): the
+    save at step 10 fails with ENOSPC. The job requeues once (it made progress: step
+    5), fails again at the same save and stops (no progress: a repeating failure must not
+    loop), naming the node and the cause. Never a torn checkpoint: after space is freed, a
+    resubmitted job resumes from step 5 and ends with the uninterrupted run's losses."""
+    run_dir, checkpoints = tmp_path / "full", cluster.disk / "full"
+    cluster.resize_disk(9)
+    job = submit(cluster, blend, run_dir, checkpoints)
+    info = cluster.wait_for(job, lambda i: i["Restarts"] == "1" or ended(i), "requeue")
+    if info["JobState"] == "PENDING":
+        cluster.release_requeued(job)
+    info = cluster.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
+    log = log_of(run_dir)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log
+    assert len(re.findall(rf"saving checkpoint step 10 failed on {NODE1} \(rank 0\): disk full "
+                          r"\(ENOSPC\)", log)) == 2, log
+    assert "after progress (checkpoint step 0 -> 5)" in log
+    assert "no checkpoint newer than step 5, where this job started: not requeued" in log
+    assert checkpoint_step(run_dir, checkpoints) == 5
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000005"]
+
+    cluster.resize_disk(64)  # the user frees space
+    job = submit(cluster, blend, run_dir, checkpoints)  # the user's resubmit
+    info = cluster.wait_for(job, ended, "end")
+    assert info["JobState"] == "COMPLETED", log_of(run_dir)
+    assert "resumed from" in log_of(run_dir).split(f"job {job} ")[1]
+    assert losses(run_dir) == losses(uninterrupted[0])
