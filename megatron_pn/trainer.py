@@ -42,7 +42,7 @@ from megatron_pn.preflight import check_writable_dir
 from megatron_pn.run_tokenizer import run_tokenizer
 from megatron_pn.training.cost_log import CostRecorder
 from megatron_pn.training.selection import Selection
-from megatron_pn.training.start import finetuning_lr, resolve_start
+from megatron_pn.training.start import adapter_base, finetuning_lr, resolve_start
 from megatron_pn.training.validation import Validation, mean_loss, token_loss
 from pn_base.fileio import atomic_write_json
 from pn_base.outputs import FINISHED
@@ -78,6 +78,7 @@ class Trainer:
         self.step = 0
         self.selection = Selection(cfg)
         self.start = resolve_start(cfg, self._print, self._warn)
+        self.lora_base = adapter_base(cfg, self.start)  # LoRA: what its checkpoints adapt
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
         self.tokenizer = run_tokenizer(cfg, self.start.path)
         self.start.check_model_fits(cfg.model)
@@ -289,6 +290,8 @@ class Trainer:
             "tokenizer": self.tokenizer.record() if self.tokenizer else None,
             "clustering": run_clustering(self.cfg),  # pn-project checks histograms against it
         }
+        if self.lora_base is not None:
+            extra[checkpoint.BASE_KEY] = self.lora_base
         path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")
         return path
