@@ -1,0 +1,173 @@
+"""LoRA (finetune.lora): zero-initialized adapters compute the base model, merging is exact to
+fp32 rounding, adapter checkpoints hold the adapters and name their base, peft loads the
+exported adapters onto the exported base with our logits, TP2 / sequence parallelism / the
+distributed optimizer reproduce the one-process fine-tuning, a stopped run resumes bit for bit,
+and the fine-tuning's selection (step-0 candidate, keep-best) works as without adapters.
+In-process (a gloo world of one) except the training runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
+
+from helpers import (losses, perturbed_model, read_metrics, real_text_documents, run_train,
+                     tiny_overrides, write_byte_dataset, write_model_checkpoint)
+from megatron_pn import checkpoint, lora
+from megatron_pn.checkpoint_tools import inference_world, load_model
+from megatron_pn.cli.hf import export_main
+from megatron_pn.cli.merge_lora import main as merge_main
+from megatron_pn.config import load_config
+from megatron_pn.hf import ADAPTER_DIR, write_checkpoint
+from megatron_pn.model import build_gpt, transformer_config
+
+SLM, FINETUNE = "configs/tiny/slm.yaml", "configs/finetune/tiny.yaml"
+GPT2_STYLE = ("model.activation=gelu", "model.normalization=LayerNorm",
+              "model.position_embedding_type=learned_absolute")
+VARIANTS = {  # the shapes pn-export-hf maps: fused QKV (grouped-query), gated or plain fc1
+    "llama": (),
+    "llama_gqa_bias": ("model.num_query_groups=2", "model.add_bias_linear=true",
+                       "model.tie_embeddings=false"),
+    "gpt2": GPT2_STYLE,
+    "gpt2_gqa_bias": (*GPT2_STYLE, "model.num_query_groups=2", "model.add_bias_linear=true"),
+}
+
+
+def config(*overrides):
+    return load_config([SLM], ["model.vocab_size=257", "data.eod_id=256", *overrides])
+
+
+def lora_config(variant: str, targets: str = "both", base: str = "unused"):
+    return config(*VARIANTS[variant], "finetune.lora.rank=4", "finetune.lora.alpha=6",
+                  f"finetune.lora.targets={targets}", f"checkpoint.load={base}")
+
+
+def tokens(batch=3, seq=64, seed=0):
+    return torch.randint(0, 257, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, positions, None)
+
+
+def assert_close(got, expected, rel):
+    assert got.shape == expected.shape
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error <= rel, f"relative error {error:.2e}"
+
+
+def adapted_model(variant: str, targets: str = "both", base: str = "unused", trained=True):
+    """(base model with perturbed weights, the same with adapters: B random when `trained`)."""
+    base_model = perturbed_model(config(*VARIANTS[variant]), seed=len(variant))
+    cfg = lora_config(variant, targets, base)
+    model = build_gpt(cfg, transformer_config(cfg, "cpu")).eval()
+    missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
+    assert not unexpected and all(lora.is_adapter(key) for key in missing)
+    if trained:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, linear in lora.adapted_linears(model):
+                linear.lora_b.copy_(0.05 * torch.randn(linear.lora_b.shape, generator=g))
+    return base_model, model, cfg
+
+
+def adapter_checkpoint(variant: str, tmp_path, targets: str = "both"):
+    """A base checkpoint and an adapter checkpoint on it, as a LoRA fine-tuning saves them."""
+    base_dir = tmp_path / "base"
+    base_model, model, cfg = adapted_model(variant, targets, str(base_dir))
+    write_checkpoint(base_model, config(*VARIANTS[variant]), base_dir)
+    record = lora.base_record(checkpoint.resolve(base_dir))
+    path = write_checkpoint(model, cfg, tmp_path / "adapters",
+                            extra={checkpoint.BASE_KEY: record})
+    return base_model, model, path
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2_gqa_bias"])
+def test_zero_initialized_adapters_compute_the_base_model(world, variant):
+    base_model, model, _ = adapted_model(variant, trained=False)
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(base_model, ids))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(lora.is_adapter(name) for name in trainable)
+    assert len(trainable) == 2 * 4 * model.config.num_layers  # A and B of 4 linears per layer
+    linears = dict(lora.adapted_linears(model))
+    first = linears["decoder.layers.0.self_attention.linear_qkv"]
+    assert not first.lora_b.any() and first.lora_a.abs().min() > 0
+    # seeded per layer and module: the layers' adapters differ
+    assert not torch.equal(first.lora_a, linears["decoder.layers.1.self_attention.linear_qkv"]
+                           .lora_a)
+
+
+@pytest.mark.parametrize("targets", ["attention", "mlp"])
+def test_targets_choose_the_adapted_linears(world, targets):
+    _, model, _ = adapted_model("llama", targets)
+    adapted = {name.rsplit(".", 1)[1] for name, _ in lora.adapted_linears(model)}
+    assert adapted == set({"attention": ("linear_qkv", "linear_proj"),
+                           "mlp": ("linear_fc1", "linear_fc2")}[targets])
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2_gqa_bias"])
+def test_merged_checkpoint_computes_the_adapted_model(world, tmp_path, variant, capsys):
+    base_model, model, adapters = adapter_checkpoint(variant, tmp_path)
+    ids = tokens()
+    expected = logits(model, ids)
+    assert not torch.allclose(expected, logits(base_model, ids), atol=1e-3)
+    # the adapter checkpoint holds the adapters alone, and loads with its base
+    saved = dist_checkpointing.load_common_state_dict(str(checkpoint.resolve(adapters)))
+    keys = set(FileSystemReader(str(checkpoint.resolve(adapters))).read_metadata()
+               .state_dict_metadata)
+    # (megatron-core stacks the layers: one key per linear of the layer)
+    assert len(keys) == 2 * 4 and all(map(lora.is_adapter, keys))
+    assert saved[checkpoint.BASE_KEY]["path"] == str((tmp_path / "base").resolve() /
+                                                      "iter_0000000")
+    with inference_world() as env:
+        assert torch.equal(logits(load_model(adapters, env).model, ids), expected)
+    assert merge_main(["--checkpoint", str(adapters), "--output", str(tmp_path / "merged")]) == 0
+    with inference_world() as env:
+        merged = load_model(tmp_path / "merged", env)
+        assert not lora.has_adapters(merged.model)
+        assert merged.cfg.finetune.lora.rank is None
+        assert_close(logits(merged.model, ids), expected, rel=1e-6)
+
+
+def test_a_changed_base_is_refused(world, tmp_path):
+    _, _, adapters = adapter_checkpoint("llama", tmp_path)
+    shard = next((tmp_path / "base" / "iter_0000000").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with inference_world() as env, pytest.raises(checkpoint.CheckpointError, match="sha256"):
+        load_model(adapters, env)
+
+
+# -- Hugging Face adapters -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_loads_the_exported_adapters_with_our_logits(world, tmp_path, variant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_model, model, adapters = adapter_checkpoint(variant, tmp_path)
+    ids = tokens()
+    assert export_main(["--checkpoint", str(adapters), "--output", str(tmp_path / "hf"),
+                        "--adapter"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_close(base(ids).logits, logits(base_model, ids), rel=1e-4)
+        peft = PeftModel.from_pretrained(base, tmp_path / "hf" / ADAPTER_DIR).eval()
+        assert_close(peft(ids).logits, logits(model, ids), rel=1e-4)
+    config = json.loads((tmp_path / "hf" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 6
+    assert config["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
+    # merged into the weights instead (no --adapter): the same logits in plain transformers
+    assert export_main(["--checkpoint", str(adapters), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        assert_close(merged.eval()(ids).logits, logits(model, ids), rel=1e-4)
