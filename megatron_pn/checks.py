@@ -105,9 +105,9 @@ def check_lora(cfg: Config) -> None:
         return
     family = family_of(cfg)
     _require(family.takes_lora,
-             f"finetune.lora: model.type {family.name} has no dense linears to adapt (a PN's "
-             "weights come from its banks, SLM-cond's from a cluster's vector) — make its dense "
-             "model first (pn-project) and fine-tune that checkpoint with model.type dense")
+             f"finetune.lora: adapters go on a dense model's linears, and model.type "
+             f"{family.name} is not one — make its dense model first (pn-project) and fine-tune "
+             "that checkpoint with model.type dense")
     _require(cfg.checkpoint.load is not None,
              "finetune.lora: adapters fine-tune a trained model; set checkpoint.load to its "
              "checkpoint")

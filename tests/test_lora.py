@@ -171,3 +171,97 @@ def test_peft_loads_the_exported_adapters_with_our_logits(world, tmp_path, varia
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         assert_close(merged.eval()(ids).logits, logits(model, ids), rel=1e-4)
+
+
+# -- fine-tuning with adapters ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_byte_dataset(tmp_path_factory.mktemp("lora_data") / "text", real_text_documents())
+
+
+@pytest.fixture(scope="module")
+def base(dataset, tmp_path_factory):
+    """The dense model the adapters fine-tune (initialized weights)."""
+    path = tmp_path_factory.mktemp("lora_base") / "ckpt"
+    return write_model_checkpoint(path, [SLM], tiny_overrides(dataset, path.parent))
+
+
+def finetune(run, dataset, base, *configs, nproc=1, **extra):
+    run_train([SLM, *configs, *tiny_overrides(dataset, run, **{
+        "checkpoint.load": base, "checkpoint.dir": run / "ckpt", "finetune.lora.rank": 4,
+        "train.steps": 6, **extra})], nproc=nproc)
+    return run
+
+
+def saved_keys(run, step: int) -> set[str]:
+    path = checkpoint.iteration_dir(run / "ckpt", step)
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+@pytest.fixture(scope="module")
+def single(dataset, base, tmp_path_factory):
+    return finetune(tmp_path_factory.mktemp("lora_single") / "run", dataset, base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,nproc,extra", [
+    ("tp2", 2, {"parallel.tensor": 2}),
+    ("dp2_distributed_optimizer", 2, {"parallel.distributed_optimizer": "true"}),
+])
+def test_layouts_reproduce_the_single_process_fine_tuning(dataset, base, single, tmp_path, name,
+                                                          nproc, extra):
+    """Adapters split like their weights: the same loss curve; the checkpoint of any layout
+    holds adapters only (the distributed optimizer's state too) and loads at TP1 as the same
+    model."""
+    run = finetune(tmp_path / name, dataset, base, nproc=nproc, **extra)
+    expected = losses(single)
+    assert expected[-1] < expected[0]  # the adapters trained
+    assert losses(run) == pytest.approx(expected, rel=1e-5)
+    keys = saved_keys(run, 6)
+    model_keys = {k for k in keys if k.startswith("decoder.") or k.startswith("embedding.")}
+    assert model_keys and all(map(lora.is_adapter, model_keys))
+    assert all("lora_" in k for k in keys if k.startswith("optimizer."))
+    ids = tokens()
+    with inference_world() as env:
+        assert_close(logits(load_model(run / "ckpt", env).model, ids),
+                     logits(load_model(single / "ckpt", env).model, ids), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_bit_exact_with_its_selection(dataset, base, tmp_path):
+    """Validation, keep-best and early stopping as in full fine-tuning; a run stopped between
+    evaluations resumes from its adapters, optimizer and selection state to the same losses,
+    validations and kept step as an uninterrupted one. The base is never written."""
+    options = {"train.steps": 8, "train.eval_interval": 2, "train.valid_tokens": 2048,
+               "data.split": "90,10,0", "train.log_interval": 1}
+    before = lora.fingerprint(checkpoint.resolve(base))
+    whole = finetune(tmp_path / "whole", dataset, base, FINETUNE, **options)
+    stopped = finetune(tmp_path / "stopped", dataset, base, FINETUNE, **options,
+                       **{"train.exit_after_steps": 3})
+    assert max(read_metrics(stopped)) == 3
+    finetune(tmp_path / "stopped", dataset, base, FINETUNE, **options)
+    assert losses(stopped) == losses(whole) and len(losses(whole)) == 8
+    assert read_metrics(stopped, "valid") == read_metrics(whole, "valid")
+    finished = json.loads((whole / "finished.json").read_text())
+    assert json.loads((stopped / "finished.json").read_text()) == finished
+    assert sorted(read_metrics(whole, "valid")) == [0, 2, 4, 6, 8] and finished["best_step"] > 0
+    assert lora.fingerprint(checkpoint.resolve(base)) == before
+
+
+@pytest.mark.slow
+def test_the_starting_model_is_kept_when_the_adapters_do_not_help(dataset, base, tmp_path):
+    """The step-0 candidate with LoRA: at a negligible learning rate no evaluation beats the
+    starting model by the margin (0.01 nats), early stopping ends the run, and the kept
+    checkpoint (zero B) evaluates exactly as the base."""
+    run = finetune(tmp_path / "run", dataset, base, FINETUNE, **{
+        "train.steps": 20, "train.eval_interval": 2, "train.valid_tokens": 2048,
+        "data.split": "90,10,0", "train.lr_factor_of_loaded": 1e-9,
+        "train.selection_margin": 0.01})
+    finished = json.loads((run / "finished.json").read_text())
+    assert finished["best_step"] == 0 and finished["reason"] == "early stopping"
+    assert checkpoint.resolve(run / "ckpt").name == "iter_0000000"
+    ids = tokens()
+    with inference_world() as env:
+        assert torch.equal(logits(load_model(run / "ckpt", env).model, ids),
+                           logits(load_model(base, env).model, ids))
