@@ -207,6 +207,7 @@ def single(dataset, base, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,nproc,extra", [
     ("tp2", 2, {"parallel.tensor": 2}),
+    ("pp2", 2, {"parallel.pipeline": 2}),
     ("dp2_distributed_optimizer", 2, {"parallel.distributed_optimizer": "true"}),
 ])
 def test_layouts_reproduce_the_single_process_fine_tuning(dataset, base, single, tmp_path, name,
@@ -265,3 +266,17 @@ def test_the_starting_model_is_kept_when_the_adapters_do_not_help(dataset, base,
     with inference_world() as env:
         assert torch.equal(logits(load_model(run / "ckpt", env).model, ids),
                            logits(load_model(base, env).model, ids))
+
+
+def test_lora_flops_count_the_frozen_weights_without_their_weight_gradient():
+    """MFU's numerator with adapters: 4 x the frozen matmul weights (forward and input
+    gradient), 6 x the adapters' r (in + out), attention as before."""
+    from megatron_pn.model import flops_per_token
+
+    dense, adapted = config(), config("finetune.lora.rank=4", "checkpoint.load=unused")
+    d, f, layers, vocab, s = 64, 176, 4, 384, 64  # configs/tiny/slm.yaml, vocabulary padded
+    weights = layers * (4 * d * d + 3 * d * f) + d * vocab
+    adapters = layers * 4 * ((d + 3 * d) + (d + d) + (d + 2 * f) + (f + d))
+    attention = 6 * layers * s * d
+    assert flops_per_token(dense) == 6 * weights + attention
+    assert flops_per_token(adapted) == 4 * weights + 6 * adapters + attention

@@ -12,7 +12,8 @@ from pn_base.errors import ArgumentParser, run_command
 def export_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="pn-export-hf",
-        description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert) or "
+        description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert, a "
+        "LoRA fine-tuning: merged, or --adapter) or "
         "one expert of a PN checkpoint, saved at any TP/PP layout, as a Hugging Face model "
         "directory: LlamaForCausalLM (SwiGLU/RMSNorm/RoPE) or GPT2LMHeadModel "
         "(GELU/LayerNorm/learned positions), safetensors.",
