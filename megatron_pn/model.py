@@ -160,7 +160,8 @@ def flops_per_token(cfg: Config) -> float:
 
 
 def parameter_counts(cfg) -> dict:
-    """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
+    """{total, embedding, expert (PN: one projected expert, else None), trainable (LoRA: the
+    adapters)}: the whole model built
     unsharded on the meta device (no memory, no initialization) in a world of one. The caller
     checks cfg first (checks.check_model)."""
     import dataclasses
@@ -177,8 +178,10 @@ def parameter_counts(cfg) -> dict:
         with torch.device("meta"):
             chunks = build_model(whole, "cpu", initialize=False)
         total = count_parameters(chunks)
+        trainable = {id(p): p.numel() for c in chunks for p in c.parameters() if p.requires_grad}
         return {"total": total,
                 "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
-                "expert": family_of(cfg).expert_parameters(chunks, total)}
+                "expert": family_of(cfg).expert_parameters(chunks, total),
+                "trainable": sum(trainable.values())}
     finally:
         shutdown()

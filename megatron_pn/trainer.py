@@ -78,7 +78,6 @@ class Trainer:
         self.step = 0
         self.selection = Selection(cfg)
         self.start = resolve_start(cfg, self._print, self._warn)
-        self.lora_base = adapter_base(cfg, self.start)  # LoRA: what its checkpoints adapt
         # Data, the checkpoint started from and the teacher: one tokenizer (before any work).
         self.tokenizer = run_tokenizer(cfg, self.start.path)
         self.start.check_model_fits(cfg.model)
@@ -120,6 +119,7 @@ class Trainer:
             self.step = common["iteration"]
             self.selection.load_state_dict(common.get("early_stopping", {}))
             self._print(f"resumed from {self.start.resume} at step {self.step}")
+        self.lora_base = adapter_base(cfg, self.start)  # LoRA: the base its checkpoints adapt
 
         run_dir = Path(cfg.logging.run_dir)
         self.train_data = build_datasets(cfg, cfg.data.cache_dir or str(run_dir / "index_cache"))

@@ -8,14 +8,17 @@ In-process (a gloo world of one) except the training runs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 
-from helpers import (losses, perturbed_model, read_metrics, real_text_documents, run_train,
-                     tiny_overrides, write_byte_dataset, write_model_checkpoint)
+from helpers import (REPO, free_port, losses, perturbed_model, read_metrics, real_text_documents,
+                     run_train, tiny_overrides, train_env, write_byte_dataset,
+                     write_model_checkpoint)
 from megatron_pn import checkpoint, lora
 from megatron_pn.checkpoint_tools import inference_world, load_model
 from megatron_pn.cli.hf import export_main
@@ -135,6 +138,22 @@ def test_merged_checkpoint_computes_the_adapted_model(world, tmp_path, variant, 
         assert not lora.has_adapters(merged.model)
         assert merged.cfg.finetune.lora.rank is None
         assert_close(logits(merged.model, ids), expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp2_adapters_compute_the_unsharded_formula(sequence_parallel):
+    """A column- then a row-parallel LoRA linear at TP2 (tests/lora_tp_check.py): output and
+    every adapter gradient as unsharded, also with sequence parallelism, which no whole model
+    runs on CPU (megatron-core's torch norms refuse it)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "tests/lora_tp_check.py",
+               *(["--sequence-parallel"] if sequence_parallel else [])]
+    proc = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"y", "a1", "b1", "a2", "b2"}
+    assert max(errors.values()) < 1e-5, errors
 
 
 def test_a_changed_base_is_refused(world, tmp_path):
@@ -280,3 +299,4 @@ def test_lora_flops_count_the_frozen_weights_without_their_weight_gradient():
     attention = 6 * layers * s * d
     assert flops_per_token(dense) == 6 * weights + attention
     assert flops_per_token(adapted) == 4 * weights + 6 * adapters + attention
+
