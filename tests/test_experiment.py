@@ -439,6 +439,7 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
         "fortunes"]["projection_cost"]
     adapters = out / "spec" / "pn+lora" / "b8" / "fortunes_s20k" / "ft" / "ckpt"
     assert checkpoint.saved_config(adapters).finetune.lora.rank == 8
+    assert results["parameters"]["pn+lora"] == results["parameters"]["pn"]  # merged: the expert
     tables = (out / "tables.md").read_text()
     assert "| SLM-pn + LoRA |" in tables
     assert "Table 8" in tables and "Table 5" in tables and "| SLM-pn |" in tables

@@ -224,10 +224,13 @@ class Collector:
             methods[method] = self.method_rows(method)
             if method in self.cfg.lora_rows:
                 methods[method + LORA] = self.method_rows(method, lora=True)
+        parameters = self.parameters()  # (maybe cached from a report without LoRA rows)
+        parameters.update({m + LORA: parameters[m] for m in self.cfg.lora_rows
+                           if m in parameters})  # adapters merged: the method's own model
         return {"name": self.cfg.name, "domains": self.cfg.domains,
                 "spec_sizes": {s: self.spec_tokens(s) for s in self.cfg.spec_sizes},
                 "device": self.device(), "methods": methods, "strategies": self.strategies(),
-                "parameters": self.parameters(), "throughput": self.throughput(),
+                "parameters": parameters, "throughput": self.throughput(),
                 "shared_machine": {"runs": sorted(str(p.relative_to(self.out))
                                                   for p in self.shared),
                                    "costs_left_out": self.alone_only}}
@@ -273,8 +276,6 @@ class Collector:
             if config_family(config).per_cluster_jobs:  # SLM-mix: k dense SLMs
                 total, expert = total * self.cfg.clusters["pn"], total
             counts[method] = {"pretrain": total, "inference": expert or total}
-            if method in self.cfg.lora_rows:  # adapters merged: the method's own model
-                counts[method + LORA] = counts[method]
         return counts
 
 

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import fnmatch
 
-from megatron_pn.config import Config
+from megatron_pn.config import Config, FinetuneConfig
 from pn_base.errors import require
 
 
@@ -160,8 +160,6 @@ class ModelFamily:
         pn-merge-lora): the dense model, its data no longer drawn as cluster mixtures, no LoRA
         adapters (merged into its weights)."""
         import dataclasses
-
-        from megatron_pn.config import FinetuneConfig
 
         return dataclasses.replace(cfg, model=self.dense_config(cfg.model),
                                    data=dataclasses.replace(cfg.data, mixture="none"),
