@@ -45,6 +45,7 @@ from pn_base.fileio import atomic_write_text
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
 LOCK = ".pn-train.lock"
+BASE_KEY = "lora_base"  # an adapter checkpoint's frozen base: {path, sha256} (lora.base_record)
 
 
 class CheckpointError(UserError):
@@ -386,11 +387,39 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _model_state(chunks) -> dict:
-    return {
-        key: _unwrap(chunk).sharded_state_dict()
-        for key, chunk in zip(_model_keys(chunks), chunks)
-    }
+def _model_state(chunks, keep=None) -> dict:
+    """The chunks' sharded state dicts, or their entries whose key `keep` accepts."""
+    states = {key: _unwrap(chunk).sharded_state_dict()
+              for key, chunk in zip(_model_keys(chunks), chunks)}
+    if keep is None:
+        return states
+    return {key: {k: v for k, v in state.items() if keep(k)} for key, state in states.items()}
+
+
+def _saved_part(chunks):
+    """What a save writes of the model: all of it, or, with LoRA adapters, the adapters alone
+    (the frozen base is the checkpoint BASE_KEY names)."""
+    from megatron_pn.lora import has_adapters, is_adapter
+
+    return is_adapter if has_adapters(_unwrap(chunks[0])) else None
+
+
+def _load_base(path: Path, record: dict, chunks) -> None:
+    """The frozen base of an adapter checkpoint into the chunks, checked to be the one its
+    adapters were trained on."""
+    from megatron_pn.lora import fingerprint, has_adapters
+
+    base = Path(record["path"])
+    if not has_adapters(_unwrap(chunks[0])):
+        raise CheckpointError(f"{path} holds LoRA adapters (finetune.lora), and this model has "
+                              "none — merge them into a dense checkpoint first (pn-merge-lora)")
+    if not base.is_dir() or damage(base):
+        raise CheckpointError(f"{path}: the base checkpoint its LoRA adapters were trained on, "
+                              f"{base}, is missing or damaged — restore it there")
+    if fingerprint(base) != record["sha256"]:
+        raise CheckpointError(f"{path}: the base checkpoint {base} has changed since its LoRA "
+                              "adapters were trained on it (sha256 differs) — restore that base")
+    load(base, chunks)
 
 
 def _optimizer_metadata(optimizer_format: str) -> dict:
@@ -429,7 +458,7 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
 
     save_phase(root, step, prepare, tmp)
     metadata = _optimizer_metadata(optimizer_format)
-    state = _model_state(chunks)
+    state = _model_state(chunks, _saved_part(chunks))
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
                                                           metadata=metadata)
@@ -464,20 +493,30 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> dict:
     """Load model (and, if given, optimizer/scheduler/RNG) state saved at `path`.
 
     Returns the checkpoint's common entries (iteration, layout, anything passed as `extra`).
+    An adapter checkpoint loads its base first (BASE_KEY), then its adapters; a dense one into
+    a model with adapters fills all but the adapters.
     """
-    template = _model_state(chunks)
+    from megatron_pn.lora import has_adapters, is_adapter
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    record, keep = common.get(BASE_KEY), None
+    if record is not None:
+        _load_base(path, record, chunks)
+        keep = is_adapter
+    elif has_adapters(_unwrap(chunks[0])):
+        keep = lambda key: not is_adapter(key)  # noqa: E731 - the adapters start fresh
+    template = _model_state(chunks, keep)
     if optimizer is not None:
         metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
         template["optimizer"] = optimizer.sharded_state_dict(
             template, is_loading=True, metadata=metadata
         )
-        common = dist_checkpointing.load_common_state_dict(str(path))
         if common.get("layout") == _layout():
             template["rng_state"] = _rng_state()
     state = dist_checkpointing.load(template, str(path))
 
     for key, chunk in zip(_model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(state[key])
+        _unwrap(chunk).load_state_dict(state[key], strict=keep is None)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -110,3 +110,43 @@ def load_model(checkpoint_path: str | Path, env, precision: str = "fp32") -> Loa
     [model] = build_model(cfg, env.device.type, initialize=False)  # weights: the checkpoint's
     common = checkpoint.load(path, [model])
     return LoadedModel(model.eval(), cfg, path, common.get("iteration"), env.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters merged
+
+
+def merge_adapters(checkpoint_path: str | Path, output: str | Path,
+                   overwrite: bool = False) -> Path:
+    """pn-merge-lora: an adapter checkpoint (finetune.lora) as a plain dense checkpoint, each
+    adapted weight W + (alpha / r) B A (lora.merged_state), written atomically; returns it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_pn import checkpoint
+    from megatron_pn.model import build_model
+    from megatron_pn.run_tokenizer import checkpoint_fingerprint
+    from pn_base.fileio import atomic_path, check_writable
+
+    check_writable(output, overwrite)
+    path = resolve_checkpoint(checkpoint_path)
+    base = dist_checkpointing.load_common_state_dict(str(path)).get(checkpoint.BASE_KEY)
+    if base is None:
+        raise ToolError(f"--checkpoint {path} holds no LoRA adapters (finetune.lora): it is a "
+                        "dense checkpoint already")
+    trained = checkpoint_fingerprint(path)
+    with inference_world(single_process=True) as env:
+        loaded = load_model(path, env)
+        dense_cfg = loaded.family.dense_run_config(loaded.cfg)
+        [dense] = build_model(dense_cfg, env.device.type, initialize=False)
+        missing, unexpected = dense.load_state_dict(loaded.family.dense_state(loaded.model),
+                                                    strict=False)
+        missing = [key for key in missing if not key.endswith("_extra_state")]
+        if missing or unexpected:  # a weight left out would stay uninitialized memory
+            raise RuntimeError(f"the merged state does not fit the dense model: missing "
+                               f"{missing[:3]}, unexpected {unexpected[:3]}")
+        with atomic_path(output, overwrite) as tmp:
+            checkpoint.save(tmp, 0, [dense], extra={
+                "consumed_samples": 0, "config": dense_cfg.to_dict(),
+                "merged_lora": {"adapters": str(path), "base": base},
+                "tokenizer": trained.record() if trained else None})
+    return Path(output)

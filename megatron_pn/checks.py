@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from megatron_pn.compat import GROUPED_GEMM, transformer_engine_available
-from megatron_pn.config import Config, check_ranges
+from megatron_pn.config import LORA_TARGETS, Config, check_ranges
 from megatron_pn.data import (check_long_enough, check_token_ids, resolve_blend, token_ids,
                               used_split)
 from megatron_pn.families import FAMILIES, family_of
@@ -28,6 +28,7 @@ CHOICES = {
     "train.pn_grouped_gemm": GROUPED_GEMM,
     "checkpoint.optimizer_format": ("fully_reshardable", "dp_reshardable"),
     "checkpoint.on_damaged": ("fallback", "stop"),
+    "finetune.lora.targets": tuple(LORA_TARGETS),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
@@ -53,6 +54,7 @@ def check_model(cfg: Config) -> None:
              f"model.hidden_size {m.hidden_size} is not divisible by "
              f"model.num_attention_heads {m.num_attention_heads}")
     family_of(cfg).check_config(cfg)  # what this model.type cannot run
+    check_lora(cfg)
 
 
 def check_parallel(cfg: Config, world_size: int, device_type: str) -> None:
@@ -95,6 +97,25 @@ def check_distill(cfg: Config) -> None:
     if d.teacher is None:
         return
     _require(cfg.parallel.pipeline == 1, "distill.teacher: distillation needs parallel.pipeline=1")
+
+
+def check_lora(cfg: Config) -> None:
+    """LoRA adapts the linears of a trained dense model under megatron-core."""
+    if cfg.finetune.lora.rank is None:
+        return
+    family = family_of(cfg)
+    _require(family.takes_lora,
+             f"finetune.lora: adapters go on a dense model's linears, and model.type "
+             f"{family.name} is not one — make its dense model first (pn-project) and fine-tune "
+             "that checkpoint with model.type dense")
+    _require(cfg.checkpoint.load is not None,
+             "finetune.lora: adapters fine-tune a trained model; set checkpoint.load to its "
+             "checkpoint")
+    _require(cfg.engine == "megatron",
+             "finetune.lora: the adapter checkpoint is a megatron-core one; set engine=megatron")
+    _require(cfg.model.transformer_impl != "transformer_engine",
+             "finetune.lora: adapters extend megatron-core's local linears; set "
+             "model.transformer_impl=local (or auto)")
 
 
 def check_deepspeed(cfg: Config, device_type: str) -> None:

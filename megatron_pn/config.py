@@ -319,6 +319,29 @@ class DeepSpeedConfig:
                                     None)
 
 
+LORA_TARGETS = {"attention": ("linear_qkv", "linear_proj"), "mlp": ("linear_fc1", "linear_fc2")}
+LORA_TARGETS["both"] = LORA_TARGETS["attention"] + LORA_TARGETS["mlp"]  # finetune.lora.targets
+
+
+@dataclass
+class LoraConfig:
+    rank: int | None = _help(
+        "LoRA: rank r of the low-rank adapters W + (alpha / r) B A trained on the frozen dense "
+        "model's linears (None: no adapters, full fine-tuning); the adapter checkpoint holds the "
+        "adapters and where the base is, not the base weights (megatron_pn/lora.py)", None,
+        valid=AT_LEAST_1)
+    alpha: float = _help("LoRA: scale numerator, the adapters add (alpha / rank) B A", 16.0,
+                         valid=ABOVE_0)
+    dropout: float = _help("LoRA: dropout on the adapters' input", 0.0, valid=FRACTION)
+    targets: str = _help("LoRA: which linears get adapters: attention (linear_qkv, linear_proj), "
+                         "mlp (linear_fc1, linear_fc2) or both", "both")
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
 @dataclass
 class Config:
     engine: str = _help("megatron (megatron-core DDP, distributed optimizer, pipelines) or "
@@ -331,6 +354,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

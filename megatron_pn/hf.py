@@ -46,6 +46,7 @@ from pn_base.tokenizer_identity import hf_model_fingerprint, hf_tokenizer_finger
 
 LLAMA, GPT2 = "llama", "gpt2"
 EXTRAS_KEY = "megatron_pn"
+ADAPTER_DIR = "adapter"  # pn-export-hf --adapter: the peft adapter, inside the exported base
 
 # -- name tables: Megatron (TP=1, one stage) -> Hugging Face --------------------------------------
 
@@ -85,6 +86,12 @@ GPT2_LAYER_NAMES = {  # decoder.layers.{i}.X -> transformer.h.{i}.Y
     "mlp.linear_fc2.bias": "mlp.c_proj.bias",
 }
 GPT2_QKV = "attn.c_attn"  # one Conv1D: [q (all heads); k; v] columns
+
+# LoRA adapters: each adapted Megatron linear -> the Hugging Face modules its weight becomes
+LLAMA_ADAPTED = {"linear_qkv": LLAMA_QKV, "linear_proj": ("self_attn.o_proj",),
+                 "linear_fc1": LLAMA_FC1, "linear_fc2": ("mlp.down_proj",)}
+GPT2_ADAPTED = {"linear_qkv": (GPT2_QKV,), "linear_proj": ("attn.c_proj",),
+                "linear_fc1": ("mlp.c_fc",), "linear_fc2": ("mlp.c_proj",)}
 GPT2_LINEAR_BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
 
 
@@ -279,11 +286,58 @@ def check_shapes(got: dict, expected: dict, what: str) -> None:
 
 def megatron_dense_state(loaded, expert: int | None) -> dict:
     """The full (TP=1) state of the dense model: the checkpoint's, or that of expert (cluster)
-    `expert` of a routed model (a PN's projected expert)."""
+    `expert` of a routed model (a PN's projected expert); LoRA adapters merged in."""
     weights = None if expert is None else one_hot(expert, loaded.cfg.model.num_experts)
-    state = loaded.family.dense_state(loaded.model, weights)
+    return host_weights(loaded.family.dense_state(loaded.model, weights))
+
+
+def host_weights(state: dict) -> dict:
     return {k: v.detach().cpu().float() for k, v in state.items()
             if not k.endswith("_extra_state")}
+
+
+def hf_adapters(factors: dict, m) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Megatron adapters (TP=1; module name -> (A, B)) as the Hugging Face modules' (A, B)."""
+    llama = architecture(m) == LLAMA
+    out = {}
+    for name, (a, b) in factors.items():
+        _, _, layer, _, linear = name.split(".")  # decoder.layers.I.self_attention.linear_qkv
+        a, b = a.cpu().float(), b.cpu().float()
+        pieces = (b,)
+        if linear == "linear_qkv":
+            q, k, v = split_qkv(b, m)
+            pieces = (q, k, v) if llama else (torch.cat([q, repeat_kv(k, m), repeat_kv(v, m)]),)
+        elif linear == "linear_fc1" and llama:
+            pieces = b.chunk(2, dim=0)  # [gate; up]
+        prefix = f"model.layers.{layer}." if llama else f"transformer.h.{layer}."
+        names = (LLAMA_ADAPTED if llama else GPT2_ADAPTED)[linear]
+        out.update({prefix + hf: (a, piece.contiguous()) for hf, piece in zip(names, pieces)})
+    return out
+
+
+def peft_model(hf_model, adapters: dict, lora, m, base_path: Path):
+    """The exported base wrapped by peft with these adapters (module name -> (A, B))."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = sorted({name.split(".", 3)[3] for name in adapters})  # e.g. self_attn.q_proj
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, fan_in_fan_out=architecture(m) == GPT2,
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(hf_model, config)
+    # (peft takes the base's name from the model, which has none: it was built, not loaded)
+    model.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
+    inner = model.base_model.model
+    wrapped = {name for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
+    if wrapped != set(adapters):
+        raise ToolError(f"peft put adapters on {sorted(wrapped - set(adapters))[:3]} and not on "
+                        f"{sorted(set(adapters) - wrapped)[:3]}: the adapters cannot be exported")
+    with torch.no_grad():
+        for name, (a, b) in adapters.items():
+            module = inner.get_submodule(name)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+    return model.eval()
 
 
 def special_token_ids(eod: int, tokenizer_dir: str | None, vocab: int) -> dict:
@@ -358,8 +412,9 @@ def write_hf_dir(model, directory: Path, dtype: str, tokenizer_dir: str | None) 
 
 def export(checkpoint: str, output: str, expert: int | None = None,
            tokenizer: str | None = None, dtype: str = "fp32", overwrite: bool = False,
-           allow_tokenizer_mismatch: bool = False) -> Path:
-    """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it."""
+           allow_tokenizer_mismatch: bool = False, adapter: bool = False) -> Path:
+    """Write checkpoint (or PN expert) as a Hugging Face model directory; returns it. `adapter`:
+    an adapter checkpoint's base there and its LoRA adapters as peft's in OUTPUT/adapter."""
     from megatron_pn.checkpoint import saved_config
     from megatron_pn.run_tokenizer import checkpoint_fingerprint
     from megatron_pn.families import family_of
@@ -376,6 +431,9 @@ def export(checkpoint: str, output: str, expert: int | None = None,
     m = family_of(saved).dense_config(saved.model)
     architecture(m)  # fail before loading any weight
     check_expert(saved.model, expert, checkpoint, "export the dense model of expert I")
+    if adapter and saved.finetune.lora.rank is None:
+        raise ToolError(f"--adapter: {path} holds no LoRA adapters (finetune.lora); export it "
+                        "without --adapter")
     trained = checkpoint_fingerprint(path)
     if tokenizer:
         require_same(hf_tokenizer_fingerprint(tokenizer), trained,
@@ -383,14 +441,22 @@ def export(checkpoint: str, output: str, expert: int | None = None,
                      fix="copy in the tokenizer the checkpoint was trained with (--tokenizer)")
     with inference_world(single_process=True) as env:
         loaded = load_model(checkpoint, env, "fp32")
-        state = megatron_dense_state(loaded, expert)
+        if adapter:
+            from megatron_pn.lora import adapter_factors, base_state
+
+            state, factors = host_weights(base_state(loaded.model)), adapter_factors(loaded.model)
+        else:
+            state = megatron_dense_state(loaded, expert)
     source = {"checkpoint": str(loaded.path), "iteration": loaded.iteration,
-              "model_type": saved.model.type, "expert": expert}
+              "model_type": saved.model.type, "expert": expert, "lora_adapter": adapter}
     ids = special_token_ids(model_eod_id(saved), tokenizer, padded_vocab_size(m))
     model = build_hf_model(m, state, ids, {"model": dataclasses.asdict(m), "source": source,
                                            "tokenizer": trained.record() if trained else None})
     with atomic_path(output, overwrite) as tmp:
         write_hf_dir(model, tmp, dtype, tokenizer)
+        if adapter:  # peft wraps the base in place: after the base is written
+            peft_model(model, hf_adapters(factors, m), saved.finetune.lora, m,
+                       Path(output)).save_pretrained(tmp / ADAPTER_DIR)
     return Path(output)
 
 

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_pn import compat
-from megatron_pn.config import Config, ModelConfig
+from megatron_pn.config import LORA_TARGETS, Config, ModelConfig
 from megatron_pn.families import family_of
 
 ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False)}  # (function, gated)
@@ -130,7 +130,9 @@ FLOPS_FORMULA = (
     "Megatron-LM's count: 2 FLOPs per multiply-add, 3 passes (forward, data and weight "
     "gradients); L layers, d model width, d_q = heads x head_dim, d_kv = query groups x "
     "head_dim, f MLP width, c = 3 for SwiGLU (2 for GELU), V padded vocabulary, s sequence "
-    "length; the last term is causal attention (QK^T and AV over half the s x s scores)")
+    "length; the last term is causal attention (QK^T and AV over half the s x s scores). "
+    "With LoRA adapters (finetune.lora) the frozen weights count 4 x (no weight gradient) and "
+    "the adapters 6 x r (in + out) per adapted linear")
 
 
 def flops_per_token(cfg: Config) -> float:
@@ -144,11 +146,22 @@ def flops_per_token(cfg: Config) -> float:
     c = 3 if ACTIVATIONS[m.activation][1] else 2
     matmul_weights = layers * (2 * d * d_q + 2 * d * d_kv + c * d * m.ffn_hidden_size)
     matmul_weights += d * padded_vocab_size(m)
-    return 6 * matmul_weights + 6 * layers * s * d_q
+    attention = 6 * layers * s * d_q
+    lora = cfg.finetune.lora
+    if lora.rank is None:
+        return 6 * matmul_weights + attention
+    # LoRA: megatron-core's frozen-weight linear computes the forward and the input gradient
+    # only (what the adapters below need), so a frozen weight costs 2 passes, not 3; each adapter
+    # (A [r, in], B [out, r]) is trained: 3 passes over its r (in + out) multiply-adds.
+    shapes = {"linear_qkv": (d, d_q + 2 * d_kv), "linear_proj": (d_q, d),
+              "linear_fc1": (d, (c - 1) * m.ffn_hidden_size), "linear_fc2": (m.ffn_hidden_size, d)}
+    adapters = layers * sum(lora.rank * sum(shapes[name]) for name in LORA_TARGETS[lora.targets])
+    return 4 * matmul_weights + 6 * adapters + attention
 
 
 def parameter_counts(cfg) -> dict:
-    """{total, embedding, expert (PN: one projected expert, else None)}: the whole model built
+    """{total, embedding, expert (PN: one projected expert, else None), trainable (LoRA: the
+    adapters)}: the whole model built
     unsharded on the meta device (no memory, no initialization) in a world of one. The caller
     checks cfg first (checks.check_model)."""
     import dataclasses
@@ -165,8 +178,10 @@ def parameter_counts(cfg) -> dict:
         with torch.device("meta"):
             chunks = build_model(whole, "cpu", initialize=False)
         total = count_parameters(chunks)
+        trainable = {id(p): p.numel() for c in chunks for p in c.parameters() if p.requires_grad}
         return {"total": total,
                 "embedding": chunks[0].embedding.word_embeddings.weight.numel(),
-                "expert": family_of(cfg).expert_parameters(chunks, total)}
+                "expert": family_of(cfg).expert_parameters(chunks, total),
+                "trainable": sum(trainable.values())}
     finally:
         shutdown()

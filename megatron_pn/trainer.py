@@ -43,7 +43,7 @@ from megatron_pn.preflight import check_writable_dir
 from megatron_pn.run_tokenizer import run_tokenizer
 from megatron_pn.training.cost_log import CostRecorder
 from megatron_pn.training.selection import Selection
-from megatron_pn.training.start import finetuning_lr, resolve_start
+from megatron_pn.training.start import adapter_base, finetuning_lr, resolve_start
 from megatron_pn.training.validation import Validation, mean_loss, token_loss
 from pn_base.fileio import atomic_write_json
 from pn_base.outputs import FINISHED
@@ -122,6 +122,7 @@ class Trainer:
             self.step = common["iteration"]
             self.selection.load_state_dict(common.get("early_stopping", {}))
             self._print(f"resumed from {self.start.resume} at step {self.step}")
+        self.lora_base = adapter_base(cfg, self.start)  # LoRA: the base its checkpoints adapt
 
         run_dir = Path(cfg.logging.run_dir)
         self.train_data = build_datasets(cfg, cfg.data.cache_dir or str(run_dir / "index_cache"))
@@ -294,6 +295,8 @@ class Trainer:
             "tokenizer": self.tokenizer.record() if self.tokenizer else None,
             "clustering": run_clustering(self.cfg),  # pn-project checks histograms against it
         }
+        if self.lora_base is not None:
+            extra[checkpoint.BASE_KEY] = self.lora_base
         path = self.engine.save(ckpt.dir, self.step, self.scheduler, extra)
         self._print(f"saved checkpoint {path}")
         return path

@@ -25,13 +25,14 @@ def entry_points() -> dict:
     from megatron_pn.cli.evaluate import main as pn_eval
     from megatron_pn.cli.experiment import main as pn_experiment
     from megatron_pn.cli.hf import export_main, import_main
+    from megatron_pn.cli.merge_lora import main as pn_merge_lora
     from megatron_pn.cli.plan import main as pn_plan
     from megatron_pn.cli.project import main as pn_project
     from megatron_pn.cli.train import main as pn_train
 
     return {"pn-train": pn_train, "pn-eval": pn_eval, "pn-project": pn_project,
             "pn-export-hf": export_main, "pn-import-hf": import_main, "pn-data": pn_data,
-            "pn-plan": pn_plan, "pn-experiment": pn_experiment}
+            "pn-plan": pn_plan, "pn-experiment": pn_experiment, "pn-merge-lora": pn_merge_lora}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def ws(tmp_path_factory) -> Path:
 
 
 TRAIN = tiny_overrides(Path("{ws}/bytes"), Path("{ws}/new_run"))
+LORA = ["checkpoint.load={ws}/ckpt", "finetune.lora.rank=8"]
 CASES = [
     # pn-train
     ("pn-train", ["{ws}/nope.yaml"], "nope.yaml"),
@@ -80,6 +82,15 @@ CASES = [
     ("pn-train", [SLM, *TRAIN, "checkpoint.load={ws}/nope"], "nope"),
     ("pn-train", [SLM, *TRAIN, "engine=bogus"], "engine"),
     ("pn-train", [SLM, *TRAIN, "parallel.tensor=3"], "parallel.tensor"),
+    # pn-train, LoRA (finetune.lora)
+    ("pn-train", [SLM, *TRAIN, *LORA, "finetune.lora.rank=0"], "finetune.lora.rank"),
+    ("pn-train", [SLM, *TRAIN, *LORA, "finetune.lora.rank=-4"], "finetune.lora.rank"),
+    ("pn-train", [SLM, *TRAIN, *LORA, "finetune.lora.targets=ffn"], "finetune.lora.targets"),
+    ("pn-train", [SLM, *TRAIN, *LORA, "finetune.lora.alpha=0"], "finetune.lora.alpha"),
+    ("pn-train", [SLM, *TRAIN, *LORA, "finetune.lora.dropout=1"], "finetune.lora.dropout"),
+    ("pn-train", ["configs/tiny/pn.yaml", *TRAIN, *LORA], "model.type pn"),
+    ("pn-train", [SLM, *TRAIN, "finetune.lora.rank=8"], "checkpoint.load"),
+    ("pn-train", [SLM, *TRAIN, *LORA, "engine=deepspeed"], "engine"),
     # pn-eval
     ("pn-eval", ["--checkpoint", "{ws}/nope", "--data", "{ws}/bytes"], "nope"),
     ("pn-eval", ["--checkpoint", "{ws}/ckpt", "--data", "{ws}/nope"], "nope"),
@@ -92,6 +103,12 @@ CASES = [
     ("pn-eval", ["--batch", "{ws}/nope.json"], "nope.json"),
     ("pn-eval", ["--checkpoint", "{ws}/ckpt", "--data", "{ws}/bytes", "--max-tokens", "0"],
      "--max-tokens"),
+    # pn-merge-lora
+    ("pn-merge-lora", ["--checkpoint", "{ws}/nope", "--output", "{ws}/merged"], "nope"),
+    ("pn-merge-lora", ["--checkpoint", "{ws}/ckpt", "--output", "{ws}/merged"],
+     "holds no LoRA adapters"),
+    ("pn-export-hf", ["--checkpoint", "{ws}/ckpt", "--output", "{ws}/hf_out", "--adapter"],
+     "--adapter"),
     # pn-project
     ("pn-project", ["--checkpoint", "{ws}/nope", "--spec-data", "{ws}/nope_spec", "--output",
                     "{ws}/projected"], "nope"),

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import REPO
+from megatron_pn import checkpoint
 from megatron_pn.experiment.config import load_experiment
 from megatron_pn.experiment.grid import Step, build_grid
 from megatron_pn.experiment.runner import LocalRunner, SlurmRunner, StepFailed
@@ -65,8 +66,11 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     # a run per budget (mix: per budget and expert; SLM-is: per budget, domain (1) and size)
     assert kinds.count("pretrain") == (n["slm"] + n["llm"] + n["pn"] + n["pnmix"] + n["cond"]
                                        + n["mix"] * k + n["is"] * sizes)
-    # each run per size (SLM-d: one per SLM budget), Table 5: histogram + one per expert
-    assert kinds.count("finetune") == (sum(n.values()) + n["slm"]) * sizes + 1 + k
+    # each run per size (SLM-d: one per SLM budget; the LoRA rows: one more per run of their
+    # method), Table 5: histogram + one per expert
+    lora = sum(n[m] for m in cfg.lora_rows)
+    assert cfg.lora_rows == ["slm", "llm", "pn"]
+    assert kinds.count("finetune") == (sum(n.values()) + n["slm"] + lora) * sizes + 1 + k
     # a fine-tuning run starts from a checkpoint one of its dependencies writes
     for step in steps.values():
         if step.kind == "finetune":
@@ -79,6 +83,12 @@ def test_grid_is_a_closed_acyclic_graph_with_every_run(one_domain):
     assert any(a.startswith("distill.teacher=") and "spec/llm/b2300/bible_s50k/ft/ckpt" in a
                for a in distill.cmd)
     assert {"distill.weight=0.5", "distill.temperature=1.0"} <= set(distill.cmd)
+    # a LoRA row: the projected expert fine-tuned with adapters, evaluated on the test split
+    adapted = steps["finetune/pn+lora/b3000/bible_s50k"]
+    assert cfg.lora_config in adapted.cmd and cfg.finetune_config in adapted.cmd
+    assert adapted.deps == steps["finetune/pn/b3000/bible_s50k"].deps
+    assert steps["eval/after/pn+lora/b3000/bible_s50k"].deps == [adapted.name,
+                                                                  "data/preprocess/bible_test"]
 
 
 def test_learning_curve_runs_share_data_and_evaluation_schedule(tmp_path, monkeypatch):
@@ -353,7 +363,7 @@ SMOKE = ["domains=[fortunes]", "generic_chars=300000", "vocab_size=512",
          "methods.pnmix.overrides=[model.code_map=learned,data.mixture=micro_batch]",
          "methods.cond.budgets=[8]",
          "methods.mix.budgets=[4]",
-         "methods.is.budgets=[8]",
+         "methods.is.budgets=[8]", "lora_methods=[pn]",
          "export_hf={pn: [fortunes]}"]
 
 
@@ -420,7 +430,18 @@ def test_experiment_smoke_run_reports_every_method(tmp_path, monkeypatch, capsys
     strategies = results["strategies"]["domains"]["fortunes"]
     assert all(strategies[s]["nll_after"] is not None
                for s in ("most-frequent", "best-loss", "histogram", "fine-tune all, keep best"))
+    # the projected expert fine-tuned with LoRA: an adapter checkpoint on the projection,
+    # costed with it, evaluated from the same starting model
+    lora_cell = results["methods"]["pn+lora"][0]["sizes"]["s20k"]
+    pn_cell = results["methods"]["pn"][0]["sizes"]["s20k"]
+    assert lora_cell["nll_before"] == pn_cell["nll_before"] and lora_cell["nll_after"] is not None
+    assert lora_cell["spec_cost"] > results["methods"]["pn"][0]["sizes"]["s20k"]["domains"][
+        "fortunes"]["projection_cost"]
+    adapters = out / "spec" / "pn+lora" / "b8" / "fortunes_s20k" / "ft" / "ckpt"
+    assert checkpoint.saved_config(adapters).finetune.lora.rank == 8
+    assert results["parameters"]["pn+lora"] == results["parameters"]["pn"]  # merged: the expert
     tables = (out / "tables.md").read_text()
+    assert "| SLM-pn + LoRA |" in tables
     assert "Table 8" in tables and "Table 5" in tables and "| SLM-pn |" in tables
     assert "| SLM-cond |" in tables and "| SLM-pn-mixture |" in tables
     for png in ("fig4_spec_ppl_vs_cost.png", "fig6_total_cost.png"):

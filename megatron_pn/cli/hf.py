@@ -12,7 +12,8 @@ from pn_base.errors import ArgumentParser, run_command
 def export_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="pn-export-hf",
-        description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert) or "
+        description="Export a dense checkpoint (SLM, LLM, SLM-mix expert, projected expert, a "
+        "LoRA fine-tuning: merged, or --adapter) or "
         "one expert of a PN checkpoint, saved at any TP/PP layout, as a Hugging Face model "
         "directory: LlamaForCausalLM (SwiGLU/RMSNorm/RoPE) or GPT2LMHeadModel "
         "(GELU/LayerNorm/learned positions), safetensors.",
@@ -30,6 +31,11 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
                         help="copy in --tokenizer although it is not the tokenizer the "
                         "checkpoint was trained with")
+    parser.add_argument("--adapter", action="store_true",
+                        help="LoRA checkpoints (finetune.lora): write the frozen base to --output "
+                        "and the adapters as a peft adapter directory in OUTPUT/adapter "
+                        "(PeftModel.from_pretrained(base, OUTPUT/adapter)); without it, the "
+                        "adapters are merged into the exported weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
@@ -56,7 +62,7 @@ def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     return run_command("pn-export-hf", lambda: print("wrote " + str(export(
         args.checkpoint, args.output, args.expert, args.tokenizer, args.dtype, args.overwrite,
-        args.allow_tokenizer_mismatch)), flush=True))
+        args.allow_tokenizer_mismatch, args.adapter)), flush=True))
 
 
 def import_main(argv: list[str] | None = None) -> int:

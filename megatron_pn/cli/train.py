@@ -49,6 +49,9 @@ def dry_run(cfg) -> None:
     print(f"model: {cfg.model.type}, {cfg.model.num_layers} layers, d_model {cfg.model.hidden_size}")
     print(f"parameters: total {total:,} ({total / 1e6:.1f}M); "
           f"non-embedding {non_embedding:,} ({non_embedding / 1e6:.1f}M)")
+    if counts["trainable"] != total:
+        print(f"trainable (LoRA adapters; the rest frozen): {counts['trainable']:,} "
+              f"({counts['trainable'] / 1e6:.2f}M)")
     if counts["expert"] is not None:
         print(f"per expert (inference, the dense SLM it projects to): {counts['expert']:,} "
               f"({counts['expert'] / 1e6:.1f}M) x {cfg.model.num_experts} experts")

@@ -18,6 +18,9 @@ from pn_base.errors import ConfigError
 METHODS = ("slm", "llm", "pn", "pnmix", "cond", "mix", "is", "distill")
 LABELS = {"slm": "SLM", "llm": "LLM", "pn": "SLM-pn", "pnmix": "SLM-pn-mixture",
           "cond": "SLM-cond", "mix": "SLM-mix", "is": "SLM-is", "distill": "SLM-d"}
+LORA = "+lora"  # a method's LoRA row: its specialized models fine-tuned with adapters instead
+LABELS.update({method + LORA: LABELS[method] + " + LoRA" for method in METHODS
+               if method != "distill"})
 
 
 @dataclass
@@ -53,6 +56,9 @@ class ExperimentConfig:
     clusters: dict = field(default_factory=lambda: {"pn": 4, "is": 16})  # k for PN/mix, SLM-is
     methods: dict = field(default_factory=dict)  # method -> Method
     finetune_config: str = "configs/finetune/tiny.yaml"
+    lora_methods: list = field(default_factory=list)  # methods whose specialized models are
+    #          also fine-tuned with LoRA adapters (rows METHOD+lora, e.g. SLM + LoRA)
+    lora_config: str = "configs/finetune/lora.yaml"  # layered on finetune_config for those
     finetune_steps: dict = field(default_factory=dict)  # spec size name -> step cap
     distill: dict = field(default_factory=dict)  # pn-train distill.* settings (else its own)
     strategies: bool = True  # Table 5: every selection strategy, largest PN budget, first size
@@ -62,6 +68,11 @@ class ExperimentConfig:
     curves: Curves | None = None  # learning curves of pretraining variants (see Curves)
     export_hf: dict = field(default_factory=dict)  # method -> domains whose fine-tuned model
     #          (largest budget, smallest spec size) is exported to Hugging Face: OUT/hf/METHOD/D
+
+    @property
+    def lora_rows(self) -> list[str]:
+        """The methods of the experiment that get a LoRA row (lora_methods)."""
+        return [m for m in self.lora_methods if m in self.methods]
 
     @property
     def smallest_size(self) -> str:
@@ -143,6 +154,12 @@ def check(cfg: ExperimentConfig, path: Path) -> None:
                                      != len(cfg.methods["llm"].budgets)):
         fail("methods.distill pairs the i-th slm budget (student) with the i-th llm budget "
              "(teacher): give slm and llm as many budgets")
+    bad = [m for m in cfg.lora_methods if m not in METHODS or m == "distill"]
+    if bad:
+        fail(f"lora_methods: {bad} — give methods (not distill) whose specialized models are "
+             f"also fine-tuned with LoRA, of {', '.join(METHODS[:-1])}")
+    if cfg.lora_rows and not Path(cfg.lora_config).is_file():
+        fail(f"lora_config: {cfg.lora_config} not found")
     for name, domains in cfg.export_hf.items():
         if name not in cfg.methods or name == "distill" or not set(domains) <= set(cfg.domains):
             fail(f"export_hf.{name}: give a method of the experiment (not distill) and a list "

@@ -7,7 +7,8 @@
     project   SLM-pn: the expert of the spec set (pn-project), SLM-mix: link to the expert of
               the spec set's most frequent cluster
     finetune  every (method, budget, domain, spec size): lr / 3, early stopping, best kept;
-              SLM-d distills the fine-tuned LLM of the same budget index into the SLM
+              SLM-d distills the fine-tuned LLM of the same budget index into the SLM; the
+              lora_methods' models also with LoRA adapters (method+lora, its own spec dir)
     eval      test perplexity before and after fine-tuning, generic perplexity (pn-eval --batch)
 
 Layout under the output directory (what report.py reads):
@@ -23,7 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_pn.experiment.config import ExperimentConfig, config_family, method_config
+from megatron_pn.experiment.config import (LORA, ExperimentConfig, config_family,
+                                           method_config)
 from pn_base.outputs import FINISHED, HISTOGRAM, expert_dir
 
 STRATEGIES = ("most-frequent", "best-loss", "histogram")
@@ -271,9 +273,10 @@ class Grid:
         return target, [step]
 
     def finetune(self, name: str, run: Path, source: Path, deps: list, d: str, size: str,
-                 extra: tuple = (), *, config: str) -> str:
+                 extra: tuple = (), *, config: str, lora: bool = False) -> str:
         cfg = self.cfg
-        args = [config, cfg.finetune_config, f"checkpoint.load={source}", f"checkpoint.dir={run / 'ckpt'}",
+        configs = [config, cfg.finetune_config, *([cfg.lora_config] if lora else [])]
+        args = [*configs, f"checkpoint.load={source}", f"checkpoint.dir={run / 'ckpt'}",
                 f"data.blend=[{self.data[f'{d}_{size}'][1]}]",
                 f"data.valid_blend=[{self.data[f'{d}_valid'][1]}]",
                 f"data.tokenizer_model={self.tokenizer}.model",
@@ -315,6 +318,13 @@ class Grid:
                            config=self.model_config(method))
         self.evaluation(f"eval/after/{key}", spec / "ft" / "ckpt", f"{d}_test",
                         spec / "eval_after.json", [ft])
+        if method in self.cfg.lora_rows:  # the same model fine-tuned with adapters
+            adapted = self.spec_dir(method + LORA, b, d, size)
+            key = f"{method + LORA}/b{b}/{d}_{size}"
+            ft = self.finetune(f"finetune/{key}", adapted / "ft", source, deps, d, size,
+                               config=self.model_config(method), lora=True)
+            self.evaluation(f"eval/after/{key}", adapted / "ft" / "ckpt", f"{d}_test",
+                            adapted / "eval_after.json", [ft])
 
     def build_exports(self) -> None:
         """Fine-tuned models to Hugging Face format (the config's export_hf)."""

@@ -6,6 +6,9 @@ Costs are device-hours from each run's cost.json (megatron_pn.costs: on a CPU, i
              experts; SLM-d: the SLM's plus the LLM's; SLM-is: 0 (nothing shared across domains).
   C_spec     the fine-tuning run (per domain and spec size), plus: SLM-pn and SLM-cond the
              projection, SLM-is its own pretraining, SLM-d the teacher's (LLM) fine-tuning.
+             A LoRA row (METHOD+lora) counts its LoRA fine-tuning run instead, measured like
+             every run: what a LoRA step really costs (megatron-core skips the frozen weights'
+             weight-gradient GEMMs, the optimizer updates the adapters alone), not a formula.
 Perplexities are macro-averages over domains (mean NLL per token, then exp) on each domain's
 test split; generic perplexity is on the generic test split (SLM-pn, SLM-cond, SLM-mix: each
 window with its cluster, or its cluster's expert).
@@ -21,7 +24,7 @@ import numpy as np
 
 from megatron_pn.costs import device_hours as logged_device_hours
 from megatron_pn.costs import interpolate_at_cost, macro_average, shared_machine, total_cost
-from megatron_pn.experiment.config import (LABELS, ExperimentConfig, config_family,
+from megatron_pn.experiment.config import (LABELS, LORA, ExperimentConfig, config_family,
                                            load_experiment)
 from megatron_pn.experiment.grid import Grid
 from pn_base.errors import ConfigError
@@ -126,12 +129,14 @@ class Collector:
         return pooled_nll([run / f"eval_generic_cluster_{e:04d}.json"
                            for e in range(self.cfg.clusters["pn"])])
 
-    def spec_cost(self, method: str, i: int, d: str, size: str) -> float | None:
+    def spec_cost(self, method: str, i: int, d: str, size: str,
+                  lora: bool = False) -> float | None:
         budgets = self.cfg.methods[method].budgets if method != "distill" else \
             self.cfg.methods["slm"].budgets
         b = budgets[i]
         spec = self.grid.spec_dir(method, b, d, size)
-        parts = [self.device_hours(spec / "ft")]
+        tuned = self.grid.spec_dir(method + LORA, b, d, size) if lora else spec
+        parts = [self.device_hours(tuned / "ft")]
         if self.grid.family(method).projectable:
             parts.append(self.projection_cost(spec))
         if method == "is":
@@ -148,25 +153,31 @@ class Collector:
         projection = read_json(spec / "source" / "projection.json")
         return None if projection is None else projection["seconds"] / 3600
 
-    def method_rows(self, method: str) -> list[dict]:
+    def method_rows(self, method: str, lora: bool = False) -> list[dict]:
+        """The method's rows, one per budget; `lora`: its LoRA row (the same models before
+        fine-tuning, fine-tuned with adapters)."""
         cfg = self.cfg
         budgets = cfg.methods["slm" if method == "distill" else method].budgets
-        projectable = method not in ("is", "distill") and self.grid.family(method).projectable
+        # a LoRA row's projected model without fine-tuning is its method's row already
+        projectable = (method not in ("is", "distill") and self.grid.family(method).projectable
+                       and not lora)
+        name = method + LORA if lora else method
         rows = []
         for i, b in enumerate(budgets):
-            row = {"method": method, "budget": b, "generic_cost": self.generic_cost(method, i),
+            row = {"method": name, "budget": b, "generic_cost": self.generic_cost(method, i),
                    "generic_nll": self.generic_nll(method, b), "sizes": {}}
             for size in cfg.spec_sizes:
                 per_domain = {}
                 for d in cfg.domains:
                     spec = self.grid.spec_dir(method, b, d, size)
+                    tuned = self.grid.spec_dir(name, b, d, size)
                     per_domain[d] = {
                         "nll_before": test_nll(spec / "eval_before.json"),
-                        "nll_after": test_nll(spec / "eval_after.json"),
-                        "spec_cost": self.spec_cost(method, i, d, size),
+                        "nll_after": test_nll(tuned / "eval_after.json"),
+                        "spec_cost": self.spec_cost(method, i, d, size, lora),
                         "projection_cost": (self.projection_cost(spec) if projectable
                                             else None),
-                        "ft_steps": _steps(spec / "ft")}
+                        "ft_steps": _steps(tuned / "ft")}
                 row["sizes"][size] = {"domains": per_domain, **macro(per_domain)}
             rows.append(row)
         return rows
@@ -208,11 +219,18 @@ class Collector:
         return {"size": size, "budget": max(cfg.methods["pn"].budgets), "k": k, "domains": table}
 
     def collect(self) -> dict:
-        methods = {m: self.method_rows(m) for m in self.cfg.methods}
+        methods = {}
+        for method in self.cfg.methods:  # each LoRA row after its method's
+            methods[method] = self.method_rows(method)
+            if method in self.cfg.lora_rows:
+                methods[method + LORA] = self.method_rows(method, lora=True)
+        parameters = self.parameters()  # (maybe cached from a report without LoRA rows)
+        parameters.update({m + LORA: parameters[m] for m in self.cfg.lora_rows
+                           if m in parameters})  # adapters merged: the method's own model
         return {"name": self.cfg.name, "domains": self.cfg.domains,
                 "spec_sizes": {s: self.spec_tokens(s) for s in self.cfg.spec_sizes},
                 "device": self.device(), "methods": methods, "strategies": self.strategies(),
-                "parameters": self.parameters(), "throughput": self.throughput(),
+                "parameters": parameters, "throughput": self.throughput(),
                 "shared_machine": {"runs": sorted(str(p.relative_to(self.out))
                                                   for p in self.shared),
                                    "costs_left_out": self.alone_only}}
@@ -332,7 +350,7 @@ def table8(results: dict, target: float | None) -> str:
     lines = [f"Table 8 (interpolated at {fmt_cost(target, unit)} {unit[0]} of pretraining; "
              f"macro-averaged test perplexity over {len(results['domains'])} domains)", "",
              "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for method in GENERIC_METHODS:
+    for method in (m + lora for m in GENERIC_METHODS for lora in ("", LORA)):
         rows = results["methods"].get(method)
         if not rows:
             continue

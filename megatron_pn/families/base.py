@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import fnmatch
 
-from megatron_pn.config import Config
+from megatron_pn.config import Config, FinetuneConfig
 from pn_base.errors import require
 
 
@@ -45,6 +45,8 @@ class ModelFamily:
     supports_te: bool = True
     # data.mixture: its forward takes `mixture`, k cluster weights that compute every row
     mixture_trainable: bool = False
+    # finetune.lora: its layers are megatron-core's dense linears, which get adapters
+    takes_lora: bool = False
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -154,12 +156,14 @@ class ModelFamily:
         return model
 
     def dense_run_config(self, cfg: Config) -> Config:
-        """The config a dense model made from this family's checkpoint records (pn-project):
-        the dense model, its data no longer drawn as cluster mixtures."""
+        """The config a dense model made from this family's checkpoint records (pn-project,
+        pn-merge-lora): the dense model, its data no longer drawn as cluster mixtures, no LoRA
+        adapters (merged into its weights)."""
         import dataclasses
 
         return dataclasses.replace(cfg, model=self.dense_config(cfg.model),
-                                   data=dataclasses.replace(cfg.data, mixture="none"))
+                                   data=dataclasses.replace(cfg.data, mixture="none"),
+                                   finetune=FinetuneConfig())
 
     def dense_state(self, model, weights=None) -> dict:
         """The state dict of that dense model. `weights` (length k, summing to 1) mixes the

@@ -24,9 +24,27 @@ def core_attention(backend: str) -> type:
 
 class DenseFamily(ModelFamily):
     name = "dense"
+    takes_lora = True
 
     def decoder_spec(self, cfg: Config, tconfig, vp_stage: int | None):
-        return layer_spec(cfg)
+        if cfg.finetune.lora.rank is None:
+            return layer_spec(cfg)
+        from megatron_pn.lora import with_adapters
+
+        return with_adapters(layer_spec(cfg), cfg.finetune.lora)
+
+    def model_class(self, cfg: Config) -> tuple[type, dict]:
+        if cfg.finetune.lora.rank is None:
+            return super().model_class(cfg)
+        from megatron_pn.lora import LoRAGPTModel
+
+        return LoRAGPTModel, {"lora_seed": cfg.train.seed}
+
+    def dense_state(self, model, weights=None) -> dict:
+        """A model with LoRA adapters: the dense model with them merged into its weights."""
+        from megatron_pn.lora import has_adapters, merged_state
+
+        return merged_state(model) if has_adapters(model) else model.state_dict()
 
 
 def uses_transformer_engine(model: ModelConfig, supports_te: bool) -> bool:
@@ -50,7 +68,8 @@ def layer_spec(cfg: Config):
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
     m = cfg.model
-    if uses_transformer_engine(m, supports_te=True):  # TE's own fused attention, norms, linears
+    # TE's own fused attention, norms, linears; LoRA adapters extend the local linears
+    if uses_transformer_engine(m, supports_te=cfg.finetune.lora.rank is None):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=m.normalization)
     return with_core_attention(spec, m.attention_backend)

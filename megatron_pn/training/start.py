@@ -106,6 +106,19 @@ def resolve_start(cfg: Config, say: Callable[[str], None],
     return StartPoint(weights=path, weights_in_dir=True)
 
 
+def adapter_base(cfg: Config, start: StartPoint) -> dict | None:
+    """finetune.lora: the frozen base every adapter checkpoint of the run names — the one the
+    adapter checkpoint it starts from names, else the checkpoint its weights come from."""
+    if cfg.finetune.lora.rank is None:
+        return None
+    from megatron.core import dist_checkpointing
+
+    from megatron_pn.lora import base_record
+
+    common = dist_checkpointing.load_common_state_dict(str(start.path))
+    return common.get(checkpoint.BASE_KEY) or base_record(start.path)
+
+
 def finetuning_lr(cfg: Config) -> Config:
     """train.lr_factor_of_loaded: lr and min_lr scaled from the run that wrote checkpoint.load
     (the paper fine-tunes at the pretraining lr / 3)."""
