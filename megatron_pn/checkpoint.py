@@ -38,6 +38,7 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_pn import compat
 from megatron_pn.distributed import agreed
 from pn_base.errors import UserError
 from pn_base.fileio import atomic_write_text
@@ -508,6 +509,7 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> dict:
     template = _model_state(chunks, keep)
     if optimizer is not None:
         metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
+        compat.prepare_optimizer_for_load(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
             template, is_loading=True, metadata=metadata
         )

@@ -240,3 +240,49 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Make a distributed optimizer on torch's Adam (no Apex or Transformer Engine, as on CPU)
+    loadable. megatron-core 0.16 keeps torch Adam's step in each parameter's state there (Apex
+    and TE keep it in the param groups) and trips on it twice: DistributedOptimizer.state_dict
+    asserts one step among the states (a fresh optimizer has none, so no load template can be
+    built), and the parameter-state load copies every state key from the checkpoint's
+    tensors, which hold no step (it travels in the param groups); and the step it then sets is
+    one tensor shared by every parameter, which Adam increments in place once per parameter.
+    So: zero moments and step 0 in a fresh optimizer (what its own init_state_fn gives, plus
+    the step; loading overwrites them), and, when the parameter states are copied, each
+    parameter its own copy of the loaded step, left out of the copy."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            _give_adam_state(inner.optimizer)
+            _keep_step_on_state_load(inner)
+
+
+def _give_adam_state(adam) -> None:
+    for group in adam.param_groups:
+        for param in group["params"]:
+            state = adam.state[param]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(param.data)
+                state["exp_avg_sq"] = torch.zeros_like(param.data)
+                state["step"] = torch.tensor(0.0)
+
+
+def _keep_step_on_state_load(inner) -> None:
+    copy_states = type(inner)._set_main_param_and_optimizer_states
+
+    def with_step(model_param, tensors):
+        group, order = inner.model_param_group_index_map[model_param]
+        main_param = inner.optimizer.param_groups[group]["params"][order]
+        state = inner.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}  # copied onto itself: unchanged
+        copy_states(inner, model_param, tensors)
+
+    inner._set_main_param_and_optimizer_states = with_step
