@@ -461,6 +461,7 @@ def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | 
     metadata = _optimizer_metadata(optimizer_format)
     state = _model_state(chunks, _saved_part(chunks))
     if optimizer is not None:
+        compat.prepare_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
                                                           metadata=metadata)
         state["scheduler"] = scheduler.state_dict()
@@ -509,7 +510,7 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> dict:
     template = _model_state(chunks, keep)
     if optimizer is not None:
         metadata = dist_checkpointing.load_content_metadata(str(path)) or {}
-        compat.prepare_optimizer_for_load(optimizer)
+        compat.prepare_optimizer_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
             template, is_loading=True, metadata=metadata
         )

@@ -242,17 +242,19 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def prepare_optimizer_for_load(optimizer) -> None:
+def prepare_optimizer_state(optimizer) -> None:
     """Make a distributed optimizer on torch's Adam (no Apex or Transformer Engine, as on CPU)
-    loadable. megatron-core 0.16 keeps torch Adam's step in each parameter's state there (Apex
-    and TE keep it in the param groups) and trips on it twice: DistributedOptimizer.state_dict
-    asserts one step among the states (a fresh optimizer has none, so no load template can be
-    built), and the parameter-state load copies every state key from the checkpoint's
-    tensors, which hold no step (it travels in the param groups); and the step it then sets is
-    one tensor shared by every parameter, which Adam increments in place once per parameter.
+    savable and loadable before its first step. megatron-core 0.16 keeps torch Adam's step in
+    each parameter's state there (Apex and TE keep it in the param groups) and trips on it:
+    DistributedOptimizer.state_dict asserts one step among the states (a fresh optimizer has
+    none: no save at step 0, no load template), the parameter-state load copies every state
+    key from the checkpoint's tensors, which hold no step (it travels in the param groups), and
+    the step it sets is one tensor shared by every parameter, which Adam increments in place
+    once per parameter.
     So: zero moments and step 0 in a fresh optimizer (what its own init_state_fn gives, plus
-    the step; loading overwrites them), and, when the parameter states are copied, each
-    parameter its own copy of the loaded step, left out of the copy."""
+    the step: Adam's first update then is a fresh one's; a load overwrites them), and, when
+    the parameter states are copied, each parameter its own copy of the loaded step, left out
+    of the copy."""
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:

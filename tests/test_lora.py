@@ -252,15 +252,17 @@ def test_layouts_reproduce_the_single_process_fine_tuning(dataset, base, single,
 def test_a_stopped_run_resumes_bit_exact_with_its_selection(dataset, base, tmp_path):
     """Validation, keep-best and early stopping as in full fine-tuning; a run stopped between
     evaluations resumes from its adapters, optimizer and selection state to the same losses,
-    validations and kept step as an uninterrupted one. The base is never written."""
+    validations and kept step as an uninterrupted one (DP2, the adapters' Adam states sharded
+    by the distributed optimizer). The base is never written."""
     options = {"train.steps": 8, "train.eval_interval": 2, "train.valid_tokens": 2048,
-               "data.split": "90,10,0", "train.log_interval": 1}
+               "data.split": "90,10,0", "train.log_interval": 1,
+               "parallel.distributed_optimizer": "true"}
     before = lora.fingerprint(checkpoint.resolve(base))
-    whole = finetune(tmp_path / "whole", dataset, base, FINETUNE, **options)
-    stopped = finetune(tmp_path / "stopped", dataset, base, FINETUNE, **options,
+    whole = finetune(tmp_path / "whole", dataset, base, FINETUNE, nproc=2, **options)
+    stopped = finetune(tmp_path / "stopped", dataset, base, FINETUNE, nproc=2, **options,
                        **{"train.exit_after_steps": 3})
     assert max(read_metrics(stopped)) == 3
-    finetune(tmp_path / "stopped", dataset, base, FINETUNE, **options)
+    finetune(tmp_path / "stopped", dataset, base, FINETUNE, nproc=2, **options)
     assert losses(stopped) == losses(whole) and len(losses(whole)) == 8
     assert read_metrics(stopped, "valid") == read_metrics(whole, "valid")
     finished = json.loads((whole / "finished.json").read_text())

@@ -57,7 +57,7 @@ def test_layout_reproduces_single_process_curve(reference, name, nproc, extra):
 @pytest.mark.slow
 def test_distributed_optimizer_resume_is_bit_exact(reference, tmp_path):
     """Stopped after step 3 and resumed, DP2 with the distributed optimizer (its Adam states
-    sharded across the ranks, on torch's Adam: compat.prepare_optimizer_for_load) continues
+    sharded across the ranks, on torch's Adam: compat.prepare_optimizer_state) continues
     the uninterrupted run's curve exactly."""
     run, _ = reference
     distopt = {"parallel.distributed_optimizer": "true"}

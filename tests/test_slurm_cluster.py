@@ -162,29 +162,23 @@ def training_pids(cluster: TwoHostSlurm, host: str) -> list[int]:
             if not Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"slurmstepd")]
 
 
-def test_node_killed_without_a_signal(cluster, blend, uninterrupted, tmp_path):
-    run_dir = tmp_path / "killed"
+@pytest.mark.parametrize("fault,sig,line", [
+    ("killed", signal.SIGKILL, rf"srun: error: {NODE2}: task 1: Killed"),  # no signal to save
+    ("frozen", signal.SIGSTOP,
+     rf"pn: error: rank 0 on {NODE1}: node {NODE2} \(rank 1\) sent no heartbeat"),
+], ids=["killed", "frozen"])
+def test_node_killed_or_frozen(cluster, blend, uninterrupted, tmp_path, fault, sig, line):
+    """Every process of node 2's job killed (the job's peers see it at once) or frozen (only
+    the heartbeats see it): reported in one line naming the node, recovered."""
+    run_dir = tmp_path / fault
 
-    def kill_node2():
+    def signal_node2():
         for pid in training_pids(cluster, NODE2):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
 
-    result = run_with_fault(cluster, blend, run_dir, kill_node2)
-    assert re.search(rf"srun: error: {NODE2}: task 1: Killed", result["log"]), result["log"]
+    result = run_with_fault(cluster, blend, run_dir, signal_node2)
+    assert re.search(line, result["log"]), result["log"]
     check_recovery(cluster, run_dir, uninterrupted[0], result)
-
-
-def test_node_frozen(cluster, blend, uninterrupted, tmp_path):
-    run_dir = tmp_path / "frozen"
-
-    def freeze_node2():
-        for pid in training_pids(cluster, NODE2):
-            os.kill(pid, signal.SIGSTOP)
-
-    result = run_with_fault(cluster, blend, run_dir, freeze_node2)
-    assert f"pn: error: rank 0 on {NODE1}: node {NODE2} (rank 1) sent no heartbeat" in result["log"]
-    check_recovery(cluster, run_dir, uninterrupted[0], result)
-
 
 
 def test_disk_full_during_a_save(cluster, blend, uninterrupted, tmp_path):
