@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import traceback
 import zipfile
@@ -431,12 +432,30 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
 # Save / load
 
 
+def _writer_queue_deaf_to_stop_signals() -> None:
+    """Start dist_checkpointing's write-results queue (a Manager server process, spawned at the
+    first save and reused) with SIGUSR1 and SIGTERM blocked, which its process inherits. A job
+    step's stop signal reaches every process of the step (slurmstepd), and this one died of
+    it: the stop's own save then failed (measured: EOFError). Blocked, not ignored: a signal
+    arriving meanwhile is delivered to us once they are unblocked."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def save(root, step: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
          optimizer_format: str = "fully_reshardable", keep_last: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the final iteration directory.
 
     Without an optimizer it writes model weights only (what `pn-project` produces and
     `checkpoint.load` reads)."""
+    _writer_queue_deaf_to_stop_signals()
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = root / f".tmp_{final.name}"

@@ -31,7 +31,7 @@ EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the job may succeed when run again
 
 class Heartbeat:
     def __init__(self, rank: int, world_size: int, timeout: float):
-        self.rank, self.world, self.timeout = rank, world_size, timeout
+        self.rank, self.timeout = rank, timeout
         self.interval = max(0.5, min(10.0, timeout / 6))
         self.store = dist.PrefixStore("pn/heartbeat", dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
