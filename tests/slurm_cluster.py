@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, train_env
+from helpers import REPO, free_port, train_env
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
@@ -56,12 +56,6 @@ def ensure_slurm() -> None:
         assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr}"
     missing = [c for c in COMMANDS if not shutil.which(c)]
     assert not missing, f"installed {PACKAGES} but {missing} are missing"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, losses, read_metrics, run_train, tiny_pn_overrides, write_cluster_datasets
+from megatron_pn import checkpoint
 from slurm_cluster import TwoHostSlurm, ended, ensure_slurm
 
 pytestmark = pytest.mark.slow
@@ -58,9 +59,8 @@ def log_of(run_dir: Path) -> str:
     return Path(f"{run_dir}.out").read_text()
 
 
-def checkpoint_step(run_dir: Path, checkpoints: Path | None = None) -> int:
-    tracker = (checkpoints or run_dir / "ckpt") / "latest_checkpointed_iteration.txt"
-    return int(tracker.read_text()) if tracker.exists() else 0
+def checkpoint_step(checkpoints: Path) -> int:
+    return checkpoint.latest_step(checkpoints) or 0
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def run_with_fault(cluster: TwoHostSlurm, blend: Path, run_dir: Path, inject) ->
     """Submit, wait for the first checkpoint and two more steps, call `inject()`, wait until
     the job requeued itself, start it, wait for its end. Returns timings and the log."""
     job = submit(cluster, blend, run_dir)
-    cluster.wait_for(job, lambda i: ended(i) or (checkpoint_step(run_dir) >= SAVE_INTERVAL and
+    cluster.wait_for(job, lambda i: ended(i) or (checkpoint_step(run_dir / "ckpt") >= SAVE_INTERVAL and
                                                   max(read_metrics(run_dir)) >= SAVE_INTERVAL + 2),
                      "first checkpoint")
     fault_step, fault_time = max(read_metrics(run_dir)), time.time()
@@ -200,7 +200,7 @@ def test_disk_full_during_a_save(cluster, blend, uninterrupted, tmp_path):
                           r"\(ENOSPC\)", log)) == 2, log
     assert "after progress (checkpoint step 0 -> 5)" in log
     assert "no checkpoint newer than step 5, where this job started: not requeued" in log
-    assert checkpoint_step(run_dir, checkpoints) == 5
+    assert checkpoint_step(checkpoints) == 5
     assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000005"]
 
     cluster.resize_disk(64)  # the user frees space
