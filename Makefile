@@ -20,12 +20,19 @@ $(STAMP): pyproject.toml requirements/lock.txt
 demo: $(STAMP)
 	$(VENV)/bin/pn-experiment run configs/experiments/demo.yaml --out demo_out
 
+# Two pytest workers (pytest-xdist), a test module each at a time (--dist loadscope: a module's
+# fixtures are built once, the two-host cluster's tests stay in one worker). Most tests run
+# single-threaded processes, so two workers fill a 2-core machine; more would oversubscribe the
+# multi-process ones. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -ra --durations=12 -n $(TEST_WORKERS) --dist loadscope
+
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=12 tests
+	$(PYTEST) tests
 
 # The fast tier: no training (config, error and bad-input cases, in-process model checks).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=12 -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # Wheels a lent GPU machine needs (Python 3.12 with torch, no package registry); carry the folder
 # and run benchmarks/gpu_check.sh there (benchmarks/README.md). torch itself is never fetched.

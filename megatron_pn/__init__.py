@@ -8,8 +8,13 @@ cli/. README.md ("Architecture") maps every module.
 
 import warnings
 
+from megatron_pn import deferred_compile
+
 __version__ = "0.1.0"
 
 # Transformer Engine and apex are optional GPU accelerators; megatron-core's torch fallbacks are
 # what runs without them (CPU), so their absence is expected, not news.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed")
+
+# megatron-core's import no longer imports the compiler (2.5 s per process): deferred_compile.py
+deferred_compile.install()

@@ -302,3 +302,42 @@ def test_index_format_is_megatron_cores(data, tmp_path):
     for suffix in (".bin", ".idx"):
         assert ((tmp_path / f"ours{suffix}").read_bytes()
                 == (tmp_path / f"theirs{suffix}").read_bytes()), suffix
+
+
+def test_megatron_core_imports_without_the_compiler():
+    """megatron-core's fusions are decorated with torch.compile at import: deferred to their
+    first call (megatron_pn/deferred_compile.py), the import loads neither TorchDynamo nor
+    TorchInductor, and torch.compile is torch's own again afterwards."""
+    script = ("import sys, torch, megatron_pn, megatron.core\n"
+              "from megatron.core import jit\n"
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor.compile_fx')"
+              " if m in sys.modules), jit.jit_fuser.__name__, torch.compile.__module__)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=step_env(1))
+    assert out.stdout.split() == ["[]", "compile_later", "torch"], out.stderr[-2000:]
+
+
+def test_a_deferred_compile_compiles_once_at_the_first_call_with_its_options():
+    import torch
+
+    from megatron_pn.deferred_compile import compile_on_first_call
+
+    calls = []
+
+    def compile_now(model, **options):
+        calls.append((model, options))
+        return lambda x: model(x) + 0
+
+    compile_later = compile_on_first_call(compile_now)
+
+    def double(x):
+        return 2 * x
+    deferred = compile_later(double, mode="max-autotune")
+    decorated = compile_later(fullgraph=True)(double)
+    assert calls == [] and deferred.__name__ == "double"
+    assert deferred(3) == deferred(4) - 2 == 6
+    assert decorated(1) == 2
+    assert calls == [(double, {"mode": "max-autotune"}), (double, {"fullgraph": True})]
+    module = torch.nn.Linear(2, 2)
+    compile_later(module)  # not a function: compiled as before
+    assert calls[-1] == (module, {})
