@@ -21,11 +21,13 @@ demo: $(STAMP)
 	$(VENV)/bin/pn-experiment run configs/experiments/demo.yaml --out demo_out
 
 # Two pytest workers (pytest-xdist), a test module each at a time (--dist loadscope: a module's
-# fixtures are built once, the two-host cluster's tests stay in one worker). Most tests run
+# fixtures are built once, the two-host cluster's tests stay in one worker), in collection order
+# (--no-loadscope-reorder: tests/conftest.py puts the longest modules first). Most tests run
 # single-threaded processes, so two workers fill a 2-core machine; more would oversubscribe the
 # multi-process ones. TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -ra --durations=12 -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(PY) -m pytest -q -ra --durations=12 -n $(TEST_WORKERS) --dist loadscope \
+	--no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST) tests

@@ -223,7 +223,8 @@ pn_requeue_if_stopped() {
     reason=$(pn_stop_reason "$rc")
     if [[ -z $reason ]]; then
         if [[ -n $PN_STOPPED_BY ]]; then
-            pn_log "stopped by SIGTERM with a checkpoint: not requeued here (resubmit to resume)"
+            pn_log "stopped by SIGTERM: not requeued here (SLURM requeues a job it preempts or" \
+                "that scontrol requeue ends; after scancel, resubmit to resume)"
         elif (( rc == 0 )); then
             pn_log "done"
         fi

@@ -1,12 +1,14 @@
 """A real two-node SLURM cluster on this machine (two network namespaces, tests/slurm_cluster.py)
 runs slurm/pretrain_pn.sh on the tiny projected network: to the end, as one node would; stopped
-by SIGUSR1 (the time limit's signal); and with a node killed or frozen mid-training. After a
+by SIGUSR1 (the time limit's signal); with a node killed or frozen mid-training, the
+checkpoint disk full, and `scontrol requeue` during a save. After a
 stop or a fault the job requeues itself from its newest complete checkpoint, in bounded time,
 with one line naming the node at fault, losing at most one save interval, leaving no process
 behind, and ends with the uninterrupted run's losses, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -123,20 +125,32 @@ def run_with_fault(cluster: TwoHostSlurm, blend: Path, run_dir: Path, inject) ->
     assert info["Restarts"] == "1", log_of(run_dir) + cluster.logs()
     if info["JobState"] == "PENDING":  # requeued by the batch script: SLURM holds it 120 s
         cluster.release_requeued(job)
-    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    cluster.wait_for(job, lambda i: ended(i) or
-                     len((run_dir / "metrics.jsonl").read_text().splitlines()) > logged,
-                     "a resumed step")
+    wait_for_a_resumed_step(cluster, job, run_dir)
     first_step = time.time() - fault_time
     info = cluster.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
     log = log_of(run_dir)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log + cluster.logs()
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
-    # for the README's fault table (pytest -s shows it)
-    print(f"\nfault timing {run_dir.name}: requeued {detected:.0f} s after the fault, first "
-          f"resumed step after {first_step:.0f} s (SLURM's 120 s hold skipped), steps lost "
-          f"{fault_step - resumed}")
+    record_timing(f"node 2 {run_dir.name}", detected, first_step, fault_step - resumed)
     return dict(log=log, fault_step=fault_step, resumed=resumed, detected=detected)
+
+
+def record_timing(fault: str, detected: float, first_step: float, lost: int) -> None:
+    """For the README's fault table and figure: printed (pytest -s), and appended to the JSON
+    lines file $PN_FAULT_TIMINGS when set (benchmarks/fault_figure.py draws it)."""
+    print(f"\nfault timing {fault}: requeued {detected:.0f} s after the fault, first resumed "
+          f"step after {first_step:.0f} s (SLURM's 120 s hold skipped), steps lost {lost}")
+    if os.environ.get("PN_FAULT_TIMINGS"):
+        with open(os.environ["PN_FAULT_TIMINGS"], "a") as f:
+            f.write(json.dumps({"fault": fault, "requeued_s": round(detected, 1),
+                                "first_step_s": round(first_step, 1), "steps_lost": lost}) + "\n")
+
+
+def wait_for_a_resumed_step(cluster: TwoHostSlurm, job: str, run_dir: Path) -> None:
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    cluster.wait_for(job, lambda i: ended(i) or
+                     len((run_dir / "metrics.jsonl").read_text().splitlines()) > logged,
+                     "a resumed step")
 
 
 def check_recovery(cluster: TwoHostSlurm, run_dir: Path, reference: Path, result: dict,
@@ -148,6 +162,10 @@ def check_recovery(cluster: TwoHostSlurm, run_dir: Path, reference: Path, result
         assert "requeueing job" in result["log"] and "after progress" in result["log"]
     assert result["fault_step"] - result["resumed"] <= SAVE_INTERVAL  # lost <= one interval
     assert losses(run_dir) == losses(reference)  # bit-exact, the resumed steps included
+    assert_no_process_left(cluster)
+
+
+def assert_no_process_left(cluster: TwoHostSlurm) -> None:
     deadline = time.time() + 15  # slurmstepd may take a moment to exit after the job
     while any(cluster.job_pids(h) for h in (NODE1, NODE2)) and time.time() < deadline:
         time.sleep(0.5)
@@ -209,3 +227,53 @@ def test_disk_full_during_a_save(cluster, blend, uninterrupted, tmp_path):
     assert info["JobState"] == "COMPLETED", log_of(run_dir)
     assert "resumed from" in log_of(run_dir).split(f"job {job} ")[1]
     assert losses(run_dir) == losses(uninterrupted[0])
+
+
+def worker_pids(cluster: TwoHostSlurm, host: str) -> list[int]:
+    """The training worker processes of the job on `host` (not the batch shell, srun, the
+    launcher or torchrun)."""
+    def is_worker(pid):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            return False
+        return b"megatron_pn.cli.train" in words and b"torch.distributed.run" not in words
+    return [p for p in training_pids(cluster, host) if is_worker(p)]
+
+
+def test_scontrol_requeue_during_a_save(cluster, blend, uninterrupted, tmp_path):
+    """`scontrol requeue` (an administrator's, or a preemption that requeues) while step 10's
+    checkpoint is being written: SLURM sends SIGCONT and SIGTERM to every process of the job,
+    SIGKILL KillWait later, and requeues it. The rerun resumes from the newest complete
+    checkpoint (step 10 if its save finished, else step 5; never the torn one) and ends with
+    the uninterrupted run's losses. Node 1's worker is frozen as soon as the save's temporary
+    directory appears, so the requeue always lands mid-save (SLURM's SIGCONT wakes it)."""
+    run_dir = tmp_path / "requeued"
+    partial = run_dir / "ckpt" / ".tmp_iter_0000010"
+    job = submit(cluster, blend, run_dir)
+    deadline = time.time() + 300
+    while not partial.exists():  # a save lasts a fraction of a second: poll the file alone
+        assert time.time() < deadline, f"no save of step 10 after 300 s:\n{log_of(run_dir)}"
+        time.sleep(0.01)
+    frozen = worker_pids(cluster, NODE1)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    fault_time = time.time()
+    cluster.run("scontrol", "requeue", job)
+    cluster.wait_for(job, lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING",
+                     "requeue", timeout=120)
+    detected = time.time() - fault_time
+    fault_step = max(read_metrics(run_dir))
+    cluster.release_requeued(job)
+    wait_for_a_resumed_step(cluster, job, run_dir)
+    first_step = time.time() - fault_time
+    info = cluster.wait_for(job, lambda i: ended(i) and i["Restarts"] == "1", "end")
+    log = log_of(run_dir)
+    assert frozen and (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), \
+        log + cluster.logs()
+    assert "DUE TO JOB REQUEUE" in log and "SIGTERM received" in log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    record_timing("scontrol requeue during a save", detected, first_step, fault_step - resumed)
+    assert resumed in (5, 10) and not partial.exists()
+    assert losses(run_dir) == losses(uninterrupted[0])
+    assert_no_process_left(cluster)
